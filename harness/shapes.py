@@ -1,0 +1,235 @@
+"""Shape and parameter inference from a spec, in pure Python (no framework import).
+
+    python -m harness validate specs/paper.yaml     # prints these tables
+
+Shapes are Keras-style, channels last, without the batch axis. Parameter counts follow Keras:
+BatchNorm moving mean and variance are non-trainable parameters; a frozen base counts entirely as
+non-trainable. Pretrained bases take their counts from `BASE_TABLE` (measured with
+keras.applications, include_top=False; the backend tests check them against the built models).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from harness.errors import UserError
+from harness.spec import (
+    ActivationLayer,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    Layer,
+    Model,
+    Pool2D,
+    PretrainedModel,
+    RandomModel,
+    SequentialModel,
+    Spec,
+)
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Counts:
+    total: int
+    trainable: int
+    non_trainable: int
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(
+            self.total + other.total,
+            self.trainable + other.trainable,
+            self.non_trainable + other.non_trainable,
+        )
+
+
+ZERO = Counts(0, 0, 0)
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str  # e.g. "conv2d_1"
+    kind: str  # e.g. "Conv2D"
+    shape: Shape
+    params: Counts
+
+
+@dataclass(frozen=True)
+class Inference:
+    model: str
+    input_shape: Shape
+    rows: tuple[LayerRow, ...]
+    counts: Counts
+    output_shape: Shape
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    channels: int  # output feature channels
+    counts: Counts  # unfrozen: trainable vs BatchNorm moving statistics
+    min_size: int
+
+
+# Counts of keras.applications.<Base>(include_top=False) (Keras 3): total / trainable / BN stats.
+BASE_TABLE: dict[str, BaseInfo] = {
+    "densenet121": BaseInfo(1024, Counts(7_037_504, 6_953_856, 83_648), 32),
+    "densenet169": BaseInfo(1664, Counts(12_642_880, 12_484_480, 158_400), 32),
+    "densenet201": BaseInfo(1920, Counts(18_321_984, 18_092_928, 229_056), 32),
+    "resnet50": BaseInfo(2048, Counts(23_587_712, 23_534_592, 53_120), 32),
+    "vgg16": BaseInfo(512, Counts(14_714_688, 14_714_688, 0), 32),
+}
+
+
+def _base_spatial(name: str, size: int) -> int:
+    """Spatial side of a base's output for a square input (Keras padding rules)."""
+    if name == "vgg16":
+        for _ in range(5):
+            size //= 2
+        return size
+    size = (size + 6 - 7) // 2 + 1  # ZeroPadding2D(3) + 7x7 stride-2 conv
+    size = (size + 2 - 3) // 2 + 1  # ZeroPadding2D(1) + 3x3 stride-2 max pool
+    for _ in range(3):  # transition pools (DenseNet) / strided 1x1 convs (ResNet)
+        size = size // 2 if name.startswith("densenet") else (size - 1) // 2 + 1
+    return size
+
+
+def _window(size: int, window: int, stride: int, padding: str) -> int:
+    if padding == "same":
+        return math.ceil(size / stride)
+    return (size - window) // stride + 1
+
+
+class ShapeError(Exception):
+    """A layer sequence that cannot be shaped; `index` is the offending layer."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+_KIND = {
+    "conv2d": "Conv2D",
+    "batchnorm": "BatchNormalization",
+    "maxpool2d": "MaxPooling2D",
+    "avgpool2d": "AveragePooling2D",
+    "dropout": "Dropout",
+    "flatten": "Flatten",
+    "dense": "Dense",
+    "global_avg_pool": "GlobalAveragePooling2D",
+    "activation": "Activation",
+}
+
+
+def infer_layer(layer: Layer, shape: Shape, index: int) -> tuple[Shape, Counts]:
+    """Output shape and parameter counts of one layer on an input shape."""
+    rank_needed = {"conv2d": 3, "maxpool2d": 3, "avgpool2d": 3, "global_avg_pool": 3}
+    need = rank_needed.get(layer.type)
+    if need is not None and len(shape) != need:
+        raise ShapeError(index, f"{layer.type} needs a (H, W, C) input; got {shape}")
+    if isinstance(layer, Conv2D):
+        h, w, c = shape
+        out_hw = tuple(
+            _window(s, k, st, layer.padding)
+            for s, k, st in zip((h, w), layer.kernel, layer.strides, strict=True)
+        )
+        if min(out_hw) < 1:
+            raise ShapeError(
+                index, f"conv2d kernel {layer.kernel} is larger than its input {shape[:2]}"
+            )
+        n = layer.kernel[0] * layer.kernel[1] * c * layer.filters
+        n += layer.filters if layer.use_bias else 0
+        return (*out_hw, layer.filters), Counts(n, n, 0)
+    if isinstance(layer, Pool2D):
+        h, w, c = shape
+        strides = layer.strides or layer.pool
+        if layer.padding == "valid" and (layer.pool[0] > h or layer.pool[1] > w):
+            raise ShapeError(
+                index, f"{layer.type} pool {layer.pool} is larger than its input {shape[:2]}"
+            )
+        out_hw = tuple(
+            _window(s, p, st, layer.padding)
+            for s, p, st in zip((h, w), layer.pool, strides, strict=True)
+        )
+        return (*out_hw, c), ZERO
+    if isinstance(layer, BatchNorm):
+        c = shape[-1]
+        trainable = c * (int(layer.center) + int(layer.scale))
+        return shape, Counts(trainable + 2 * c, trainable, 2 * c)
+    if isinstance(layer, Dropout | ActivationLayer):
+        return shape, ZERO
+    if isinstance(layer, Flatten):
+        return (math.prod(shape),), ZERO
+    if isinstance(layer, GlobalAvgPool):
+        return (shape[-1],), ZERO
+    if isinstance(layer, Dense):
+        if len(shape) != 1:
+            raise ShapeError(
+                index,
+                f"dense needs a flat input; got {shape}: add a flatten or global_avg_pool before it",
+            )
+        n = shape[0] * layer.units + (layer.units if layer.use_bias else 0)
+        return (layer.units,), Counts(n, n, 0)
+    raise ShapeError(index, f"unknown layer type {layer.type!r}")  # pragma: no cover
+
+
+def _layers(rows: list[LayerRow], layers: tuple[Layer, ...], shape: Shape, where: str) -> Shape:
+    seen: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        try:
+            shape, counts = infer_layer(layer, shape, i)
+        except ShapeError as e:
+            raise UserError(f"{where}[{i}] ({layer.type}): {e}") from None
+        seen[layer.type] = seen.get(layer.type, 0) + 1
+        rows.append(LayerRow(f"{layer.type}_{seen[layer.type]}", _KIND[layer.type], shape, counts))
+    return shape
+
+
+def infer_model(spec: Spec, model: Model, index: int | None = None) -> Inference:
+    """Per-layer shapes and the model's parameter counts, the Keras way."""
+    if index is None:
+        index = [m.name for m in spec.models].index(model.name)
+    size = spec.data.image_size
+    input_shape: Shape = (size, size, spec.data.channels)
+    rows: list[LayerRow] = []
+    if isinstance(model, RandomModel):
+        return Inference(model.name, input_shape, (), ZERO, (1,))
+    if isinstance(model, SequentialModel):
+        out = _layers(rows, model.layers, input_shape, f"models[{index}].layers")
+    else:
+        assert isinstance(model, PretrainedModel)
+        info = BASE_TABLE[model.base.name]
+        if spec.data.channels != 3:
+            raise UserError(
+                f"models[{index}].base: {model.base.name} needs 3 input channels; "
+                f"data.channels is {spec.data.channels}",
+                "set data.channels: 3 (grayscale is replicated to RGB)",
+            )
+        if size < info.min_size:
+            raise UserError(
+                f"models[{index}].base: {model.base.name} needs images of at least "
+                f"{info.min_size} px; data.image_size is {size}"
+            )
+        side = _base_spatial(model.base.name, size)
+        base_counts = info.counts
+        if model.base.frozen:
+            base_counts = Counts(base_counts.total, 0, base_counts.total)
+        rows.append(LayerRow(model.base.name, "Functional", (side, side, info.channels), base_counts))
+        out = _layers(rows, model.head, (side, side, info.channels), f"models[{index}].head")
+    total = ZERO
+    for r in rows:
+        total = total + r.params
+    return Inference(model.name, input_shape, tuple(rows), total, out)
+
+
+def check_output(spec: Spec, inference: Inference, index: int) -> None:
+    """The models of this harness are binary classifiers: one sigmoid unit at the end."""
+    if inference.output_shape != (1,):
+        raise UserError(
+            f"models[{index}]: the model must end in a single unit (binary classifier); "
+            f"its output shape is {inference.output_shape}"
+        )

@@ -1,0 +1,775 @@
+"""The spec language: a paper's data, models, training recipes, claims and assumptions.
+
+    python -m harness validate specs/paper.yaml
+
+`load_spec(path, overrides)` reads YAML once (safe loader), resolves `extends:`, applies
+`--set a.b=value` overrides and returns a frozen, fully defaulted `Spec`. Keras defaults are the
+reference semantics: every value on which frameworks differ (BatchNorm epsilon and momentum, Adam
+epsilon, initializers) is written out here, so backends never fall back on their own defaults.
+Bad input raises `UserError` with one line: file, field path, what was found, what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from harness.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Closed vocabularies (a spec can name these and nothing else: no import paths, no eval)
+
+BODY_PARTS = ("ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST")
+ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "swish")
+INITIALIZERS = (
+    "glorot_uniform",
+    "glorot_normal",
+    "he_uniform",
+    "he_normal",
+    "lecun_uniform",
+    "lecun_normal",
+    "zeros",
+    "ones",
+)
+METRIC_NAMES = ("accuracy", "recall", "precision", "specificity", "f1", "auroc", "kappa")
+BASES = ("densenet121", "densenet169", "densenet201", "resnet50", "vgg16")
+BACKENDS = ("reference", "keras", "keras-torch", "keras-jax", "torch")
+
+Activation = Literal["linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "swish"]
+Initializer = Literal[
+    "glorot_uniform",
+    "glorot_normal",
+    "he_uniform",
+    "he_normal",
+    "lecun_uniform",
+    "lecun_normal",
+    "zeros",
+    "ones",
+]
+Metric = Literal["accuracy", "recall", "precision", "specificity", "f1", "auroc", "kappa"]
+BackendName = Literal["reference", "keras", "keras-torch", "keras-jax", "torch"]
+PosInt = Annotated[int, Field(gt=0)]
+Pair = tuple[PosInt, PosInt]
+
+
+class Strict(BaseModel):
+    """Frozen, strict base: unknown keys are errors with a did-you-mean."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = set(cls.model_fields)
+            for key in data:
+                if key not in allowed:
+                    close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key '{key}'{hint}; allowed: {allowed}",
+                        {"key": key, "hint": hint, "allowed": ", ".join(sorted(allowed))},
+                    )
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Paper: claims, what is named but not printed, internal contradictions
+
+
+class Counts(Strict):
+    k: int = Field(ge=0)
+    n: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> Counts:
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
+        return self
+
+
+class Claim(Strict):
+    """A number the paper printed, as a fraction in [0, 1]."""
+
+    model: str
+    metric: Metric
+    value: float = Field(ge=0, le=1)
+    printed: str | None = None  # the text as printed, e.g. "75.09%"
+    where: str  # section / figure / table
+    counts: Counts | None = None
+    relation: Literal["eq", "gt", "approx"] = "eq"
+    primary: bool = True  # compared against in the headline table
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _counts_match_value(self) -> Claim:
+        if self.counts is not None and abs(self.counts.k / self.counts.n - self.value) > 5e-5:
+            raise ValueError(
+                f"counts {self.counts.k}/{self.counts.n} = {self.counts.k / self.counts.n:.6f} "
+                f"do not round to value {self.value}"
+            )
+        return self
+
+
+class NotPrinted(Strict):
+    metric: Metric
+    models: tuple[str, ...] = ()  # empty = every model
+    where: str
+    note: str | None = None
+
+
+class Contradiction(Strict):
+    where: str
+    text: str
+    conflicts_with: str
+    claims: tuple[Claim, ...] = ()  # the contradicting numbers (primary: false)
+    resolution: str
+
+
+class Paper(Strict):
+    title: str
+    authors: str | None = None
+    reference: str
+    url: str | None = None
+    claims: tuple[Claim, ...] = ()
+    not_printed: tuple[NotPrinted, ...] = ()
+    contradictions: tuple[Contradiction, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and augmentation
+
+
+class SplitSpec(Strict):
+    strategy: Literal["image", "study", "patient"] = "image"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    stratify: bool = False
+    seed: int = 42
+
+
+class ValidationSpec(Strict):
+    source: Literal["official", "train"] = "official"
+    fraction: float = Field(0.1, gt=0, lt=1)  # of the training part, when source is train
+
+
+class SyntheticSpec(Strict):
+    patients: int = Field(300, ge=4)
+    seed: int = 0
+    min_size: int = Field(160, ge=16, le=512)
+    max_size: int = Field(512, ge=16, le=512)
+    label_noise: float = Field(0.0, ge=0, lt=0.5)
+    valid_fraction: float = Field(0.15, gt=0, lt=1)
+    difficulty: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SyntheticSpec:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) exceeds max_size ({self.max_size})")
+        return self
+
+
+class DataSpec(Strict):
+    dataset: Literal["mura-v1.1", "synthetic"]
+    root: str | None = None  # None: $MURA_ROOT
+    body_parts: tuple[Literal[BODY_PARTS], ...] = ("WRIST",)  # type: ignore[valid-type]
+    image_size: int = Field(224, ge=8, le=1024)
+    channels: Literal[1, 3] = 3  # grayscale is replicated when a model wants 3
+    resize: Literal["bilinear", "nearest", "area", "lanczos"] = "bilinear"
+    normalization: Literal["rescale", "imagenet", "none"] = "rescale"
+    split: SplitSpec = SplitSpec()
+    validation: ValidationSpec = ValidationSpec()
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+    @field_validator("body_parts", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list | tuple):
+            return tuple(str(p).upper().removeprefix("XR_") for p in v)
+        return v
+
+    @field_validator("body_parts")
+    @classmethod
+    def _nonempty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"must name at least one body part of {', '.join(BODY_PARTS)}")
+        return v
+
+
+class AugmentationSpec(Strict):
+    enabled: bool = True
+    rotation: float = Field(0.0, ge=0, le=180)  # max degrees; angle ~ U[-r, r]
+    scale: tuple[float, float] = (1.0, 1.0)  # zoom factor ~ U[lo, hi]; > 1 zooms in
+    hflip: bool = False
+    vflip: bool = False
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be [low, high] with 0 < low <= high; got {list(v)}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers (Keras semantics; every default written out)
+
+
+def _pair(v: Any) -> Any:
+    return (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class Conv2D(Strict):
+    type: Literal["conv2d"]
+    filters: PosInt
+    kernel: Pair
+    strides: Pair = (1, 1)
+    padding: Literal["valid", "same"] = "valid"
+    activation: Activation = "linear"
+    use_bias: bool = True
+    kernel_initializer: Initializer = "glorot_uniform"
+    bias_initializer: Initializer = "zeros"
+
+    @field_validator("kernel", "strides", mode="before")
+    @classmethod
+    def _pairs(cls, v: Any) -> Any:
+        return _pair(v)
+
+
+class BatchNorm(Strict):
+    type: Literal["batchnorm"]
+    epsilon: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.99, ge=0, lt=1)  # Keras convention: moving = m*moving + (1-m)*batch
+    center: bool = True
+    scale: bool = True
+
+
+class Pool2D(Strict):
+    type: Literal["maxpool2d", "avgpool2d"]
+    pool: Pair = (2, 2)
+    strides: Pair | None = None  # None: equal to pool (Keras)
+    padding: Literal["valid", "same"] = "valid"
+
+    @field_validator("pool", "strides", mode="before")
+    @classmethod
+    def _pairs(cls, v: Any) -> Any:
+        return _pair(v)
+
+
+class Dropout(Strict):
+    type: Literal["dropout"]
+    rate: float = Field(ge=0, lt=1)
+
+
+class Flatten(Strict):
+    type: Literal["flatten"]
+
+
+class GlobalAvgPool(Strict):
+    type: Literal["global_avg_pool"]
+
+
+class Dense(Strict):
+    type: Literal["dense"]
+    units: PosInt
+    activation: Activation = "linear"
+    use_bias: bool = True
+    kernel_initializer: Initializer = "glorot_uniform"
+    bias_initializer: Initializer = "zeros"
+
+
+class ActivationLayer(Strict):
+    type: Literal["activation"]
+    activation: Activation
+
+
+Layer = Annotated[
+    Conv2D | BatchNorm | Pool2D | Dropout | Flatten | GlobalAvgPool | Dense | ActivationLayer,
+    Field(discriminator="type"),
+]
+LAYER_TYPES = (
+    "conv2d",
+    "batchnorm",
+    "maxpool2d",
+    "avgpool2d",
+    "dropout",
+    "flatten",
+    "dense",
+    "global_avg_pool",
+    "activation",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training recipe
+
+
+class Adam(Strict):
+    name: Literal["adam"]
+    learning_rate: float = Field(1e-3, gt=0)
+    beta_1: float = Field(0.9, ge=0, lt=1)
+    beta_2: float = Field(0.999, ge=0, lt=1)
+    epsilon: float = Field(1e-7, gt=0)  # Keras; torch's default is 1e-8
+    amsgrad: bool = False
+
+
+class SGD(Strict):
+    name: Literal["sgd"]
+    learning_rate: float = Field(1e-2, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+
+
+Optimizer = Annotated[Adam | SGD, Field(discriminator="name")]
+OPTIMIZERS = ("adam", "sgd")
+
+
+class Loss(Strict):
+    name: Literal["binary_crossentropy"] = "binary_crossentropy"
+    # Keras computes BCE on probabilities clipped to [eps, 1 - eps]
+    epsilon: float = Field(1e-7, gt=0, lt=0.5)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainSpec(Strict):
+    optimizer: Optimizer
+    loss: Loss = Loss()
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    shuffle: bool = True
+
+
+class ParamCounts(Strict):
+    total: int = Field(ge=0)
+    trainable: int = Field(ge=0)
+    non_trainable: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _sum(self) -> ParamCounts:
+        if self.trainable + self.non_trainable != self.total:
+            raise ValueError(
+                f"trainable ({self.trainable}) + non_trainable ({self.non_trainable}) "
+                f"!= total ({self.total})"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class ModelBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
+    description: str | None = None
+    backends: tuple[BackendName, ...]
+    printed_params: ParamCounts | None = None  # as printed in the paper
+    normalization: Literal["rescale", "imagenet", "none"] | None = None  # None: data's
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must name at least one backend")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a backend twice: {list(v)}")
+        return v
+
+
+class RandomModel(ModelBase):
+    """The paper's baseline: p ~ U[low, high), label 1 when p >= threshold."""
+
+    kind: Literal["random"]
+    backends: tuple[BackendName, ...] = ("reference",)
+    low: float = 0.0
+    high: float = 1.0
+
+
+class SequentialModel(ModelBase):
+    kind: Literal["sequential"]
+    backends: tuple[BackendName, ...] = ("keras", "torch")
+    layers: tuple[Layer, ...] = Field(min_length=1)
+    train: TrainSpec
+
+
+class BaseNet(Strict):
+    name: Literal["densenet121", "densenet169", "densenet201", "resnet50", "vgg16"]
+    weights: str = "imagenet"  # imagenet | none | a local file path
+    frozen: bool = True  # frozen = weights fixed AND BatchNorm in inference mode
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be imagenet, none or a local file path; got ''")
+        return v
+
+
+class PretrainedModel(ModelBase):
+    kind: Literal["pretrained"]
+    backends: tuple[BackendName, ...] = ("keras", "torch")
+    base: BaseNet
+    head: tuple[Layer, ...] = Field(min_length=1)
+    train: TrainSpec
+    normalization: Literal["rescale", "imagenet", "none"] | None = "imagenet"
+
+
+Model = Annotated[RandomModel | SequentialModel | PretrainedModel, Field(discriminator="kind")]
+MODEL_KINDS = ("random", "sequential", "pretrained")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, runtime, assumptions, the whole spec
+
+
+class Bootstrap(Strict):
+    resamples: int = Field(2000, ge=100, le=1_000_000)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    unit: Literal["image", "study", "patient"] = "patient"
+    method: Literal["percentile", "bca"] = "percentile"
+    seed: int = 0
+
+
+class Evaluation(Strict):
+    metrics: tuple[Metric, ...] = ("accuracy", "recall", "precision")
+    threshold: float = Field(0.5, gt=0, lt=1)
+    bootstrap: Bootstrap = Bootstrap()
+    levels: tuple[Literal["image", "study"], ...] = ("image", "study")
+
+    @field_validator("metrics", "levels")
+    @classmethod
+    def _nonempty_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"must be a non-empty list without repeats; got {list(v)}")
+        return v
+
+
+class Runtime(Strict):
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    deterministic: bool = True
+    timeout_s: float = Field(6 * 3600, gt=0)  # per run
+
+
+class Assumption(Strict):
+    what: str
+    value: Any
+    reason: str
+    field: str | None = None  # the spec path that carries the value, checked to exist
+
+
+class Spec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    paper: Paper
+    data: DataSpec
+    augmentation: AugmentationSpec = AugmentationSpec()
+    models: tuple[Model, ...]
+    evaluation: Evaluation = Evaluation()
+    seeds: tuple[int, ...] = (0,)
+    runtime: Runtime = Runtime()
+    assumptions: tuple[Assumption, ...] = ()
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not v:
+            raise ValueError("must list at least one model")
+        names = [m.name for m in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; '{dupes[0]}' appears twice")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"must be a non-empty list of distinct integers; got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> Spec:
+        names = {m.name for m in self.models}
+        for i, claim in enumerate(self.paper.claims):
+            if claim.model not in names:
+                raise ValueError(
+                    f"paper.claims[{i}].model: no model named '{claim.model}'; "
+                    f"models are {', '.join(sorted(names))}"
+                )
+        return self
+
+    def model(self, name: str) -> Model:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def normalization(self, model: Model) -> str:
+        return model.normalization or self.data.normalization
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML -> extends -> --set -> validation -> Spec
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Parse one YAML file safely; errors carry the line and column."""
+    shown = _display(path)
+    if not path.exists():
+        raise UserError(f"{shown}: spec file not found", "check the path; specs live in specs/")
+    if path.is_dir():
+        raise UserError(f"{shown}: is a folder, not a spec file", "name a .yaml file inside it")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise UserError(f"{shown}: invalid YAML at {where}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{shown}: invalid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{shown}: not a UTF-8 text file") from None
+    if data is None:
+        raise UserError(f"{shown}: the spec is empty")
+    if not isinstance(data, dict):
+        raise UserError(f"{shown}: the top level must be a mapping; got {type(data).__name__}")
+    return data
+
+
+def _is_named_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) and "name" in x for x in v)
+
+
+def merge(base: Any, over: Any) -> Any:
+    """Deep merge for `extends`: mappings merge, lists of named items merge by name,
+    other lists and scalars are replaced. `null` in the child deletes a mapping key."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            if v is None and k in out and isinstance(out[k], dict | list):
+                del out[k]
+            else:
+                out[k] = merge(out[k], v) if k in out else v
+        return out
+    if _is_named_list(base) and _is_named_list(over):
+        out_list = [dict(x) for x in base]
+        index = {x["name"]: i for i, x in enumerate(out_list)}
+        for item in over:
+            if item["name"] in index:
+                out_list[index[item["name"]]] = merge(out_list[index[item["name"]]], item)
+            else:
+                out_list.append(item)
+        return out_list
+    return over
+
+
+def resolve_extends(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a spec and its `extends:` parents (paths relative to the child file)."""
+    path = path.resolve() if path.exists() else path
+    if path in _chain:
+        cycle = " -> ".join(_display(p) for p in (*_chain, path))
+        raise UserError(f"{_display(_chain[-1])}: extends: cycle: {cycle}")
+    raw = read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise UserError(f"{_display(path)}: extends: must be a file path; got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if not parent_path.exists():
+        raise UserError(
+            f"{_display(path)}: extends: parent spec '{parent}' not found "
+            f"(looked for {_display(parent_path)})"
+        )
+    return merge(resolve_extends(parent_path, (*_chain, path)), raw)
+
+
+_SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def split_path(dotted: str) -> list[str | int]:
+    """`models.cnn.layers[3].rate` or `models.1.train.epochs` -> segments."""
+    parts: list[str | int] = []
+    for name, index in _SEGMENT.findall(dotted):
+        if index:
+            parts.append(int(index))
+        elif name.isdigit():
+            parts.append(int(name))
+        else:
+            parts.append(name)
+    return parts
+
+
+def apply_override(raw: dict[str, Any], assignment: str, source: str) -> None:
+    """Apply one `--set path=value`; the value is parsed as a YAML scalar or flow collection."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment}: expected PATH=VALUE, e.g. --set models.cnn.train.epochs=3")
+    dotted, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    segments = split_path(dotted.strip())
+    if not segments:
+        raise UserError(f"--set {assignment}: empty path")
+    node: Any = raw
+    walked: list[str] = []
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        where = ".".join(walked) or "the top level"
+        if isinstance(node, list):
+            if isinstance(seg, str):
+                matches = [x for x in node if isinstance(x, dict) and x.get("name") == seg]
+                if not matches:
+                    names = [x.get("name") for x in node if isinstance(x, dict)]
+                    raise UserError(
+                        f"--set {dotted}: {where} has no item named '{seg}'; "
+                        f"named items: {', '.join(map(str, names)) or 'none'}"
+                    )
+                seg = node.index(matches[0])
+            if not 0 <= seg < len(node):
+                raise UserError(f"--set {dotted}: {where} has {len(node)} items; got index {seg}")
+        elif isinstance(node, dict):
+            if isinstance(seg, int):
+                raise UserError(f"--set {dotted}: {where} is a mapping; got index [{seg}]")
+            if seg not in node and not last:
+                node[seg] = {}  # a section left to its defaults; validation checks the key
+        else:
+            raise UserError(f"--set {dotted}: {where} is a value, it has no field '{seg}'")
+        if last:
+            node[seg] = value
+        else:
+            node = node[seg]
+        walked.append(str(seg))
+    del source
+
+
+def _loc_to_path(loc: Sequence[int | str], raw: Any) -> str:
+    """Turn a pydantic error location into a spec path, dropping union tags."""
+    out = ""
+    node = raw
+    for part in loc:
+        if isinstance(node, list) and isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if part < len(node) else None
+        elif isinstance(node, dict) and part in node:
+            out += f".{part}" if out else str(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and node.get("type") != part \
+                and node.get("kind") != part and node.get("name") != part:
+            out += f".{part}" if out else str(part)
+            node = None
+        # else: a discriminator tag (layer type, model kind, optimizer name): not a path step
+    return out or "(top level)"
+
+
+_ALLOWED_BY_TAG = {
+    "type": ("layer type", LAYER_TYPES),
+    "kind": ("model kind", MODEL_KINDS),
+    "name": ("optimizer", OPTIMIZERS),
+}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    got = err.get("input")
+    if kind == "unknown_key":
+        return str(err["msg"])
+    if kind == "union_tag_invalid":
+        what, allowed = _ALLOWED_BY_TAG.get(ctx.get("discriminator", "").strip("'"), ("value", ()))
+        return f"unknown {what} {ctx.get('tag')!r}; allowed: {', '.join(allowed)}"
+    if kind == "union_tag_not_found":
+        disc = str(ctx.get("discriminator", "")).strip("'")
+        what, allowed = _ALLOWED_BY_TAG.get(disc, ("value", ()))
+        return f"missing '{disc}' ({what}); allowed: {', '.join(allowed)}"
+    if kind == "literal_error":
+        expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
+        return f"must be one of {expected}; got {got!r}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind == "too_short" and isinstance(got, list | tuple) and not got:
+        return "must not be empty"
+    msg = str(err["msg"])
+    msg = re.sub(r"^Input should be", "must be", msg)
+    msg = re.sub(r"^Value error, ", "", msg)
+    return f"{msg}; got {got!r}" if not isinstance(got, dict | list) else msg
+
+
+def validation_message(e: ValidationError, raw: dict[str, Any], source: str) -> str:
+    err = e.errors(include_url=False)[0]
+    return f"{source}: {_loc_to_path(err['loc'], raw)}: {_describe(dict(err))}"
+
+
+def _check_assumption_fields(spec: Spec, raw: dict[str, Any], source: str) -> None:
+    for i, a in enumerate(spec.assumptions):
+        if a.field is None:
+            continue
+        node: Any = spec
+        for seg in split_path(a.field):
+            if isinstance(seg, str) and isinstance(node, tuple):
+                node = next((x for x in node if getattr(x, "name", None) == seg), None)
+            elif isinstance(seg, int) and isinstance(node, tuple):
+                node = node[seg] if seg < len(node) else None
+            elif isinstance(seg, str) and isinstance(node, BaseModel):
+                node = getattr(node, seg, None) if seg in type(node).model_fields else None
+            else:
+                node = None
+            if node is None:
+                raise UserError(
+                    f"{source}: assumptions[{i}].field: '{a.field}' is not a path in this spec"
+                )
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
+    """Load, resolve `extends`, apply `--set` overrides and validate a spec file."""
+    path = Path(path)
+    source = _display(path)
+    raw = resolve_extends(path)
+    raw.setdefault("name", path.stem)
+    for assignment in overrides:
+        apply_override(raw, assignment, source)
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as e:
+        message = validation_message(e, raw, source)
+        overridden = [a.split("=", 1)[0] for a in overrides]
+        if any(o.strip() and o.strip().split("[")[0] in message for o in overridden):
+            message += " (from --set)"
+        raise UserError(message) from None
+    _check_assumption_fields(spec, raw, source)
+    return spec
+
+
+def spec_digest(obj: Any) -> str:
+    """Stable sha256 of any pydantic object or JSON-able value."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

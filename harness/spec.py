@@ -560,13 +560,21 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _is_named_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, dict) and "name" in x for x in v)
+MERGE_KEYS = ("name", "what")  # models merge by name, assumptions by what
+
+
+def _merge_key(v: Any) -> str | None:
+    if not isinstance(v, list) or not v:
+        return None
+    for k in MERGE_KEYS:
+        if all(isinstance(x, dict) and k in x for x in v):
+            return k
+    return None
 
 
 def merge(base: Any, over: Any) -> Any:
-    """Deep merge for `extends`: mappings merge, lists of named items merge by name,
-    other lists and scalars are replaced. `null` in the child deletes a mapping key."""
+    """Deep merge for `extends`: mappings merge, lists of mappings keyed by `name` (models) or
+    `what` (assumptions) merge item by item, other lists and scalars are replaced. `null` in the child deletes a mapping key."""
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
@@ -575,12 +583,13 @@ def merge(base: Any, over: Any) -> Any:
             else:
                 out[k] = merge(out[k], v) if k in out else v
         return out
-    if _is_named_list(base) and _is_named_list(over):
+    key = _merge_key(base)
+    if key is not None and key == _merge_key(over):
         out_list = [dict(x) for x in base]
-        index = {x["name"]: i for i, x in enumerate(out_list)}
+        index = {x[key]: i for i, x in enumerate(out_list)}
         for item in over:
-            if item["name"] in index:
-                out_list[index[item["name"]]] = merge(out_list[index[item["name"]]], item)
+            if item[key] in index:
+                out_list[index[item[key]]] = merge(out_list[index[item[key]]], item)
             else:
                 out_list.append(item)
         return out_list

@@ -1,0 +1,119 @@
+"""Bootstrap speed: 10,000 resamples of 2,000 test images, all seven metrics, against scipy.
+
+    python -m pytest tests/benchmarks/test_bench_bootstrap.py --benchmark-only -s
+
+Ours must take under 0.5 s. scipy.stats.bootstrap (paired, vectorized) is timed once on the same
+data twice over: computing all seven metrics (the same work as ours) and accuracy alone (its
+cheapest case); both ratios go into benchmark.extra_info and the percentile intervals must agree
+within 0.005.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from scipy import stats as sps
+
+from harness.metrics import METRICS
+from harness.stats import bootstrap_metrics
+
+N_IMAGES = 2000
+N_RESAMPLES = 10_000
+
+
+def all_metrics(y: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The seven METRICS along `axis`, written with plain numpy and scipy (the oracle)."""
+    y = np.moveaxis(y, axis, -1)
+    p = np.moveaxis(p, axis, -1)
+    pred = p >= 0.5
+    pos = y == 1
+    tp = np.sum(pred & pos, -1)
+    fp = np.sum(pred & ~pos, -1)
+    fn = np.sum(~pred & pos, -1)
+    tn = np.sum(~pred & ~pos, -1)
+    n = y.shape[-1]
+    n_pos = pos.sum(-1)
+    auroc = (np.sum(sps.rankdata(p, axis=-1) * pos, -1) - n_pos * (n_pos + 1) / 2) / (
+        n_pos * (n - n_pos)
+    )
+    po = (tp + tn) / n
+    pe = ((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)) / n**2
+    return np.stack(
+        [
+            po,
+            tp / (tp + fn),
+            tp / (tp + fp),
+            tn / (tn + fp),
+            2 * tp / (2 * tp + fp + fn),
+            auroc,
+            (po - pe) / (1 - pe),
+        ]
+    )
+
+
+def accuracy(y: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean((p >= 0.5) == (y == 1), axis=axis)
+
+
+def test_bootstrap_10k_resamples_2k_images(benchmark) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    # Roughly the paper's test set: 2,000 images, 40% positive, a DenseNet-like classifier.
+    y = (rng.random(N_IMAGES) < 0.4).astype(int)
+    p = np.clip(0.35 * y + 0.65 * rng.random(N_IMAGES), 0, 1)
+
+    ours = benchmark.pedantic(
+        bootstrap_metrics,
+        args=(y, p, 0.5, METRICS),
+        kwargs={"n_resamples": N_RESAMPLES, "method": "percentile", "rng": 1},
+        rounds=3,
+        iterations=1,
+    )
+    ours_s = benchmark.stats.stats.median
+
+    start = time.perf_counter()
+    ref_all = sps.bootstrap(
+        (y, p),
+        all_metrics,
+        paired=True,
+        vectorized=True,
+        n_resamples=N_RESAMPLES,
+        method="percentile",
+        batch=1000,
+        rng=2,
+    )
+    scipy_all_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ref_acc = sps.bootstrap(
+        (y, p),
+        accuracy,
+        paired=True,
+        vectorized=True,
+        n_resamples=N_RESAMPLES,
+        method="percentile",
+        batch=1000,
+        rng=3,
+    )
+    scipy_acc_s = time.perf_counter() - start
+
+    benchmark.extra_info.update(
+        {
+            "ours_median_s": ours_s,
+            "scipy_all_metrics_s": scipy_all_s,
+            "scipy_accuracy_only_s": scipy_acc_s,
+            "speedup_vs_scipy_all_metrics": scipy_all_s / ours_s,
+            "speedup_vs_scipy_accuracy_only": scipy_acc_s / ours_s,
+        }
+    )
+    print(
+        f"\nours, 7 metrics: {ours_s:.3f} s (median of 3) | scipy, 7 metrics: {scipy_all_s:.3f} s"
+        f" ({scipy_all_s / ours_s:.1f}x) | scipy, accuracy only: {scipy_acc_s:.3f} s"
+        f" ({scipy_acc_s / ours_s:.1f}x)"
+    )
+
+    for i, name in enumerate(METRICS):
+        assert abs(ours[name].low - ref_all.confidence_interval.low[i]) < 0.005, name
+        assert abs(ours[name].high - ref_all.confidence_interval.high[i]) < 0.005, name
+    assert abs(ours["accuracy"].low - ref_acc.confidence_interval.low) < 0.005
+    assert abs(ours["accuracy"].high - ref_acc.confidence_interval.high) < 0.005
+    assert ours_s < 0.5

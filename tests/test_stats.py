@@ -1,0 +1,395 @@
+"""Bootstrap against scipy.stats.bootstrap, coverage, clusters, Wilson, McNemar and verdicts."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from harness.metrics import METRICS, compute_metrics
+from harness.stats import (
+    VERDICT_RULE,
+    Interval,
+    SeedSummary,
+    bootstrap_metrics,
+    mcnemar,
+    paired_bootstrap_difference,
+    study_level,
+    summarize_seeds,
+    verdict,
+    wilson_interval,
+)
+
+
+def scipy_statistic(y: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """All METRICS along the last axis, written independently of harness.metrics (the oracle)."""
+    y = np.moveaxis(y, axis, -1)
+    p = np.moveaxis(p, axis, -1)
+    pred = p >= 0.5
+    pos = y == 1
+    tp = np.sum(pred & pos, -1)
+    fp = np.sum(pred & ~pos, -1)
+    fn = np.sum(~pred & pos, -1)
+    tn = np.sum(~pred & ~pos, -1)
+    n = y.shape[-1]
+    ranks = sps.rankdata(p, axis=-1)
+    n_pos = pos.sum(-1)
+    auroc = (np.sum(ranks * pos, -1) - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
+    po = (tp + tn) / n
+    pe = ((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)) / n**2
+    return np.stack(
+        [
+            po,
+            tp / (tp + fn),
+            tp / (tp + fp),
+            tn / (tn + fp),
+            2 * tp / (2 * tp + fp + fn),
+            auroc,
+            (po - pe) / (1 - pe),
+        ]
+    )
+
+
+def toy_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.25 * y + 0.75 * rng.random(n), 0, 1)
+    return y, p
+
+
+@pytest.mark.parametrize("method", ["percentile", "bca"])
+def test_intervals_agree_with_scipy(method: str) -> None:
+    # Different random streams, so the endpoints differ by Monte Carlo error only: with 10,000
+    # resamples each and n = 1000 the largest gap over all metrics and seeds tried was 0.0025.
+    y, p = toy_set(1000, seed=1)
+    ours = bootstrap_metrics(y, p, 0.5, METRICS, n_resamples=10_000, method=method, rng=11)
+    ref = sps.bootstrap(
+        (y, p),
+        scipy_statistic,
+        paired=True,
+        vectorized=True,
+        n_resamples=10_000,
+        method=method,
+        rng=12,
+    ).confidence_interval
+    point = compute_metrics(y, p)
+    for i, name in enumerate(METRICS):
+        ci = ours[name]
+        assert ci.point == pytest.approx(point[name], abs=1e-12)
+        assert ci.low == pytest.approx(ref.low[i], abs=0.005), name
+        assert ci.high == pytest.approx(ref.high[i], abs=0.005), name
+        assert (ci.method, ci.confidence, ci.n_resamples, ci.unit, ci.n_dropped) == (
+            method,
+            0.95,
+            10_000,
+            "image",
+            0,
+        )
+
+
+def test_percentile_coverage_of_known_population() -> None:
+    # 1,000 test sets of 500 images from a classifier whose true accuracy is 0.75; the 95%
+    # percentile interval should cover 0.75 in 93-97% of them (binomial sd 0.007 around 0.95).
+    rng = np.random.default_rng(2024)
+    hits = 0
+    n_sets = 1000
+    for _ in range(n_sets):
+        y = rng.integers(0, 2, 500)
+        correct = rng.random(500) < 0.75
+        p = np.where(correct == (y == 1), 0.9, 0.1)
+        ci = bootstrap_metrics(y, p, 0.5, ("accuracy",), n_resamples=1000, rng=rng)["accuracy"]
+        hits += ci.low <= 0.75 <= ci.high
+    assert 0.93 <= hits / n_sets <= 0.97
+
+
+def test_same_seed_same_intervals() -> None:
+    y, p = toy_set(200, seed=3)
+    a = bootstrap_metrics(y, p, 0.5, METRICS, n_resamples=500, method="bca", rng=5)
+    b = bootstrap_metrics(
+        y, p, 0.5, METRICS, n_resamples=500, method="bca", rng=np.random.default_rng(5)
+    )
+    c = bootstrap_metrics(y, p, 0.5, METRICS, n_resamples=500, method="bca", rng=6)
+    assert a == b
+    assert a != c
+
+
+def clustered_set(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """100 patients x 8 images; a patient's images share the label and whether they are right."""
+    rng = np.random.default_rng(seed)
+    patients = np.repeat(np.arange(100), 8)
+    y = np.repeat(rng.integers(0, 2, 100), 8)
+    correct = np.repeat(rng.random(100) < 0.75, 8)
+    p = np.where(correct == (y == 1), 0.8, 0.2) + rng.normal(0, 0.05, 800)
+    return y, p, patients
+
+
+def test_cluster_interval_is_wider_for_correlated_images() -> None:
+    y, p, patients = clustered_set(seed=4)
+    image = bootstrap_metrics(y, p, 0.5, ("accuracy", "auroc"), n_resamples=2000, rng=1)
+    patient = bootstrap_metrics(
+        y, p, 0.5, ("accuracy", "auroc"), n_resamples=2000, clusters=patients, rng=1
+    )
+    for name in ("accuracy", "auroc"):
+        assert patient[name].point == image[name].point
+        # 8 perfectly correlated images per patient: the honest interval is ~sqrt(8) wider.
+        wide = patient[name].high - patient[name].low
+        width_ratio = wide / (image[name].high - image[name].low)
+        assert width_ratio > 2.0, (name, width_ratio)
+    assert image["accuracy"].unit == "image"
+    assert patient["accuracy"].unit == "patient"
+
+
+@pytest.mark.parametrize("method", ["percentile", "bca"])
+def test_singleton_clusters_equal_image_level(method: str) -> None:
+    y, p = toy_set(150, seed=8)
+    ids = np.array([f"patient{i:05d}" for i in np.random.default_rng(0).permutation(150)])
+    image = bootstrap_metrics(y, p, 0.5, METRICS, n_resamples=400, method=method, rng=3)
+    single = bootstrap_metrics(
+        y, p, 0.5, METRICS, n_resamples=400, method=method, clusters=ids, unit="image", rng=3
+    )
+    assert single == image
+
+
+def test_cluster_bootstrap_against_scipy_on_cluster_totals() -> None:
+    # Accuracy resampled by patient = ratio of resampled per-patient sums; scipy resamples the
+    # per-patient (correct, size) pairs.
+    rng = np.random.default_rng(9)
+    sizes = rng.integers(1, 6, 120)
+    patients = np.repeat(np.arange(120), sizes)
+    n = patients.shape[0]
+    y = rng.integers(0, 2, n)
+    correct = np.repeat(rng.random(120) < 0.7, sizes) | (rng.random(n) < 0.1)
+    p = np.where(correct == (y == 1), 0.7, 0.3)
+    ours = bootstrap_metrics(
+        y, p, 0.5, ("accuracy",), n_resamples=10_000, clusters=patients, rng=1
+    )["accuracy"]
+    right = np.bincount(patients, weights=correct.astype(float))
+
+    def ratio(r: np.ndarray, s: np.ndarray, axis: int = -1) -> np.ndarray:
+        return r.sum(axis) / s.sum(axis)
+
+    ref = sps.bootstrap(
+        (right, sizes),
+        ratio,
+        paired=True,
+        vectorized=True,
+        n_resamples=10_000,
+        method="percentile",
+        rng=2,
+    ).confidence_interval
+    assert ours.low == pytest.approx(ref.low, abs=0.005)
+    assert ours.high == pytest.approx(ref.high, abs=0.005)
+
+
+def test_undefined_resamples_are_dropped_and_counted() -> None:
+    # One predicted positive among 12: about (11/12)^12 = 35% of resamples miss it and their
+    # precision is undefined.
+    y = np.array([1, 0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 1])
+    p = np.array([0.9] + [0.1] * 11)
+    ci = bootstrap_metrics(y, p, 0.5, ("precision", "accuracy"), n_resamples=2000, rng=0)
+    assert 0.30 < ci["precision"].n_dropped / 2000 < 0.40
+    assert ci["precision"].low == ci["precision"].high == 1.0
+    assert ci["accuracy"].n_dropped == 0
+
+
+def test_degenerate_distribution_gives_point_interval() -> None:
+    y = np.array([0, 1, 1, 0, 1])
+    p = np.array([0.1, 0.9, 0.8, 0.2, 0.7])
+    for method in ("percentile", "bca"):
+        ci = bootstrap_metrics(y, p, 0.5, ("accuracy",), n_resamples=200, method=method, rng=0)[
+            "accuracy"
+        ]
+        assert (ci.point, ci.low, ci.high) == (1.0, 1.0, 1.0)
+
+
+def test_undefined_point_gives_nan_interval() -> None:
+    ci = bootstrap_metrics(np.ones(5), np.full(5, 0.7), 0.5, ("auroc",), n_resamples=100, rng=0)[
+        "auroc"
+    ]
+    assert math.isnan(ci.point) and math.isnan(ci.low) and math.isnan(ci.high)
+    assert ci.n_dropped == 100
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_resamples": 1}, "n_resamples must be an integer >= 2; got 1"),
+        ({"confidence": 95}, "confidence must be in (0, 1); got 95"),
+        ({"method": "basic"}, "method must be one of percentile, bca; got 'basic'"),
+        ({"clusters": np.arange(3)}, "clusters must be 1-D with one id per item (8)"),
+        ({"rng": "seed"}, "rng must be a numpy Generator or an int seed; got str"),
+        ({"unit": "subject"}, "unit must be one of image, study, patient; got 'subject'"),
+    ],
+)
+def test_bootstrap_option_errors(kwargs: dict, message: str) -> None:
+    args = {"n_resamples": 10, "rng": 0, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bootstrap_metrics(np.array([0, 1] * 4), np.linspace(0, 1, 8), 0.5, METRICS, **args)
+
+
+def test_paired_difference() -> None:
+    y, pa = toy_set(400, seed=21)
+    pb = np.clip(pa + np.random.default_rng(22).normal(0, 0.15, 400), 0, 1)
+    same = paired_bootstrap_difference(y, pa, pa, 0.5, METRICS, n_resamples=200, rng=0)
+    assert all((ci.point, ci.low, ci.high) == (0.0, 0.0, 0.0) for ci in same.values())
+
+    ours = paired_bootstrap_difference(y, pa, pb, 0.5, METRICS, n_resamples=10_000, rng=1)
+    a, b = compute_metrics(y, pa), compute_metrics(y, pb)
+
+    def diff(yy: np.ndarray, aa: np.ndarray, bb: np.ndarray, axis: int = -1) -> np.ndarray:
+        return scipy_statistic(yy, aa, axis) - scipy_statistic(yy, bb, axis)
+
+    ref = sps.bootstrap(
+        (y, pa, pb),
+        diff,
+        paired=True,
+        vectorized=True,
+        n_resamples=10_000,
+        method="percentile",
+        rng=2,
+    ).confidence_interval
+    for i, name in enumerate(METRICS):
+        assert ours[name].point == pytest.approx(a[name] - b[name], abs=1e-12)
+        assert ours[name].low == pytest.approx(ref.low[i], abs=0.005), name
+        assert ours[name].high == pytest.approx(ref.high[i], abs=0.005), name
+
+
+def test_paired_difference_bca_runs_with_clusters() -> None:
+    y, p, patients = clustered_set(seed=5)
+    out = paired_bootstrap_difference(
+        y,
+        p,
+        1 - p,
+        0.5,
+        ("accuracy",),
+        n_resamples=500,
+        method="bca",
+        clusters=patients,
+        unit="patient",
+        rng=0,
+    )
+    ci = out["accuracy"]
+    assert ci.low <= ci.point <= ci.high
+    assert ci.unit == "patient"
+
+
+def test_study_level() -> None:
+    labels = np.array([1, 1, 0, 0, 0, 1])
+    probs = np.array([0.9, 0.5, 0.2, 0.4, 0.3, 0.6])
+    ids = np.array(["s2", "s2", "s1", "s1", "s1", "s3"])
+    y, p, u = study_level(labels, probs, ids)
+    assert u.tolist() == ["s1", "s2", "s3"]
+    assert y.tolist() == [0, 1, 1]
+    assert p == pytest.approx([0.3, 0.7, 0.6])
+    with pytest.raises(ValueError, match=re.escape("1 study(ies) mix 0 and 1, e.g. ['s1']")):
+        study_level(np.array([1, 0]), np.array([0.5, 0.5]), np.array(["s1", "s1"]))
+
+
+def test_summarize_seeds() -> None:
+    s = summarize_seeds([0.70, 0.80, 0.75])
+    assert s.n == 3 and s.min == 0.70 and s.max == 0.80
+    assert s.mean == pytest.approx(0.75)
+    assert s.sd == pytest.approx(0.05)  # ddof=1: sqrt((0.05^2 + 0.05^2) / 2)
+    one = summarize_seeds([0.7])
+    assert isinstance(one, SeedSummary) and one.mean == 0.7 and math.isnan(one.sd)
+    with pytest.raises(ValueError, match="non-empty"):
+        summarize_seeds([])
+
+
+# Wilson 95% intervals of the paper's printed results, from the counts in REFERENCE.md
+# ("Statistics" and "The paper"): test set of 1,951 images, 790 positives.
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    [
+        (960, 1951, 46.99, 51.42),  # baseline accuracy 49.21%
+        (1465, 1951, 73.12, 76.96),  # CNN accuracy 75.09%
+        (475, 790, 56.67, 63.48),  # CNN recall 60.13%
+        (1541, 1951, 77.12, 80.74),  # DenseNet accuracy 78.99%
+        (543, 790, 65.42, 71.87),  # DenseNet recall 68.73%
+    ],
+)
+def test_wilson_matches_reference(k: int, n: int, low: float, high: float) -> None:
+    lo, hi = wilson_interval(k, n)
+    assert (round(100 * lo, 2), round(100 * hi, 2)) == (low, high)
+
+
+def test_wilson_edges() -> None:
+    assert wilson_interval(0, 10)[0] == 0.0
+    assert wilson_interval(10, 10)[1] == 1.0
+    with pytest.raises(ValueError, match="need 0 <= k <= n and n > 0; got k=11, n=10"):
+        wilson_interval(11, 10)
+
+
+def predictions_with(b: int, c: int, both_right: int, both_wrong: int) -> tuple[np.ndarray, ...]:
+    """Labels and two models' predictions with the given disagreement table."""
+    n = b + c + both_right + both_wrong
+    y = np.ones(n, dtype=int)
+    a_right = np.r_[np.ones(b), np.zeros(c), np.ones(both_right), np.zeros(both_wrong)]
+    b_right = np.r_[np.zeros(b), np.ones(c), np.ones(both_right), np.zeros(both_wrong)]
+    return y, a_right.astype(int), b_right.astype(int)
+
+
+def test_mcnemar_exact_small_table() -> None:
+    # b=10, c=2: two-sided binomial p = 2 * P(X <= 2 | 12, 1/2) = 2 * (1 + 12 + 66) / 4096.
+    r = mcnemar(*predictions_with(10, 2, 50, 5))
+    assert (r.b, r.c, r.exact, r.statistic) == (10, 2, True, 2.0)
+    assert r.p_value == pytest.approx(158 / 4096, abs=1e-15)
+    assert r.p_value == pytest.approx(sps.binomtest(2, 12, 0.5).pvalue, abs=1e-15)
+    assert mcnemar(*predictions_with(0, 0, 5, 5)).p_value == 1.0
+
+
+def test_mcnemar_chi_square_large_table() -> None:
+    # b=30, c=10: (|30 - 10| - 1)^2 / 40 = 9.025; chi-square(1) tail = 2 * (1 - Phi(sqrt(9.025))).
+    r = mcnemar(*predictions_with(30, 10, 100, 20))
+    assert (r.b, r.c, r.exact) == (30, 10, False)
+    assert r.statistic == pytest.approx(9.025, abs=1e-12)
+    assert r.p_value == pytest.approx(2 * sps.norm.sf(math.sqrt(9.025)), rel=1e-9)
+    assert r.p_value == pytest.approx(0.002663, abs=1e-6)
+    # The boundary: b + c = 24 is exact, 25 is chi-square.
+    assert mcnemar(*predictions_with(20, 4, 0, 0)).exact
+    assert not mcnemar(*predictions_with(20, 5, 0, 0)).exact
+
+
+def test_mcnemar_rejects_probabilities() -> None:
+    with pytest.raises(ValueError, match="pred_a must hold 0/1 predictions"):
+        mcnemar(np.array([0, 1]), np.array([0.2, 0.9]), np.array([0, 1]))
+
+
+def interval(point: float, low: float, high: float) -> Interval:
+    return Interval(point, low, high, "percentile", 0.95, 2000, "image")
+
+
+# The paper's CNN accuracy, 75.09% printed, Wilson [73.12, 76.96] (REFERENCE.md).
+CNN_PRINTED = 0.7509
+CNN_WILSON = wilson_interval(1465, 1951)
+
+
+@pytest.mark.parametrize(
+    ("ours", "label"),
+    [
+        (interval(0.745, 0.726, 0.764), "reproduced"),
+        (interval(0.715, 0.696, 0.7340), "consistent"),
+        (interval(0.780, 0.7600, 0.799), "consistent"),
+        (interval(0.700, 0.680, 0.7200), "not reproduced (lower)"),
+        (interval(0.800, 0.7800, 0.820), "not reproduced (higher)"),
+    ],
+)
+def test_verdict_labels(ours: Interval, label: str) -> None:
+    v = verdict(CNN_PRINTED, ours, CNN_WILSON)
+    assert v.label == label
+    assert "0.7509" in v.rule_text
+
+
+def test_verdict_special_cases() -> None:
+    ours = interval(0.745, 0.726, 0.764)
+    assert verdict(None, ours, None).label == "no printed value"
+    nan = float("nan")
+    assert verdict(0.75, interval(nan, nan, nan), CNN_WILSON).label == "not computable"
+    # Without the paper's interval the printed point stands for it.
+    assert verdict(0.7509, interval(0.715, 0.696, 0.734), None).label == "not reproduced (lower)"
+    text = verdict(CNN_PRINTED, ours, CNN_WILSON).rule_text
+    assert text == "printed 0.7509 lies inside our 95% percentile interval [0.7260, 0.7640]"
+    assert VERDICT_RULE.startswith("reproduced: the printed value lies inside our interval;")

@@ -159,13 +159,15 @@ def model_tables(spec: Spec, path: Path) -> tuple[str, list[str]]:
 
 def data_section(spec: Spec, cache_dir: Path) -> str:
     """Split sizes, positives and leakage, without decoding images; or why not available."""
-    from harness.data import summarize_without_cache
+    from harness.data import render_split, summarize_without_cache
 
     try:
         summary = summarize_without_cache(spec.data, cache_dir)
     except UserError as e:
         return f"\nData: not available here: {e.message}"
-    return "\nData\n" + summary.render()
+    return f"\nData ({spec.data.dataset}, {spec.data.split.strategy}-level split)\n" + render_split(
+        summary.describe()
+    )
 
 
 def plan_table(spec: Spec, args: argparse.Namespace, results_dir: Path, data_hash: str | None) -> str:
@@ -196,7 +198,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.data import prepare_data
+    from harness.data import data_record, prepare_data, render_split
     from harness.plan import plan_runs
     from harness.runner import run_all
 
@@ -208,16 +210,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     results_dir = _results_dir(args, spec)
     cache_dir = _cache_dir(args)
     if args.dry_run:
-        from harness.data import data_fingerprint
-
+        print(data_section(spec, cache_dir))
         try:
-            data_hash: str | None = data_fingerprint(spec.data, cache_dir)
-        except UserError as e:
-            print(f"Data: not available here: {e.message}")
-            data_hash = None
-        if data_hash is not None:
-            print(data_section(spec, cache_dir))
-        print(plan_table(spec, args, results_dir, data_hash))
+            done = prepare_data(spec.data, cache_dir, progress=False, build=False)
+        except UserError:
+            done = None
+        print(plan_table(spec, args, results_dir, done.data_hash if done else None))
         return 0
     from harness.report import write_report
     from harness.results import clean_temp_files, results_lock, write_json_atomic
@@ -225,11 +223,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     with results_lock(results_dir):
         clean_temp_files(results_dir)
         data = prepare_data(spec.data, cache_dir, progress=not args.quiet)
+        assert data is not None
         if not args.quiet:
-            print(data.render())
+            print(f"Data ({spec.data.dataset}): cache {data.cache.folder}")
+            print(render_split(data.describe()))
         write_json_atomic(results_dir / "spec.json", {"source": str(args.spec), "overrides": args.overrides,
                                                      "spec": spec.model_dump(mode="json")})
-        write_json_atomic(results_dir / "data.json", data.to_json())
+        write_json_atomic(results_dir / "data.json", data_record(data, spec.data))
         from harness.plan import run_hash
 
         all_keys = plan_runs(spec)

@@ -414,3 +414,49 @@ def verdict(
         f"not reproduced ({side})",
         f"{ci} lies {'above' if side == 'higher' else 'below'} {theirs} (printed {printed:.4f})",
     )
+
+
+def bootstrap_seed_mean(
+    labels: np.ndarray,
+    probs_by_seed: np.ndarray,
+    threshold: float = 0.5,
+    metrics: Sequence[str] = METRICS,
+    *,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    clusters: np.ndarray | None = None,
+    unit: Unit | None = None,
+    rng: np.random.Generator | int,
+) -> dict[str, Interval]:
+    """Percentile interval of the mean over seeds of each metric, on aligned resamples.
+
+    `probs_by_seed` has shape (S, n): S trainings scored on the same n test items. Every resample
+    draws the test units once and scores all S seeds on it, so the interval reflects the test
+    set's sampling error of the seed mean (the seeds' own spread is `summarize_seeds`). Units are
+    numbered along seed 0's sort order, so with S = 1 this equals `bootstrap_metrics` (percentile)
+    given the same rng. A resample where any seed's metric is undefined is dropped.
+    """
+    names = check_metric_names(metrics)
+    _check_options(n_resamples, confidence, "percentile")
+    unit_name = _resolve_unit(clusters, unit)
+    gen = _generator(rng)
+    probs = np.asarray(probs_by_seed, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        raise ValueError(f"probs_by_seed must have shape (S, n) with S >= 1; got {probs.shape}")
+    samples = [RankedSample(labels, row, threshold) for row in probs]
+    n = samples[0].n
+    n_units, unit_of_item = _unit_of_items(clusters, n, samples[0].order)
+    columns = [unit_of_item[s.order] for s in samples]
+
+    def stat(unit_counts: np.ndarray) -> dict[str, np.ndarray]:
+        per_seed = [
+            s.evaluate(unit_counts[:, c], names) for s, c in zip(samples, columns, strict=True)
+        ]
+        return {name: np.mean([v[name] for v in per_seed], axis=0) for name in names}
+
+    point = {k: float(v[0]) for k, v in stat(np.ones((1, n_units), np.int64)).items()}
+    dist = _bootstrap_distribution(stat, n_units, int(n_resamples), gen)
+    return {
+        name: _interval(point[name], dist[name], None, "percentile", confidence, unit_name)
+        for name in names
+    }

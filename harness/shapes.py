@@ -107,9 +107,10 @@ def _window(size: int, window: int, stride: int, padding: str) -> int:
 class ShapeError(Exception):
     """A layer sequence that cannot be shaped; `index` is the offending layer."""
 
-    def __init__(self, index: int, message: str) -> None:
+    def __init__(self, index: int, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.index = index
+        self.hint = hint
 
 
 _KIND = {
@@ -170,7 +171,8 @@ def infer_layer(layer: Layer, shape: Shape, index: int) -> tuple[Shape, Counts]:
         if len(shape) != 1:
             raise ShapeError(
                 index,
-                f"dense needs a flat input; got {shape}: add a flatten or global_avg_pool before it",
+                f"dense needs a flat input; got shape {shape}",
+                "add a flatten or global_avg_pool before it",
             )
         n = shape[0] * layer.units + (layer.units if layer.use_bias else 0)
         return (layer.units,), Counts(n, n, 0)
@@ -183,7 +185,7 @@ def _layers(rows: list[LayerRow], layers: tuple[Layer, ...], shape: Shape, where
         try:
             shape, counts = infer_layer(layer, shape, i)
         except ShapeError as e:
-            raise UserError(f"{where}[{i}] ({layer.type}): {e}") from None
+            raise UserError(f"{where}[{i}] ({layer.type}): {e}", e.hint) from None
         seen[layer.type] = seen.get(layer.type, 0) + 1
         rows.append(LayerRow(f"{layer.type}_{seen[layer.type]}", _KIND[layer.type], shape, counts))
     return shape
@@ -199,27 +201,29 @@ def infer_model(spec: Spec, model: Model, index: int | None = None) -> Inference
     if isinstance(model, RandomModel):
         return Inference(model.name, input_shape, (), ZERO, (1,))
     if isinstance(model, SequentialModel):
-        out = _layers(rows, model.layers, input_shape, f"models[{index}].layers")
+        out = _layers(rows, model.layers, input_shape, f"{spec.source}: models[{index}].layers")
     else:
         assert isinstance(model, PretrainedModel)
         info = BASE_TABLE[model.base.name]
         if spec.data.channels != 3:
             raise UserError(
-                f"models[{index}].base: {model.base.name} needs 3 input channels; "
+                f"{spec.source}: models[{index}].base: {model.base.name} needs 3 input channels; "
                 f"data.channels is {spec.data.channels}",
                 "set data.channels: 3 (grayscale is replicated to RGB)",
             )
         if size < info.min_size:
             raise UserError(
-                f"models[{index}].base: {model.base.name} needs images of at least "
-                f"{info.min_size} px; data.image_size is {size}"
+                f"{spec.source}: models[{index}].base: {model.base.name} needs images of at least "
+                f"{info.min_size} px; data.image_size is {size}",
+                f"set data.image_size to {info.min_size} or more",
             )
         side = _base_spatial(model.base.name, size)
         base_counts = info.counts
         if model.base.frozen:
             base_counts = Counts(base_counts.total, 0, base_counts.total)
-        rows.append(LayerRow(model.base.name, "Functional", (side, side, info.channels), base_counts))
-        out = _layers(rows, model.head, (side, side, info.channels), f"models[{index}].head")
+        base_shape = (side, side, info.channels)
+        rows.append(LayerRow(model.base.name, "Functional", base_shape, base_counts))
+        out = _layers(rows, model.head, base_shape, f"{spec.source}: models[{index}].head")
     total = ZERO
     for r in rows:
         total = total + r.params
@@ -230,6 +234,7 @@ def check_output(spec: Spec, inference: Inference, index: int) -> None:
     """The models of this harness are binary classifiers: one sigmoid unit at the end."""
     if inference.output_shape != (1,):
         raise UserError(
-            f"models[{index}]: the model must end in a single unit (binary classifier); "
-            f"its output shape is {inference.output_shape}"
+            f"{spec.source}: models[{index}]: the model must end in a single unit (binary "
+            f"classifier); its output shape is {inference.output_shape}",
+            "end with {type: dense, units: 1, activation: sigmoid}",
         )

@@ -17,13 +17,14 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -87,7 +88,24 @@ class Strict(BaseModel):
                         "unknown key '{key}'{hint}; allowed: {allowed}",
                         {"key": key, "hint": hint, "allowed": ", ".join(sorted(allowed))},
                     )
+            for key, value in data.items():
+                # pydantic's lax mode reads `epochs: true` as 1; in a spec that is a mistake
+                if isinstance(value, bool) and _is_number(cls.model_fields[key].annotation):
+                    raise PydanticCustomError(
+                        "bool_for_number",
+                        "must be a number, not a boolean; got {got}",
+                        {"field": key, "got": str(value).lower()},
+                    )
         return data
+
+
+def _is_number(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return all(type(a) is int for a in args)
+    return bool(args) and type(None) in args and all(a in (int, float, type(None)) for a in args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,14 +522,28 @@ class Spec(Strict):
             raise ValueError(f"must be a non-empty list of distinct integers; got {list(v)}")
         return v
 
+    _source: str | None = PrivateAttr(default=None)  # set by load_spec, for messages
+
+    @property
+    def source(self) -> str:
+        """The spec file as messages show it (the spec's name when it was not loaded from one)."""
+        return self._source or f"spec '{self.name}'"
+
     @model_validator(mode="after")
     def _cross_refs(self) -> Spec:
         names = {m.name for m in self.models}
-        for i, claim in enumerate(self.paper.claims):
+        claims = [(f"paper.claims[{i}]", c) for i, c in enumerate(self.paper.claims)]
+        for j, con in enumerate(self.paper.contradictions):
+            where = f"paper.contradictions[{j}].claims"
+            claims += [(f"{where}[{i}]", c) for i, c in enumerate(con.claims)]
+        for where, claim in claims:
             if claim.model not in names:
-                raise ValueError(
-                    f"paper.claims[{i}].model: no model named '{claim.model}'; "
-                    f"models are {', '.join(sorted(names))}"
+                # a custom error type carries the path: an after-validator's own location is the top
+                raise PydanticCustomError(
+                    "cross_ref",
+                    "{path}: no model named '{got}'; models are {allowed}",
+                    {"path": f"{where}.model", "got": claim.model,
+                     "allowed": ", ".join(sorted(names))},
                 )
         return self
 
@@ -548,11 +580,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        tag = re.search(r"tag '(?:tag:yaml\.org,2002:)?([^']*)'", e.problem or "")
+        if isinstance(e, yaml.constructor.ConstructorError) and tag:
+            shown_tag = tag.group(1) if tag.group(1).startswith("!") else f"!!{tag.group(1)}"
+            raise UserError(
+                f"{shown}: invalid YAML at {where}: tag '{shown_tag}' is not allowed",
+                "a spec holds plain data (mappings, lists, strings, numbers), never objects",
+            ) from None
         raise UserError(f"{shown}: invalid YAML at {where}: {e.problem}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{shown}: invalid YAML: {e}") from None
     except UnicodeDecodeError:
         raise UserError(f"{shown}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise UserError(f"{shown}: cannot read the spec file: {e.strerror or e}") from None
     if data is None:
         raise UserError(f"{shown}: the spec is empty")
     if not isinstance(data, dict):
@@ -574,7 +615,8 @@ def _merge_key(v: Any) -> str | None:
 
 def merge(base: Any, over: Any) -> Any:
     """Deep merge for `extends`: mappings merge, lists of mappings keyed by `name` (models) or
-    `what` (assumptions) merge item by item, other lists and scalars are replaced. `null` in the child deletes a mapping key."""
+    `what` (assumptions) merge item by item, other lists and scalars are replaced. `null` in the
+    child deletes a key whose parent value is a mapping or list (back to the default)."""
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
@@ -633,10 +675,21 @@ def split_path(dotted: str) -> list[str | int]:
     return parts
 
 
-def apply_override(raw: dict[str, Any], assignment: str, source: str) -> None:
-    """Apply one `--set path=value`; the value is parsed as a YAML scalar or flow collection."""
+def _join(path: str, seg: str | int) -> str:
+    if isinstance(seg, int):
+        return f"{path}[{seg}]"
+    return f"{path}.{seg}" if path else seg
+
+
+def apply_override(raw: dict[str, Any], assignment: str, source: str) -> str:
+    """Apply one `--set path=value`; the value is parsed as a YAML scalar or flow collection.
+
+    Returns the path it set as validation messages write it (`models[1].train.epochs`).
+    """
     if "=" not in assignment:
-        raise UserError(f"--set {assignment}: expected PATH=VALUE, e.g. --set models.cnn.train.epochs=3")
+        raise UserError(
+            f"--set {assignment}: expected PATH=VALUE, e.g. --set models.cnn.train.epochs=3"
+        )
     dotted, text = assignment.split("=", 1)
     try:
         value = yaml.safe_load(text) if text.strip() else ""
@@ -646,18 +699,20 @@ def apply_override(raw: dict[str, Any], assignment: str, source: str) -> None:
     if not segments:
         raise UserError(f"--set {assignment}: empty path")
     node: Any = raw
-    walked: list[str] = []
+    walked = ""  # as the user wrote it, for messages
+    resolved = ""  # with names resolved to indices, as validation messages write it
     for i, seg in enumerate(segments):
         last = i == len(segments) - 1
-        where = ".".join(walked) or "the top level"
+        where = walked or "the top level"
+        shown = seg if isinstance(seg, str) else f"[{seg}]"  # before a name becomes an index
         if isinstance(node, list):
             if isinstance(seg, str):
                 matches = [x for x in node if isinstance(x, dict) and x.get("name") == seg]
                 if not matches:
-                    names = [x.get("name") for x in node if isinstance(x, dict)]
+                    names = [str(x["name"]) for x in node if isinstance(x, dict) and "name" in x]
                     raise UserError(
                         f"--set {dotted}: {where} has no item named '{seg}'; "
-                        f"named items: {', '.join(map(str, names)) or 'none'}"
+                        f"named items: {', '.join(names) or 'none'}"
                     )
                 seg = node.index(matches[0])
             if not 0 <= seg < len(node):
@@ -668,13 +723,15 @@ def apply_override(raw: dict[str, Any], assignment: str, source: str) -> None:
             if seg not in node and not last:
                 node[seg] = {}  # a section left to its defaults; validation checks the key
         else:
-            raise UserError(f"--set {dotted}: {where} is a value, it has no field '{seg}'")
+            raise UserError(f"--set {dotted}: {where} is a value, it has no field '{shown}'")
         if last:
             node[seg] = value
         else:
             node = node[seg]
-        walked.append(str(seg))
+        walked = f"{walked}{shown}" if shown.startswith("[") else _join(walked, shown)
+        resolved = _join(resolved, seg)
     del source
+    return resolved
 
 
 def _loc_to_path(loc: Sequence[int | str], raw: Any) -> str:
@@ -696,6 +753,11 @@ def _loc_to_path(loc: Sequence[int | str], raw: Any) -> str:
     return out or "(top level)"
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 _ALLOWED_BY_TAG = {
     "type": ("layer type", LAYER_TYPES),
     "kind": ("model kind", MODEL_KINDS),
@@ -707,8 +769,14 @@ def _describe(err: dict[str, Any]) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     got = err.get("input")
-    if kind == "unknown_key":
+    if kind in ("unknown_key", "bool_for_number"):
         return str(err["msg"])
+    if kind == "cross_ref":
+        return str(err["msg"]).split(": ", 1)[1]
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping (key: value); got {_short(got)}"
+    if kind in ("tuple_type", "list_type"):
+        return f"must be a list; got {_short(got)}"
     if kind == "union_tag_invalid":
         what, allowed = _ALLOWED_BY_TAG.get(ctx.get("discriminator", "").strip("'"), ("value", ()))
         return f"unknown {what} {ctx.get('tag')!r}; allowed: {', '.join(allowed)}"
@@ -718,7 +786,7 @@ def _describe(err: dict[str, Any]) -> str:
         return f"missing '{disc}' ({what}); allowed: {', '.join(allowed)}"
     if kind == "literal_error":
         expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
-        return f"must be one of {expected}; got {got!r}"
+        return f"must be one of {expected}; got {_short(got)}"
     if kind == "missing":
         return "required field is missing"
     if kind == "value_error":
@@ -726,31 +794,64 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "too_short" and isinstance(got, list | tuple) and not got:
         return "must not be empty"
     msg = str(err["msg"])
-    msg = re.sub(r"^Input should be", "must be", msg)
+    msg = re.sub(r"^(Input|String|List|Tuple|Dictionary|Value) should ", "must ", msg)
     msg = re.sub(r"^Value error, ", "", msg)
-    return f"{msg}; got {got!r}" if not isinstance(got, dict | list) else msg
+    return f"{msg}; got {_short(got)}"
+
+
+def _error_path(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if err["type"] == "cross_ref":
+        return str(ctx["path"])
+    where = _loc_to_path(err["loc"], raw)
+    if err["type"] == "bool_for_number":  # raised by the mapping, about one of its fields
+        return _join("" if where == "(top level)" else where, str(ctx["field"]))
+    return where
 
 
 def validation_message(e: ValidationError, raw: dict[str, Any], source: str) -> str:
-    err = e.errors(include_url=False)[0]
-    return f"{source}: {_loc_to_path(err['loc'], raw)}: {_describe(dict(err))}"
+    err = dict(e.errors(include_url=False)[0])
+    return f"{source}: {_error_path(err, raw)}: {_describe(err)}"
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith((f"{ancestor}.", f"{ancestor}["))
+
+
+def _from_override(
+    err: dict[str, Any], raw: dict[str, Any], set_paths: dict[str, str]
+) -> str | None:
+    """The `--set` assignment an error comes from, if any."""
+    where = _error_path(err, raw)
+    where = "" if where == "(top level)" else where
+    ctx = err.get("ctx") or {}
+    if err["type"] in ("unknown_key", "union_tag_invalid"):  # about one key of the mapping
+        key = _join(where, str(ctx.get("key") or ctx.get("discriminator", "")).strip("'"))
+        return next((a for p, a in set_paths.items() if _within(p, key)), None)
+    for p, a in set_paths.items():
+        if where and _within(where, p):  # at or inside the overridden value
+            return a
+        if err["type"] == "value_error" and _within(p, where):  # a check across sibling fields
+            return a
+    return None
 
 
 def _check_assumption_fields(spec: Spec, raw: dict[str, Any], source: str) -> None:
+    missing = object()  # a field whose value is None (data.root) is still a path
     for i, a in enumerate(spec.assumptions):
         if a.field is None:
             continue
         node: Any = spec
         for seg in split_path(a.field):
             if isinstance(seg, str) and isinstance(node, tuple):
-                node = next((x for x in node if getattr(x, "name", None) == seg), None)
+                node = next((x for x in node if getattr(x, "name", None) == seg), missing)
             elif isinstance(seg, int) and isinstance(node, tuple):
-                node = node[seg] if seg < len(node) else None
+                node = node[seg] if seg < len(node) else missing
             elif isinstance(seg, str) and isinstance(node, BaseModel):
-                node = getattr(node, seg, None) if seg in type(node).model_fields else None
+                node = getattr(node, seg) if seg in type(node).model_fields else missing
             else:
-                node = None
-            if node is None:
+                node = missing
+            if node is missing:
                 raise UserError(
                     f"{source}: assumptions[{i}].field: '{a.field}' is not a path in this spec"
                 )
@@ -762,17 +863,19 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
     source = _display(path)
     raw = resolve_extends(path)
     raw.setdefault("name", path.stem)
+    set_paths: dict[str, str] = {}
     for assignment in overrides:
-        apply_override(raw, assignment, source)
+        set_paths[apply_override(raw, assignment, source)] = assignment
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as e:
         message = validation_message(e, raw, source)
-        overridden = [a.split("=", 1)[0] for a in overrides]
-        if any(o.strip() and o.strip().split("[")[0] in message for o in overridden):
-            message += " (from --set)"
+        culprit = _from_override(dict(e.errors(include_url=False)[0]), raw, set_paths)
+        if culprit is not None:
+            message += f" (from --set {culprit})"
         raise UserError(message) from None
     _check_assumption_fields(spec, raw, source)
+    spec._source = source
     return spec
 
 

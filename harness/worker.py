@@ -28,6 +28,25 @@ from harness.results import SCHEMA_VERSION, write_json_atomic
 from harness.spec import RandomModel, Spec
 
 
+FAULT_ENV = "HARNESS_FAULT_INJECT"
+
+
+def inject_fault(run_id: str, stage: str) -> None:
+    """Testing hook for the runner's reliability tests: `HARNESS_FAULT_INJECT=RUN_ID=FAULT`
+    (comma-separated) makes that run misbehave at `stage`. Faults: raise, nan, hang, kill."""
+    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        target, _, fault = item.partition("=")
+        if target != run_id:
+            continue
+        if fault == "raise" and stage == "fit":
+            raise RuntimeError("injected fault")
+        if fault == "hang" and stage == "fit":
+            progress("epoch", epochs=1, epoch=1, loss=0.5, accuracy=0.5, seconds=1.0)
+            time.sleep(3600)
+        if fault == "kill" and stage == "fit":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def progress(event: str, **fields: Any) -> None:
     print("@@progress " + json.dumps({"event": event, **fields}, default=str), flush=True)
 
@@ -75,6 +94,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             handle = backend.build(model, model_input)
             counts = backend.count_params(handle)
         progress("built", params=counts.__dict__)
+        inject_fault(job["run_id"], "fit")
 
         if not isinstance(model, RandomModel):
             train = TrainData(images, split.train, labels[split.train], spec.augmentation,
@@ -105,6 +125,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         mon.set_framework_memory(backend.peak_memory())
 
     probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if f"{job['run_id']}=nan" in os.environ.get(FAULT_ENV, ""):
+        probs[::7] = np.nan
     if probs.shape != (len(test_rows),):
         raise RuntimeError(f"predict returned {probs.shape} for {len(test_rows)} test images")
     if not np.all(np.isfinite(probs)):

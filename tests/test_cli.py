@@ -1,0 +1,253 @@
+"""The command line: verbs, `validate` tables, user errors, and no framework import.
+
+    .venv/bin/python -m pytest tests/test_cli.py -q
+
+Framework-freedom is checked in fresh interpreters: this test process may have imported one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cli import main
+from harness.errors import EXIT_USER_ERROR
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = ROOT / "specs" / "paper.yaml"
+VERBS = ("validate", "run", "report", "list", "make-data")
+FRAMEWORKS = ("tensorflow", "keras", "torch", "torchvision", "jax")
+
+
+def _env() -> dict[str, str]:
+    # without MURA_ROOT the paper's data section says "not available": fast and the same anywhere
+    return {k: v for k, v in os.environ.items() if k != "MURA_ROOT"}
+
+
+def harness(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# Help
+
+
+def test_help_lists_every_verb() -> None:
+    proc = harness("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m harness")
+    listed = re.findall(r"^    ([a-z][a-z\-]*)\s{2,}\S", proc.stdout, re.M)  # verb + its help
+    assert tuple(listed) == VERBS
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_verb_help(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([verb, "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m harness {verb}")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from harness import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"harness {__version__}"
+
+
+def test_no_verb_or_unknown_verb_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in ([], ["train"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == EXIT_USER_ERROR
+        assert "usage: python -m harness" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+@pytest.fixture(scope="module")
+def paper_validate() -> subprocess.CompletedProcess[str]:
+    return harness("validate", "specs/paper.yaml")
+
+
+def test_validate_paper(paper_validate: subprocess.CompletedProcess[str]) -> None:
+    proc = paper_validate
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    out = proc.stdout
+    assert out.startswith("specs/paper.yaml: spec 'paper' is valid: 3 models, seeds [0, 1, 2]")
+    totals = re.findall(r"^Total params: ([\d,]+)  Trainable: ([\d,]+)  Non-trainable: ([\d,]+)$",
+                        out, re.M)
+    assert totals == [("0", "0", "0"), ("3,309,921", "3,309,441", "480"),
+                      ("12,644,545", "1,665", "12,642,880")]
+    assert "MISMATCH" not in out
+
+
+def test_validate_prints_keras_like_rows(paper_validate: subprocess.CompletedProcess[str]) -> None:
+    lines = paper_validate.stdout.splitlines()
+
+    def row(name: str) -> list[str]:
+        hits = [line for line in lines if line.startswith(name + " ")]
+        assert hits, name
+        return re.split(r"\s{2,}", hits[0].strip())
+
+    assert row("input") == ["input", "(None, 224, 224, 3)", "0"]
+    assert row("conv2d_1") == ["conv2d_1 (Conv2D)", "(None, 224, 224, 16)", "448"]
+    assert row("maxpool2d_4") == ["maxpool2d_4 (MaxPooling2D)", "(None, 14, 14, 128)", "0"]
+    assert row("flatten_1") == ["flatten_1 (Flatten)", "(None, 25088)", "0"]
+    assert row("densenet169") == ["densenet169 (Functional)", "(None, 7, 7, 1664)", "12,642,880"]
+    checks = [re.split(r"\s{2,}", line.strip()) for line in lines
+              if line.startswith(("total ", "trainable ", "non-trainable "))]
+    assert checks[:3] == [["total", "3,309,921", "3,309,921", "0", "ok"],
+                          ["trainable", "3,309,441", "3,309,441", "0", "ok"],
+                          ["non-trainable", "480", "480", "0", "ok"]]
+    assert len(checks) == 6 and all(c[-1] == "ok" for c in checks)
+
+
+def test_validate_prints_data_and_plan(paper_validate: subprocess.CompletedProcess[str]) -> None:
+    out = paper_validate.stdout
+    assert re.search(r"^Run plan: 15 runs \(\d+ done\) -> results/paper$", out, re.M)
+    assert re.search(r"^Data", out, re.M)
+    assert re.search(r"^Assumptions: 13 ", out, re.M)
+
+
+_NO_FRAMEWORK = f"""
+import sys
+from harness import cli
+try:
+    code = cli.main(["validate", "specs/paper.yaml"])
+except SystemExit as e:
+    code = e.code
+print("EXIT", code)
+print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in {FRAMEWORKS!r}))
+"""
+
+
+def test_validate_imports_no_framework() -> None:
+    proc = python(_NO_FRAMEWORK)
+    assert proc.returncode == 0, proc.stderr
+    tail = proc.stdout.splitlines()[-2:]
+    assert tail == ["EXIT 0", "LOADED []"], proc.stdout[-2000:]
+    assert "Total params: 3,309,921" in proc.stdout
+
+
+def test_importing_the_core_imports_no_framework() -> None:
+    proc = python(
+        "import sys\n"
+        "import harness, harness.cli, harness.spec, harness.shapes, harness.plan, harness.runner,"
+        " harness.results, harness.worker\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_printed_count_mismatch(tmp_path: Path) -> None:
+    data = yaml.safe_load(PAPER.read_text(encoding="utf-8"))
+    data["models"][1]["printed_params"] = {"total": 3_309_922, "trainable": 3_309_442,
+                                           "non_trainable": 480}
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    proc = harness("validate", str(path))
+    assert proc.returncode == EXIT_USER_ERROR
+    assert "Traceback" not in proc.stderr
+    table = [re.split(r"\s{2,}", line.strip()) for line in proc.stdout.splitlines()
+             if line.startswith(("total ", "trainable ", "non-trainable "))]
+    assert table[:3] == [["total", "3,309,922", "3,309,921", "-1", "MISMATCH"],
+                         ["trainable", "3,309,442", "3,309,441", "-1", "MISMATCH"],
+                         ["non-trainable", "480", "480", "0", "ok"]]
+    assert proc.stderr.splitlines() == [
+        f"error: {path}: models[1].printed_params.total: the paper prints 3,309,922; the spec's "
+        "layers give 3,309,921 (-1) (and 1 more)",
+        "  hint: fix the layers or the printed_params; the table above shows every count",
+    ]
+    assert "Run plan" not in proc.stdout  # stops before the plan
+
+
+def test_run_refuses_a_count_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results"
+    code = main(["run", str(PAPER), "--set", "models.cnn.printed_params.total=3309922",
+                 "--set", "models.cnn.printed_params.trainable=3309442", "--out", str(out)])
+    assert code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "models[1].printed_params.total: the paper prints " \
+        "3,309,922; the spec's layers give 3,309,921 (-1)" in err
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_validate_user_error_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["validate", str(PAPER), "--set", "models.cnn.train.optimizer.name=adamw"])
+    assert code == EXIT_USER_ERROR
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("error: ") and err[0].endswith(
+        "specs/paper.yaml: models[1].train.optimizer: unknown optimizer 'adamw'; allowed: adam, "
+        "sgd (from --set models.cnn.train.optimizer.name=adamw)")
+
+
+# ---------------------------------------------------------------------------------------------
+# list, report, make-data
+
+
+def test_list_prints_backends_and_vocabulary(capsys: pytest.CaptureFixture[str]) -> None:
+    from backends.registry import REGISTRY
+    from harness.spec import LAYER_TYPES, OPTIMIZERS
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "Backends:"
+    assert lines[1].split() == ["backend", "what", "installed"]
+    names = [line.split()[0] for line in lines[3:3 + len(REGISTRY)]]
+    assert names == list(REGISTRY)
+    assert {"reference", "keras", "torch"} <= set(names)
+    assert "Layer types: " + ", ".join(LAYER_TYPES) in lines
+    assert "Pretrained bases: densenet121, densenet169, densenet201, resnet50, vgg16" in lines
+    assert "Optimizers: " + ", ".join(OPTIMIZERS) + "; loss: binary_crossentropy" in lines
+    assert any(line.startswith("Activations: linear, relu, sigmoid") for line in lines)
+
+
+def test_list_with_a_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "specs/paper.yaml" if Path.cwd() == ROOT else str(PAPER)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[:2] for line in out.splitlines()[3:6]]
+    assert rows == [["baseline", "random"], ["cnn", "sequential"], ["densenet", "pretrained"]]
+
+
+def test_list_with_a_bad_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", str(tmp_path / "nope.yaml")]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.splitlines()[0] == \
+        f"error: {tmp_path / 'nope.yaml'}: spec file not found"
+
+
+def test_report_without_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path)]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path}: no runs/ folder here",
+        "  hint: pass a results folder written by `python -m harness run`, e.g. results/demo",
+    ]
+
+
+def test_make_data_rejects_an_unknown_body_part(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-data", str(tmp_path / "d"), "--body-parts", "KNEE"]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --body-parts: unknown part 'KNEE'; allowed: ELBOW, FINGER, FOREARM, HAND, "
+        "HUMERUS, SHOULDER, WRIST"]
+    assert not (tmp_path / "d").exists()

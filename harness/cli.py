@@ -121,7 +121,7 @@ def _n(x: int) -> str:
     return f"{x:,}"
 
 
-def model_tables(spec: Spec, path: Path) -> tuple[str, list[str]]:
+def model_tables(spec: Spec) -> tuple[str, list[str]]:
     """Keras-summary-like tables for every model, and the list of count mismatches."""
     from harness.shapes import check_output, infer_model
 
@@ -149,12 +149,19 @@ def model_tables(spec: Spec, path: Path) -> tuple[str, list[str]]:
                               "ok" if not diff else "MISMATCH"))
                 if diff:
                     problems.append(
-                        f"{path}: models[{i}].printed_params.{name.replace('-', '_')}: the paper "
+                        f"{spec.source}: models[{i}].printed_params.{name.replace('-', '_')}: the paper "
                         f"prints {_n(printed)}; the spec's layers give {_n(ours)} ({diff:+,})"
                     )
             out.append(tabulate(rows2, headers=["params", "printed (paper)", "inferred (spec)",
                                                 "difference", ""], tablefmt="simple"))
     return "\n".join(out), problems
+
+
+def check_counts(problems: list[str], where: str) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more,
+                        f"fix the layers, the printed_params or your --set options; {where}")
 
 
 def data_section(spec: Spec, cache_dir: Path) -> str:
@@ -184,13 +191,11 @@ def plan_table(spec: Spec, args: argparse.Namespace, results_dir: Path, data_has
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
-    tables, problems = model_tables(spec, args.spec)
+    tables, problems = model_tables(spec)
     print(f"{args.spec}: spec '{spec.name}' is valid: {len(spec.models)} models, "
           f"seeds {list(spec.seeds)}")
     print(tables)
-    if problems:
-        raise UserError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-                        "fix the layers or the printed_params; the table above shows every count")
+    check_counts(problems, "the table above shows every count")
     print(data_section(spec, _cache_dir(args)))
     print(plan_table(spec, args, _results_dir(args, spec), None))
     print(f"\nAssumptions: {len(spec.assumptions)} (values the paper does not state; see the report)")
@@ -203,9 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.runner import run_all
 
     spec = load_spec(args.spec, args.overrides)
-    _, problems = model_tables(spec, args.spec)
-    if problems:
-        raise UserError(problems[0], f"run `python -m harness validate {args.spec}` for the table")
+    _, problems = model_tables(spec)
+    check_counts(problems, f"`python -m harness validate {args.spec}` prints every count")
     keys = plan_runs(spec, args.models, args.backends, args.seeds)
     results_dir = _results_dir(args, spec)
     cache_dir = _cache_dir(args)
@@ -292,21 +296,30 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_make_data(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from harness.data.synthetic import make_mura_tree
-    from harness.spec import BODY_PARTS
+    from harness.spec import BODY_PARTS, SyntheticSpec
 
     parts = tuple(p.upper().removeprefix("XR_") for p in args.body_parts)
     bad = [p for p in parts if p not in BODY_PARTS]
     if bad:
         raise UserError(f"--body-parts: unknown part '{bad[0]}'; allowed: {', '.join(BODY_PARTS)}")
-    if args.patients < 4:
-        raise UserError(f"--patients: must be at least 4; got {args.patients}")
-    if not 16 <= args.min_size <= args.max_size <= 512:
-        raise UserError(f"--min-size/--max-size: need 16 <= min <= max <= 512; got {args.min_size}, {args.max_size}")
-    root = make_mura_tree(args.dir, patients=args.patients, seed=args.seed, body_parts=parts,
-                          min_size=args.min_size, max_size=args.max_size,
-                          label_noise=args.label_noise, valid_fraction=args.valid_fraction,
-                          difficulty=args.difficulty)
+    options = {"patients": args.patients, "seed": args.seed, "min_size": args.min_size,
+               "max_size": args.max_size, "label_noise": args.label_noise,
+               "valid_fraction": args.valid_fraction, "difficulty": args.difficulty}
+    try:  # the same limits as data.synthetic in a spec
+        SyntheticSpec.model_validate(options)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        message = str(err["msg"]).replace("Input should be", "must be").replace("Value error, ", "")
+        if err["loc"]:
+            option = f"--{str(err['loc'][0]).replace('_', '-')}"
+            message += f"; got {err.get('input')!r}"
+        else:
+            option, message = "--min-size/--max-size", message.replace("_", "-")
+        raise UserError(f"make-data {option}: {message}") from None
+    root = make_mura_tree(args.dir, body_parts=parts, **options)
     print(f"wrote {root}")
     return 0
 

@@ -175,7 +175,8 @@ def test_printed_count_mismatch(tmp_path: Path) -> None:
     assert proc.stderr.splitlines() == [
         f"error: {path}: models[1].printed_params.total: the paper prints 3,309,922; the spec's "
         "layers give 3,309,921 (-1) (and 1 more)",
-        "  hint: fix the layers or the printed_params; the table above shows every count",
+        "  hint: fix the layers, the printed_params or your --set options; the table above shows "
+        "every count",
     ]
     assert "Run plan" not in proc.stdout  # stops before the plan
 

@@ -31,22 +31,35 @@ def _csv(kind: type) -> Any:
         try:
             return [kind(x.strip()) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list; got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list; got {text!r}"
+            ) from None
 
     return parse
 
 
 def _common(p: argparse.ArgumentParser, selection: bool = True) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
-                   help="override a spec field, e.g. --set models.cnn.train.epochs=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a spec field, e.g. --set models.cnn.train.epochs=3 (repeatable)",
+    )
     if selection:
         p.add_argument("--models", type=_csv(str), help="only these models (comma-separated)")
         p.add_argument("--backends", type=_csv(str), help="only these backends (comma-separated)")
         p.add_argument("--seeds", type=_csv(int), help="only these seeds (comma-separated)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default: results/<spec name>)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="image cache folder (default: $HARNESS_CACHE or ~/.cache/repro-harness)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results folder (default: results/<spec name>)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="image cache folder (default: $HARNESS_CACHE or ~/.cache/repro-harness)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="more detail")
     p.add_argument("-q", "--quiet", action="store_true", help="one line per run; for logs")
 
@@ -59,26 +72,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"harness {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    p = verbs.add_parser("validate", help="check a spec: shapes, parameter counts, data, plan",
-                         description="Parse a spec (extends, --set), print each model's layers "
-                         "with shapes and parameter counts, compare them with the paper's printed "
-                         "counts, summarize the data split and print the run plan.")
+    p = verbs.add_parser(
+        "validate",
+        help="check a spec: shapes, parameter counts, data, plan",
+        description="Parse a spec (extends, --set), print each model's layers "
+        "with shapes and parameter counts, compare them with the paper's printed "
+        "counts, summarize the data split and print the run plan.",
+    )
     p.add_argument("spec", type=Path)
     _common(p)
     p.set_defaults(func=cmd_validate)
 
-    p = verbs.add_parser("run", help="train every model x backend x seed and write the report",
-                         description="Plan models x backends x seeds, run each in a fresh worker "
-                         "process (skipping finished runs), then write results/<spec>/report.md.")
+    p = verbs.add_parser(
+        "run",
+        help="train every model x backend x seed and write the report",
+        description="Plan models x backends x seeds, run each in a fresh worker "
+        "process (skipping finished runs), then write results/<spec>/report.md.",
+    )
     p.add_argument("spec", type=Path)
     _common(p)
-    p.add_argument("--dry-run", action="store_true", help="print the plan and what is done; run nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and what is done; run nothing"
+    )
     p.add_argument("--fresh", action="store_true", help="rerun runs that are already done")
     p.set_defaults(func=cmd_run)
 
-    p = verbs.add_parser("report", help="re-render report.md from a results folder",
-                         description="Recompute every statistic from runs/*.json and rewrite "
-                         "report.md and metrics.csv, without training.")
+    p = verbs.add_parser(
+        "report",
+        help="re-render report.md from a results folder",
+        description="Recompute every statistic from runs/*.json and rewrite "
+        "report.md and metrics.csv, without training.",
+    )
     p.add_argument("results_dir", type=Path)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_report)
@@ -88,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     p.set_defaults(func=cmd_list)
 
-    p = verbs.add_parser("make-data", help="write a generated dataset in MURA v1.1's layout",
-                         description="Write DIR/MURA-v1.1/ with train/valid images and the four "
-                         "CSVs, exactly as MURA lays them out; the same seed gives the same bytes.")
+    p = verbs.add_parser(
+        "make-data",
+        help="write a generated dataset in MURA v1.1's layout",
+        description="Write DIR/MURA-v1.1/ with train/valid images and the four "
+        "CSVs, exactly as MURA lays them out; the same seed gives the same bytes.",
+    )
     p.add_argument("dir", type=Path)
     p.add_argument("--patients", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
@@ -132,36 +159,64 @@ def model_tables(spec: Spec) -> tuple[str, list[str]]:
         check_output(spec, inf, i)
         out.append(f"\nModel '{model.name}' ({model.kind}; backends: {', '.join(model.backends)})")
         if inf.rows:
-            rows = [(f"{r.name} ({r.kind})", str((None, *r.shape)), _n(r.params.total)) for r in inf.rows]
+            rows = [
+                (f"{r.name} ({r.kind})", str((None, *r.shape)), _n(r.params.total))
+                for r in inf.rows
+            ]
             rows.insert(0, ("input", str((None, *inf.input_shape)), "0"))
-            out.append(tabulate(rows, headers=["Layer (type)", "Output Shape", "Param #"],
-                                tablefmt="simple", colalign=("left", "left", "right")))
+            out.append(
+                tabulate(
+                    rows,
+                    headers=["Layer (type)", "Output Shape", "Param #"],
+                    tablefmt="simple",
+                    colalign=("left", "left", "right"),
+                )
+            )
         c = inf.counts
-        out.append(f"Total params: {_n(c.total)}  Trainable: {_n(c.trainable)}  "
-                   f"Non-trainable: {_n(c.non_trainable)}")
+        out.append(
+            f"Total params: {_n(c.total)}  Trainable: {_n(c.trainable)}  "
+            f"Non-trainable: {_n(c.non_trainable)}"
+        )
         if model.printed_params is not None:
             p = model.printed_params
             rows2 = []
-            for name, printed, ours in (("total", p.total, c.total), ("trainable", p.trainable, c.trainable),
-                                        ("non-trainable", p.non_trainable, c.non_trainable)):
+            for name, printed, ours in (
+                ("total", p.total, c.total),
+                ("trainable", p.trainable, c.trainable),
+                ("non-trainable", p.non_trainable, c.non_trainable),
+            ):
                 diff = ours - printed
-                rows2.append((name, _n(printed), _n(ours), f"{diff:+,}" if diff else "0",
-                              "ok" if not diff else "MISMATCH"))
+                rows2.append(
+                    (
+                        name,
+                        _n(printed),
+                        _n(ours),
+                        f"{diff:+,}" if diff else "0",
+                        "ok" if not diff else "MISMATCH",
+                    )
+                )
                 if diff:
                     problems.append(
-                        f"{spec.source}: models[{i}].printed_params.{name.replace('-', '_')}: the paper "
+                        f"{spec.source}: models[{i}].printed_params."
+                        f"{name.replace('-', '_')}: the paper "
                         f"prints {_n(printed)}; the spec's layers give {_n(ours)} ({diff:+,})"
                     )
-            out.append(tabulate(rows2, headers=["params", "printed (paper)", "inferred (spec)",
-                                                "difference", ""], tablefmt="simple"))
+            out.append(
+                tabulate(
+                    rows2,
+                    headers=["params", "printed (paper)", "inferred (spec)", "difference", ""],
+                    tablefmt="simple",
+                )
+            )
     return "\n".join(out), problems
 
 
 def check_counts(problems: list[str], where: str) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(problems[0] + more,
-                        f"fix the layers, the printed_params or your --set options; {where}")
+        raise UserError(
+            problems[0] + more, f"fix the layers, the printed_params or your --set options; {where}"
+        )
 
 
 def data_section(spec: Spec, cache_dir: Path) -> str:
@@ -177,7 +232,9 @@ def data_section(spec: Spec, cache_dir: Path) -> str:
     )
 
 
-def plan_table(spec: Spec, args: argparse.Namespace, results_dir: Path, data_hash: str | None) -> str:
+def plan_table(
+    spec: Spec, args: argparse.Namespace, results_dir: Path, data_hash: str | None
+) -> str:
     from harness.plan import plan_runs
     from harness.runner import plan_status
 
@@ -185,20 +242,25 @@ def plan_table(spec: Spec, args: argparse.Namespace, results_dir: Path, data_has
     status = plan_status(spec, keys, results_dir, data_hash)
     rows = [(k.model, k.backend, k.seed, status[k.id]) for k in keys]
     done = sum(1 for s in status.values() if s == "done")
-    return (f"\nRun plan: {len(keys)} runs ({done} done) -> {results_dir}\n"
-            + tabulate(rows, headers=["model", "backend", "seed", "status"], tablefmt="simple"))
+    return f"\nRun plan: {len(keys)} runs ({done} done) -> {results_dir}\n" + tabulate(
+        rows, headers=["model", "backend", "seed", "status"], tablefmt="simple"
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     tables, problems = model_tables(spec)
-    print(f"{args.spec}: spec '{spec.name}' is valid: {len(spec.models)} models, "
-          f"seeds {list(spec.seeds)}")
+    print(
+        f"{args.spec}: spec '{spec.name}' is valid: {len(spec.models)} models, "
+        f"seeds {list(spec.seeds)}"
+    )
     print(tables)
     check_counts(problems, "the table above shows every count")
     print(data_section(spec, _cache_dir(args)))
     print(plan_table(spec, args, _results_dir(args, spec), None))
-    print(f"\nAssumptions: {len(spec.assumptions)} (values the paper does not state; see the report)")
+    print(
+        f"\nAssumptions: {len(spec.assumptions)} (values the paper does not state; see the report)"
+    )
     return 0
 
 
@@ -231,28 +293,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"Data ({spec.data.dataset}): cache {data.cache.folder}")
             print(render_split(data.describe()))
-        write_json_atomic(results_dir / "spec.json", {"source": str(args.spec), "overrides": args.overrides,
-                                                     "spec": spec.model_dump(mode="json")})
+        write_json_atomic(
+            results_dir / "spec.json",
+            {
+                "source": str(args.spec),
+                "overrides": args.overrides,
+                "spec": spec.model_dump(mode="json"),
+            },
+        )
         write_json_atomic(results_dir / "data.json", data_record(data, spec.data))
         from harness.plan import run_hash
 
         all_keys = plan_runs(spec)
-        write_json_atomic(results_dir / "plan.json", {
-            "data_hash": data.data_hash,
-            "runs": {k.id: run_hash(spec, k, data.data_hash) for k in all_keys},
-        })
+        write_json_atomic(
+            results_dir / "plan.json",
+            {
+                "data_hash": data.data_hash,
+                "runs": {k.id: run_hash(spec, k, data.data_hash) for k in all_keys},
+            },
+        )
         interrupted = False
         try:
-            outcomes = run_all(spec, keys, results_dir, cache_dir, data.data_hash,
-                               fresh=args.fresh, quiet=args.quiet)
+            outcomes = run_all(
+                spec,
+                keys,
+                results_dir,
+                cache_dir,
+                data.data_hash,
+                fresh=args.fresh,
+                quiet=args.quiet,
+            )
         except KeyboardInterrupt:
             interrupted = True
             outcomes = []
         report = write_report(results_dir)
         print(f"\nreport: {report}")
         if interrupted:
-            print("interrupted: finished runs are kept; run the same command again to resume",
-                  file=sys.stderr)
+            print(
+                "interrupted: finished runs are kept; run the same command again to resume",
+                file=sys.stderr,
+            )
             return EXIT_INTERRUPTED
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
@@ -265,8 +345,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
     if not (args.results_dir / "runs").is_dir():
-        raise UserError(f"{args.results_dir}: no runs/ folder here",
-                        "pass a results folder written by `python -m harness run`, e.g. results/demo")
+        raise UserError(
+            f"{args.results_dir}: no runs/ folder here",
+            "pass a results folder written by `python -m harness run`, e.g. results/demo",
+        )
     print(f"report: {write_report(args.results_dir)}")
     return 0
 
@@ -278,13 +360,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     if args.spec:
         spec = load_spec(args.spec, args.overrides)
-        rows = [(m.name, m.kind, ", ".join(m.backends), m.description or "") for m in spec.models]
-        print(f"Models of {args.spec}:\n" + tabulate(rows, headers=["model", "kind", "backends", "description"]))
+        models = [(m.name, m.kind, ", ".join(m.backends), m.description or "") for m in spec.models]
+        print(
+            f"Models of {args.spec}:\n"
+            + tabulate(models, headers=["model", "kind", "backends", "description"])
+        )
         print()
     rows = []
     for e in REGISTRY.values():
         missing = missing_modules(e.name)
-        rows.append((e.name, e.description, "yes" if not missing else f"no (needs {', '.join(missing)})"))
+        rows.append(
+            (e.name, e.description, "yes" if not missing else f"no (needs {', '.join(missing)})")
+        )
     print("Backends:\n" + tabulate(rows, headers=["backend", "what", "installed"]))
     print("\nLayer types: " + ", ".join(LAYER_TYPES))
     print("Pretrained bases: " + ", ".join(BASE_TABLE))
@@ -305,9 +392,15 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     bad = [p for p in parts if p not in BODY_PARTS]
     if bad:
         raise UserError(f"--body-parts: unknown part '{bad[0]}'; allowed: {', '.join(BODY_PARTS)}")
-    options = {"patients": args.patients, "seed": args.seed, "min_size": args.min_size,
-               "max_size": args.max_size, "label_noise": args.label_noise,
-               "valid_fraction": args.valid_fraction, "difficulty": args.difficulty}
+    options = {
+        "patients": args.patients,
+        "seed": args.seed,
+        "min_size": args.min_size,
+        "max_size": args.max_size,
+        "label_noise": args.label_noise,
+        "valid_fraction": args.valid_fraction,
+        "difficulty": args.difficulty,
+    }
     try:  # the same limits as data.synthetic in a spec
         SyntheticSpec.model_validate(options)
     except ValidationError as e:

@@ -12,6 +12,7 @@ them re-analyses results, it does not retrain.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,12 +36,14 @@ class RunKey:
         return f"{self.model}__{self.backend}__seed{self.seed}"
 
 
-def _pick(kind: str, asked: list[str] | None, known: list[str]) -> list[str]:
+def _pick(kind: str, asked: list[str] | None, known: Sequence[str]) -> list[str]:
     if not asked:
-        return known
+        return list(known)
     unknown = [a for a in asked if a not in known]
     if unknown:
-        raise UserError(f"--{kind}: unknown {kind[:-1]} '{unknown[0]}'; this spec has: {', '.join(known)}")
+        raise UserError(
+            f"--{kind}: unknown {kind[:-1]} '{unknown[0]}'; this spec has: {', '.join(known)}"
+        )
     return [k for k in known if k in asked]
 
 

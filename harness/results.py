@@ -92,7 +92,8 @@ def results_lock(results_dir: Path) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             raise UserError(
-                f"{results_dir}: another harness process (pid {holder}) is using this results folder",
+                f"{results_dir}: another harness process (pid {holder}) is using this "
+                "results folder",
                 "wait for it to finish, or pass --out to write elsewhere",
             ) from None
         f.seek(0)

@@ -58,7 +58,10 @@ class Reporter:
 
     def start(self, key: RunKey) -> None:
         if not self.quiet:
-            self.write(f"[{self.done + 1}/{self.total}] {key.model} / {key.backend} / seed {key.seed}: started")
+            self.write(
+                f"[{self.done + 1}/{self.total}] {key.model} / {key.backend} / "
+                f"seed {key.seed}: started"
+            )
 
     def event(self, key: RunKey, ev: dict[str, Any]) -> None:
         if self.quiet or ev.get("event") != "epoch":
@@ -67,7 +70,8 @@ class Reporter:
         val = ev.get("val_accuracy")
         val_txt = f" val_acc {val:.3f}" if isinstance(val, float) else ""
         self.write(
-            f"    epoch {ev['epoch']}/{ev['epochs']}: loss {ev['loss']:.4f} acc {ev['accuracy']:.3f}"
+            f"    epoch {ev['epoch']}/{ev['epochs']}: loss {ev['loss']:.4f} "
+            f"acc {ev['accuracy']:.3f}"
             f"{val_txt} ({ev['seconds']:.1f} s, run ETA {_fmt_s(left)})"
         )
 
@@ -105,7 +109,9 @@ def worker_env(spec: Spec, key: RunKey, cache_dir: Path) -> dict[str, str]:
         env["CUDA_VISIBLE_DEVICES"] = ""
     # the worker must import this checkout's harness/ and backends/, wherever it is started
     root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
+    env["PYTHONPATH"] = (
+        root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
+    )
     return env
 
 
@@ -134,8 +140,13 @@ def run_one(
     log = results_dir / "logs" / f"{key.id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    job = {**job_base, "key": {"model": key.model, "backend": key.backend, "seed": key.seed},
-           "run_id": key.id, "run_hash": job_base["hashes"][key.id], "out": str(out)}
+    job = {
+        **job_base,
+        "key": {"model": key.model, "backend": key.backend, "seed": key.seed},
+        "run_id": key.id,
+        "run_hash": job_base["hashes"][key.id],
+        "out": str(out),
+    }
     job.pop("hashes")
     fd, job_path = tempfile.mkstemp(prefix=".job.", suffix=".json", dir=results_dir)
     with os.fdopen(fd, "w") as f:
@@ -160,7 +171,7 @@ def run_one(
             for line in proc.stdout:
                 if line.startswith("@@progress "):
                     try:
-                        reporter.event(key, json.loads(line[len("@@progress "):]))
+                        reporter.event(key, json.loads(line[len("@@progress ") :]))
                     except (ValueError, KeyError, TypeError):
                         pass
                 else:
@@ -181,7 +192,11 @@ def run_one(
             out_exists_before = read_run(out)
             Path(job_path).unlink(missing_ok=True)
             # a result the worker finished just before the signal is complete and kept
-            status = "ok" if out_exists_before and out_exists_before.get("run_hash") == job["run_hash"] else "interrupted"
+            status = (
+                "ok"
+                if out_exists_before and out_exists_before.get("run_hash") == job["run_hash"]
+                else "interrupted"
+            )
             return RunOutcome(key, status, time.time() - t0, None)
         finally:
             reader.join(timeout=5)
@@ -204,9 +219,14 @@ def run_one(
         reason = f"worker exited with code {rc} without a result"
     from harness.worker import envelope
 
-    write_json_atomic(out, envelope({**job, "started": t0}, "failed",
-                                    error={"type": "WorkerDied", "message": reason,
-                                           "stderr_tail": _tail(log)}))
+    write_json_atomic(
+        out,
+        envelope(
+            {**job, "started": t0},
+            "failed",
+            error={"type": "WorkerDied", "message": reason, "stderr_tail": _tail(log)},
+        ),
+    )
     return RunOutcome(key, "failed", seconds, reason)
 
 
@@ -226,7 +246,9 @@ def _terminate(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-def plan_status(spec: Spec, keys: list[RunKey], results_dir: Path, data_hash: str | None) -> dict[str, str]:
+def plan_status(
+    spec: Spec, keys: list[RunKey], results_dir: Path, data_hash: str | None
+) -> dict[str, str]:
     """For each run id: done | failed | stale (older spec or code) | pending | unknown."""
     status = {}
     for key in keys:
@@ -265,13 +287,21 @@ def run_all(
     outcomes = []
     for key in keys:
         run = read_run(results_dir / "runs" / f"{key.id}.json")
-        if not fresh and run and run.get("run_hash") == hashes[key.id] and run.get("status") == "ok":
+        if (
+            not fresh
+            and run
+            and run.get("run_hash") == hashes[key.id]
+            and run.get("status") == "ok"
+        ):
             outcomes.append(RunOutcome(key, "skipped", 0.0, "already done"))
         else:
             todo.append(key)
     reporter = Reporter(quiet=quiet, total=len(todo))
     if outcomes and not quiet:
-        print(f"{len(outcomes)} run(s) already done (same spec, data and code): skipped; --fresh reruns them")
+        print(
+            f"{len(outcomes)} run(s) already done (same spec, data and code): skipped; "
+            "--fresh reruns them"
+        )
     stop = threading.Event()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
@@ -280,7 +310,9 @@ def run_all(
         for key in todo:
             outcome = run_one(spec, key, job_base, results_dir, reporter, stop)
             if outcome.status == "interrupted":
-                print(f"interrupted: {key.id} stopped; its partial work is discarded", file=sys.stderr)
+                print(
+                    f"interrupted: {key.id} stopped; its partial work is discarded", file=sys.stderr
+                )
                 raise KeyboardInterrupt
             reporter.finish(outcome)
             outcomes.append(outcome)

@@ -27,7 +27,6 @@ from harness.errors import EXIT_USER_ERROR, UserError
 from harness.results import SCHEMA_VERSION, write_json_atomic
 from harness.spec import RandomModel, Spec
 
-
 FAULT_ENV = "HARNESS_FAULT_INJECT"
 
 
@@ -77,6 +76,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
     with mon:
         with mon.phase("data"):
             data = prepare_data(spec.data, Path(job["cache_dir"]), progress=False)
+            assert data is not None  # build=True always returns the data
             images = data.cache.images
             labels = data.table["label"].to_numpy().astype(np.float32)
             split = data.split
@@ -86,19 +86,27 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                 f"{job['data_hash']}); rerun the harness"
             )
         with mon.phase("build"):
-            backend = create(key["backend"], device=spec.runtime.device,
-                             deterministic=spec.runtime.deterministic)
+            backend = create(
+                key["backend"], device=spec.runtime.device, deterministic=spec.runtime.deterministic
+            )
             backend.seed(key["seed"], spec.runtime.deterministic)
-            model_input = ModelInput(spec.data.image_size, spec.data.channels,
-                                     spec.normalization(model))
+            model_input = ModelInput(
+                spec.data.image_size, spec.data.channels, spec.normalization(model)
+            )
             handle = backend.build(model, model_input)
             counts = backend.count_params(handle)
         progress("built", params=counts.__dict__)
         inject_fault(job["run_id"], "fit")
 
         if not isinstance(model, RandomModel):
-            train = TrainData(images, split.train, labels[split.train], spec.augmentation,
-                              key["seed"], model.train.shuffle)
+            train = TrainData(
+                images,
+                split.train,
+                labels[split.train],
+                spec.augmentation,
+                key["seed"],
+                model.train.shuffle,
+            )
             val = EvalData(np.asarray(images[np.sort(split.val)]), labels[np.sort(split.val)])
 
             def on_epoch(rec: Any) -> None:
@@ -113,15 +121,17 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             seen = sum(h.images for h in history)
             if history and first is not None and seen > 0:
                 per_batch = model.train.batch_size
-                mon.record_throughput("train", images=max(seen - per_batch, 0),
-                                      seconds=max(train_s - first, 1e-9))
+                mon.record_throughput(
+                    "train", images=max(seen - per_batch, 0), seconds=max(train_s - first, 1e-9)
+                )
         test_rows = np.sort(split.test)
         test_images = np.asarray(images[test_rows])
         with mon.phase("predict"):
             t0 = time.perf_counter()
             probs = backend.predict(handle, test_images)
-            mon.record_throughput("inference", images=len(test_rows),
-                                  seconds=time.perf_counter() - t0)
+            mon.record_throughput(
+                "inference", images=len(test_rows), seconds=time.perf_counter() - t0
+            )
         mon.set_framework_memory(backend.peak_memory())
 
     probs = np.asarray(probs, dtype=np.float64).reshape(-1)
@@ -177,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         result = execute(job)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        write_json_atomic(out, envelope(job, "failed", error={"type": "UserError",
-                                                               "message": e.message}))
+        write_json_atomic(
+            out, envelope(job, "failed", error={"type": "UserError", "message": e.message})
+        )
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
@@ -187,13 +198,19 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{type(e).__name__}: {e}"
         if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
             message = f"out of memory: {message}"
-        write_json_atomic(out, envelope(job, "failed", error={"type": type(e).__name__,
-                                                               "message": message}))
+        write_json_atomic(
+            out, envelope(job, "failed", error={"type": type(e).__name__, "message": message})
+        )
         return 1
-    if any(isinstance(v, float) and math.isnan(v) for h in result["history"] for v in
-           (h.get("loss"),)):
-        write_json_atomic(out, envelope(job, "failed", error={"type": "FloatingPointError",
-                                                               "message": "loss became NaN"}))
+    if any(
+        isinstance(v, float) and math.isnan(v) for h in result["history"] for v in (h.get("loss"),)
+    ):
+        write_json_atomic(
+            out,
+            envelope(
+                job, "failed", error={"type": "FloatingPointError", "message": "loss became NaN"}
+            ),
+        )
         return 1
     write_json_atomic(out, envelope(job, "ok", **result))
     return 0

@@ -1,0 +1,943 @@
+"""The `torch` backend: PyTorch + torchvision with Keras semantics made explicit.
+
+    python -m harness run specs/paper.yaml --backends torch      # via the worker
+    backend = TorchBackend(device="auto")
+    handle = backend.build(model, ModelInput(224, 3, "rescale"))
+
+Builds any spec model (one table maps a spec layer type to a builder), trains it on the harness's
+data stream, and returns numpy. Where PyTorch's defaults differ from Keras', the spec (= Keras
+semantics) wins:
+
+- Layout: channels-first internally (NCHW tensors, optionally in channels_last memory format,
+  which changes strides, not semantics). `Flatten` permutes to NHWC before flattening, so the
+  Dense layer after it sees Keras' feature order and Keras-layout weights port 1:1 (only the
+  usual kernel transposes are needed, no row permutation).
+- Padding 'same' follows TensorFlow: total = max((ceil(n/s) - 1) s + k - n, 0), with the odd
+  pixel at the bottom/right. Symmetric cases use the layer's own `padding=`; asymmetric ones pad
+  explicitly first (zeros for conv, -inf for max pooling). Average pooling excludes the padding
+  from the divisor, as TF does. 'valid' pools floor.
+- Initializers by name, Keras' VarianceScaling: fans of a conv kernel are k_h k_w c_in and
+  k_h k_w c_out; the *_normal ones are truncated at 2 sd with the sd divided by 0.8796... (Keras'
+  correction). Biases use the spec's initializer (zeros by default), never torch's uniform.
+- BatchNorm: epsilon from the spec, momentum converted (torch = 1 - Keras); `center`/`scale`
+  false drop beta/gamma. torch updates the running variance with the unbiased batch variance,
+  Keras with the biased one: a factor n/(n-1) over n = batch x H x W values (1.000001 for the
+  paper's CNN, 1.03 for a BatchNorm after a Dense layer at batch 32).
+- Pretrained bases: torchvision's feature extractor (+ the ReLU DenseNet's forward() applies
+  after norm5, which Keras' base includes). `weights: imagenet` loads only from torchvision's
+  cache ($TORCH_HOME/hub/checkpoints; no download is attempted); `none` keeps torchvision's own
+  random init (what `weights=None` gives); a path loads a local state dict (old DenseNet key
+  names are renamed as torchvision does). A frozen base has requires_grad False AND stays in
+  eval mode while the model trains, so its BatchNorm statistics never move (Keras' trainable=False).
+  The base's BatchNorm momentum is set to Keras' 0.99 (matters only for `frozen: false`).
+- Loss: binary cross-entropy on the sigmoid's probabilities clipped to [eps, 1 - eps], labels
+  smoothed as y (1 - ls) + ls / 2: the formula the spec states (see `bce_loss`).
+- Adam: Keras 3 computes `alpha m / (sqrt(v) + eps)` with alpha = lr sqrt(1 - b2^t) / (1 - b1^t);
+  torch computes `lr m_hat / (sqrt(v_hat) + eps)`. They are the same update when torch's epsilon
+  at step t is eps / sqrt(1 - b2^t); `KerasAdam` sets that before every step, so the two differ
+  only by float rounding. SGD's momentum forms are algebraically identical at constant lr.
+- Augmentation runs on the device: flips exactly (torch.flip), rotation + zoom with
+  F.affine_grid / F.grid_sample (bilinear, zeros, align_corners=True, which puts pixel centres
+  at integer indices and the centre at ((W-1)/2, (H-1)/2), as harness/data/augment.py defines).
+- Preprocessing (normalization, channel replication) happens before the model, not inside it,
+  so parameter counts equal the paper's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from backends.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backend,
+    BackendInfo,
+    EpochRecord,
+    EvalData,
+    ModelInput,
+    ParamCount,
+    TrainData,
+    bce,
+    epoch_metrics,
+)
+from backends.torch_env import PRE_IMPORT_ENV
+from harness.errors import UserError
+from harness.spec import (
+    SGD,
+    ActivationLayer,
+    Adam,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    Loss,
+    Model,
+    Pool2D,
+    PretrainedModel,
+    SequentialModel,
+    TrainSpec,
+)
+
+Shape = tuple[int, ...]  # channels-first, no batch axis: (C, H, W) or (F,)
+
+# ---------------------------------------------------------------------------------------------
+# Activations and initializers (one table each)
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "linear": nn.Identity,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "softmax": lambda: nn.Softmax(dim=1),  # the channel axis = Keras' last axis
+    "elu": lambda: nn.ELU(alpha=1.0),
+    "selu": nn.SELU,
+    "gelu": lambda: nn.GELU(approximate="none"),  # keras.activations.gelu: exact erf form
+    "swish": nn.SiLU,
+}
+
+# Keras' truncated normal keeps 2 sd and divides the sd by this to restore the variance.
+_TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+def keras_fans(t: torch.Tensor) -> tuple[int, int]:
+    """Keras' compute_fans for a torch-layout tensor (Linear (out, in), Conv (out, in, kh, kw))."""
+    if t.dim() == 0:
+        return 1, 1
+    if t.dim() == 1:
+        return t.shape[0], t.shape[0]
+    receptive = math.prod(t.shape[2:])
+    return t.shape[1] * receptive, t.shape[0] * receptive
+
+
+def _variance_scaling(scale: float, mode: str, distribution: str) -> Callable[[torch.Tensor], None]:
+    def init(t: torch.Tensor) -> None:
+        fan_in, fan_out = keras_fans(t)
+        fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+        variance = scale / max(1.0, fan)
+        with torch.no_grad():
+            if distribution == "uniform":
+                limit = math.sqrt(3.0 * variance)
+                nn.init.uniform_(t, -limit, limit)
+            else:
+                std = math.sqrt(variance) / _TRUNCATED_NORMAL_STD
+                nn.init.trunc_normal_(t, 0.0, std, -2.0 * std, 2.0 * std)
+
+    return init
+
+
+INITIALIZERS: dict[str, Callable[[torch.Tensor], Any]] = {
+    "glorot_uniform": _variance_scaling(1.0, "fan_avg", "uniform"),  # = xavier_uniform_
+    "glorot_normal": _variance_scaling(1.0, "fan_avg", "normal"),
+    "he_uniform": _variance_scaling(2.0, "fan_in", "uniform"),
+    "he_normal": _variance_scaling(2.0, "fan_in", "normal"),
+    "lecun_uniform": _variance_scaling(1.0, "fan_in", "uniform"),
+    "lecun_normal": _variance_scaling(1.0, "fan_in", "normal"),
+    "zeros": nn.init.zeros_,
+    "ones": nn.init.ones_,
+}
+
+
+def _lookup(table: dict[str, Any], key: str, what: str) -> Any:
+    try:
+        return table[key]
+    except KeyError:
+        known = ", ".join(table)
+        raise UserError(f"torch backend: unknown {what} '{key}'; known: {known}") from None
+
+
+def _initialize(t: torch.Tensor, name: str) -> None:
+    _lookup(INITIALIZERS, name, "initializer")(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers with Keras semantics
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'same' padding (before, after) along one axis: the odd pixel goes after."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _window(size: int, kernel: int, stride: int) -> int:
+    return (size - kernel) // stride + 1
+
+
+class KerasConv2d(nn.Conv2d):
+    """Conv2d + activation; `pad` (left, right, top, bottom) is applied first when asymmetric."""
+
+    def __init__(self, *args: Any, pad: tuple[int, int, int, int] | None, activation: str,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pad = pad
+        self.act = _lookup(ACTIVATIONS, activation, "activation")()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        return self.act(super().forward(x))
+
+
+class KerasDense(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool, activation: str) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.act = _lookup(ACTIVATIONS, activation, "activation")()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class KerasPool2d(nn.Module):
+    """Max/average pooling with TF padding: -inf pads for max, padding excluded from averages."""
+
+    def __init__(self, kind: str, kernel: tuple[int, int], stride: tuple[int, int],
+                 pad: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.kind, self.kernel, self.stride, self.pad = kind, kernel, stride, pad
+        left, right, top, bottom = pad
+        # torch's own padding= is symmetric and limited to half the window: use it when it fits
+        self.native = (left == right and top == bottom and 2 * left <= kernel[1]
+                       and 2 * top <= kernel[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "max":
+            if self.native:
+                return F.max_pool2d(x, self.kernel, self.stride, (self.pad[2], self.pad[0]))
+            return F.max_pool2d(F.pad(x, self.pad, value=-math.inf), self.kernel, self.stride)
+        if self.native:
+            return F.avg_pool2d(x, self.kernel, self.stride, (self.pad[2], self.pad[0]),
+                                count_include_pad=False)
+        total = F.avg_pool2d(F.pad(x, self.pad), self.kernel, self.stride)
+        ones = x.new_ones((1, 1, *x.shape[2:]))
+        return total / F.avg_pool2d(F.pad(ones, self.pad), self.kernel, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, kernel={self.kernel}, stride={self.stride}, pad={self.pad}"
+
+
+class PartialBatchNorm(nn.Module):
+    """BatchNorm without beta (center: false) and/or gamma (scale: false), as Keras allows."""
+
+    def __init__(self, channels: int, rank: int, eps: float, momentum: float, center: bool,
+                 scale: bool) -> None:
+        super().__init__()
+        cls = nn.BatchNorm2d if rank == 3 else nn.BatchNorm1d
+        self.bn = cls(channels, eps=eps, momentum=momentum, affine=False)
+        self.weight = nn.Parameter(torch.ones(channels)) if scale else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if center else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(x)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        if self.weight is not None:
+            x = x * self.weight.view(view)
+        if self.bias is not None:
+            x = x + self.bias.view(view)
+        return x
+
+
+class FlattenNHWC(nn.Module):
+    """Keras' Flatten order (channels last), whatever the tensor's memory format."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.permute(0, 2, 3, 1)
+        return x.flatten(1)
+
+
+class GlobalAvgPool2d(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # mean over H, W: unlike adaptive_avg_pool2d, its CUDA backward is deterministic
+        return x.mean(dim=(2, 3))
+
+
+def _need_image(layer: Any, shape: Shape) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise UserError(f"{layer.type} needs an image input (H, W, C); got a flat input {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def _build_conv(layer: Conv2D, shape: Shape) -> tuple[nn.Module, Shape]:
+    c, h, w = _need_image(layer, shape)
+    (kh, kw), (sh, sw) = layer.kernel, layer.strides
+    if layer.padding == "same":
+        (top, bottom), (left, right) = same_padding(h, kh, sh), same_padding(w, kw, sw)
+        symmetric = top == bottom and left == right
+        padding, pad = ((top, left), None) if symmetric else ((0, 0), (left, right, top, bottom))
+        out = (-(-h // sh), -(-w // sw))
+    else:
+        padding, pad, out = (0, 0), None, (_window(h, kh, sh), _window(w, kw, sw))
+    if min(out) < 1:
+        raise UserError(f"conv2d kernel {layer.kernel} is larger than its input {(h, w)}")
+    conv = KerasConv2d(c, layer.filters, (kh, kw), stride=(sh, sw), padding=padding,
+                       bias=layer.use_bias, pad=pad, activation=layer.activation)
+    _initialize(conv.weight, layer.kernel_initializer)
+    if conv.bias is not None:
+        _initialize(conv.bias, layer.bias_initializer)
+    return conv, (layer.filters, *out)
+
+
+def _build_pool(layer: Pool2D, shape: Shape) -> tuple[nn.Module, Shape]:
+    c, h, w = _need_image(layer, shape)
+    (kh, kw) = layer.pool
+    (sh, sw) = layer.strides or layer.pool
+    if layer.padding == "same":
+        (top, bottom), (left, right) = same_padding(h, kh, sh), same_padding(w, kw, sw)
+        out = (-(-h // sh), -(-w // sw))
+    else:
+        if kh > h or kw > w:
+            raise UserError(f"{layer.type} pool {layer.pool} is larger than its input {(h, w)}")
+        top = bottom = left = right = 0
+        out = (_window(h, kh, sh), _window(w, kw, sw))
+    kind = "max" if layer.type == "maxpool2d" else "avg"
+    return KerasPool2d(kind, (kh, kw), (sh, sw), (left, right, top, bottom)), (c, *out)
+
+
+def _build_batchnorm(layer: BatchNorm, shape: Shape) -> tuple[nn.Module, Shape]:
+    momentum = 1.0 - layer.momentum  # torch: running = (1 - m) running + m batch
+    if layer.center and layer.scale:
+        cls = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
+        return cls(shape[0], eps=layer.epsilon, momentum=momentum), shape
+    bn = PartialBatchNorm(shape[0], len(shape), layer.epsilon, momentum, layer.center, layer.scale)
+    return bn, shape
+
+
+def _build_dense(layer: Dense, shape: Shape) -> tuple[nn.Module, Shape]:
+    if len(shape) != 1:
+        raise UserError(
+            f"dense needs a flat input; got {shape}: add a flatten or global_avg_pool before it"
+        )
+    dense = KerasDense(shape[0], layer.units, layer.use_bias, layer.activation)
+    _initialize(dense.weight, layer.kernel_initializer)
+    if dense.bias is not None:
+        _initialize(dense.bias, layer.bias_initializer)
+    return dense, (layer.units,)
+
+
+def _build_flatten(layer: Flatten, shape: Shape) -> tuple[nn.Module, Shape]:
+    return FlattenNHWC(), (math.prod(shape),)
+
+
+def _build_gap(layer: GlobalAvgPool, shape: Shape) -> tuple[nn.Module, Shape]:
+    c, _, _ = _need_image(layer, shape)
+    return GlobalAvgPool2d(), (c,)
+
+
+def _build_dropout(layer: Dropout, shape: Shape) -> tuple[nn.Module, Shape]:
+    return nn.Dropout(layer.rate), shape
+
+
+def _build_activation(layer: ActivationLayer, shape: Shape) -> tuple[nn.Module, Shape]:
+    return _lookup(ACTIVATIONS, layer.activation, "activation")(), shape
+
+
+LAYER_BUILDERS: dict[str, Callable[[Any, Shape], tuple[nn.Module, Shape]]] = {
+    "conv2d": _build_conv,
+    "batchnorm": _build_batchnorm,
+    "maxpool2d": _build_pool,
+    "avgpool2d": _build_pool,
+    "dropout": _build_dropout,
+    "flatten": _build_flatten,
+    "dense": _build_dense,
+    "global_avg_pool": _build_gap,
+    "activation": _build_activation,
+}
+
+
+def keras_shape(shape: Shape) -> Shape:
+    """(C, H, W) -> Keras' (H, W, C); flat shapes unchanged."""
+    return (*shape[1:], shape[0]) if len(shape) == 3 else shape
+
+
+def build_layers(layers: tuple[Any, ...], shape: Shape, where: str = "layers"
+                 ) -> tuple[nn.Sequential, list[tuple[str, Shape]]]:
+    """Spec layers -> nn.Sequential named like harness.shapes rows; rows carry Keras shapes."""
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
+    rows: list[tuple[str, Shape]] = []
+    seen: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        builder = _lookup(LAYER_BUILDERS, layer.type, "layer type")
+        try:
+            module, shape = builder(layer, shape)
+        except UserError as e:
+            raise UserError(f"{where}[{i}] ({layer.type}): {e.message}", e.hint) from None
+        seen[layer.type] = seen.get(layer.type, 0) + 1
+        name = f"{layer.type}_{seen[layer.type]}"
+        modules[name] = module
+        rows.append((name, keras_shape(shape)))
+    return nn.Sequential(modules), rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained bases (torchvision)
+
+
+def _densenet_features(m: nn.Module) -> nn.Module:
+    # torchvision applies this ReLU in DenseNet.forward(); Keras' base ends with it
+    features: nn.Module = m.features  # type: ignore[assignment]
+    return nn.Sequential(OrderedDict(features=features, relu=nn.ReLU(inplace=True)))
+
+
+def _resnet_features(m: nn.Module) -> nn.Module:
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+    return nn.Sequential(OrderedDict((n, getattr(m, n)) for n in names))
+
+
+def _vgg_features(m: nn.Module) -> nn.Module:
+    features: nn.Module = m.features  # type: ignore[assignment]
+    return nn.Sequential(OrderedDict(features=features))
+
+
+@dataclass(frozen=True)
+class BaseEntry:
+    constructor: str  # torchvision.models.<constructor>
+    weights_enum: str  # torchvision.models.<weights_enum>.IMAGENET1K_V1
+    features: Callable[[nn.Module], nn.Module]
+    channels: int
+
+
+BASES: dict[str, BaseEntry] = {
+    "densenet121": BaseEntry("densenet121", "DenseNet121_Weights", _densenet_features, 1024),
+    "densenet169": BaseEntry("densenet169", "DenseNet169_Weights", _densenet_features, 1664),
+    "densenet201": BaseEntry("densenet201", "DenseNet201_Weights", _densenet_features, 1920),
+    "resnet50": BaseEntry("resnet50", "ResNet50_Weights", _resnet_features, 2048),
+    "vgg16": BaseEntry("vgg16", "VGG16_Weights", _vgg_features, 512),
+}
+
+# Released DenseNet checkpoints use 'norm.1'-style keys; torchvision renames them on load (its
+# regex, plus num_batches_tracked, which files saved by newer torch versions also carry).
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+_HEAD_PREFIXES = ("classifier.", "fc.")
+
+
+def imagenet_weights_file(name: str) -> tuple[Path, str]:
+    """Where torchvision caches a base's ImageNet weights, and the URL it would fetch."""
+    entry = _lookup(BASES, name, "base")
+    url = getattr(torchvision.models, entry.weights_enum).IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name, url
+
+
+def rename_legacy_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """torchvision's DenseNet key renaming (`denselayer1.norm.1.weight` -> `norm1.weight`)."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        match = _OLD_DENSENET_KEY.match(key)
+        out[match.group(1) + match.group(2) if match else key] = value
+    return out
+
+
+def _load_local_weights(model: nn.Module, name: str, path_text: str) -> None:
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"base {name}: weights file '{path_text}' not found (looked for {path.resolve()})",
+            "give an existing .pth state dict, `weights: imagenet` (torchvision cache) or "
+            "`weights: none`",
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or non-torch file: the user's input, not a bug
+        raise UserError(f"base {name}: cannot read weights file '{path}': {e}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"base {name}: weights file '{path}' does not hold a state dict")
+    result = model.load_state_dict(rename_legacy_keys(state), strict=False)
+    # files older than torch 0.4.1 have no num_batches_tracked; nothing reads it (momentum set)
+    missing = [k for k in result.missing_keys
+               if not k.startswith(_HEAD_PREFIXES) and not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        what = (f"missing {len(missing)} keys (e.g. {missing[:3]})" if missing
+                else f"{len(result.unexpected_keys)} unexpected keys "
+                     f"(e.g. {result.unexpected_keys[:3]})")
+        raise UserError(
+            f"base {name}: weights file '{path}' does not match torchvision's {name}: {what}"
+        )
+
+
+def build_base(name: str, weights: str) -> nn.Module:
+    """torchvision's feature extractor for `name` with the spec's weights (never downloads)."""
+    entry = _lookup(BASES, name, "base")
+    constructor = getattr(torchvision.models, entry.constructor)
+    keyword = weights.strip().lower()
+    if keyword == "imagenet":
+        file, url = imagenet_weights_file(name)
+        if not file.is_file():
+            raise UserError(
+                f"base {name}: weights: imagenet needs {file.name} in {file.parent} "
+                f"($TORCH_HOME/hub/checkpoints); it is not there and downloads are not attempted: "
+                f"copy it there (from {url}), give a local file as weights:, or set `weights: none`"
+            )
+        model = constructor(weights=getattr(torchvision.models, entry.weights_enum).IMAGENET1K_V1)
+    elif keyword == "none":
+        model = constructor(weights=None)
+    else:
+        model = constructor(weights=None)
+        _load_local_weights(model, name, weights)
+    base = entry.features(model)
+    for m in base.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.01  # Keras' BatchNormalization default momentum 0.99
+    return base
+
+
+class TorchNet(nn.Module):
+    """Optional pretrained base + head. A frozen base stays in eval mode under model.train()."""
+
+    def __init__(self, base: nn.Module | None, head: nn.Sequential, frozen: bool) -> None:
+        super().__init__()
+        self.base = base
+        self.head = head
+        self.frozen = frozen
+        if base is not None and frozen:
+            base.requires_grad_(False)
+            base.eval()
+
+    def train(self, mode: bool = True) -> TorchNet:
+        super().train(mode)
+        if self.base is not None and self.frozen:
+            self.base.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base is not None:
+            if self.frozen:
+                with torch.no_grad():
+                    x = self.base(x)
+            else:
+                x = self.base(x)
+        return self.head(x)
+
+
+@dataclass
+class TorchHandle:
+    """What `build` returns: the module and what fit/predict need to feed it."""
+
+    net: TorchNet
+    model: Any  # the spec's model
+    model_input: ModelInput
+    device: torch.device
+    channels_last: bool
+    rows: list[tuple[str, Shape]] = field(default_factory=list)  # per layer, Keras shapes
+    output_shape: Shape = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers and loss
+
+
+class KerasAdam(torch.optim.Adam):
+    """torch Adam whose epsilon enters where Keras 3 puts it (see the module docstring)."""
+
+    def __init__(self, params: Any, lr: float, betas: tuple[float, float], eps: float,
+                 amsgrad: bool) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, amsgrad=amsgrad)
+        self.keras_epsilon = eps
+        self.keras_iterations = 0
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        self.keras_iterations += 1
+        for group in self.param_groups:
+            group["eps"] = self.keras_epsilon / math.sqrt(
+                1.0 - group["betas"][1] ** self.keras_iterations
+            )
+        return super().step(closure)
+
+
+def _adam(opt: Adam, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return KerasAdam(params, opt.learning_rate, (opt.beta_1, opt.beta_2), opt.epsilon, opt.amsgrad)
+
+
+def _sgd(opt: SGD, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    # Keras allows nesterov with momentum 0 (plain SGD); torch refuses it
+    nesterov = opt.nesterov and opt.momentum > 0
+    return torch.optim.SGD(params, lr=opt.learning_rate, momentum=opt.momentum, nesterov=nesterov)
+
+
+OPTIMIZERS: dict[str, Callable[[Any, list[nn.Parameter]], torch.optim.Optimizer]] = {
+    "adam": _adam,
+    "sgd": _sgd,
+}
+
+
+def bce_loss(probs: torch.Tensor, labels: torch.Tensor, loss: Loss) -> torch.Tensor:
+    """Keras' binary_crossentropy on probabilities: clip to [eps, 1-eps], smooth, batch mean."""
+    y = labels * (1.0 - loss.label_smoothing) + 0.5 * loss.label_smoothing
+    p = probs.clamp(loss.epsilon, 1.0 - loss.epsilon)
+    return -(y * torch.log(p) + (1.0 - y) * torch.log(1.0 - p)).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation geometry
+
+
+def rotate_zoom_theta(angle_deg: np.ndarray, scale: np.ndarray, height: int, width: int
+                      ) -> np.ndarray:
+    """affine_grid thetas (B, 2, 3) for 'rotate CCW by angle, then zoom by scale' about the centre.
+
+    In pixel units about the centre c (y down), an output pixel q maps back to the input at
+    d = (q - c) / s, x' = cos(a) d_x - sin(a) d_y, y' = sin(a) d_x + cos(a) d_y. With
+    align_corners=True a normalized coordinate u is the pixel offset divided by r = (size-1)/2 on
+    each axis, so theta = diag(1/r_x, 1/r_y) M diag(r_x, r_y): off-diagonals carry r_y/r_x.
+    """
+    a = np.deg2rad(np.asarray(angle_deg, dtype=np.float64))
+    s = np.asarray(scale, dtype=np.float64)
+    rx, ry = max(width - 1, 1) / 2.0, max(height - 1, 1) / 2.0
+    cos, sin = np.cos(a) / s, np.sin(a) / s
+    theta = np.zeros((len(a), 2, 3), dtype=np.float64)
+    theta[:, 0, 0] = cos
+    theta[:, 0, 1] = -sin * ry / rx
+    theta[:, 1, 0] = sin * rx / ry
+    theta[:, 1, 1] = cos
+    return theta
+
+
+def augment_tensor(x: torch.Tensor, angle: np.ndarray, scale: np.ndarray, hflip: np.ndarray,
+                   vflip: np.ndarray) -> torch.Tensor:
+    """Apply the harness's augmentation to float images (B, C, H, W) on their device.
+
+    Flips are exact index reversals; only samples with a rotation or zoom go through
+    grid_sample, so identity and pure flips stay bit-exact.
+    """
+    device = x.device
+    if hflip.any():
+        mask = torch.from_numpy(np.asarray(hflip, bool)).to(device).view(-1, 1, 1, 1)
+        x = torch.where(mask, x.flip(-1), x)
+    if vflip.any():
+        mask = torch.from_numpy(np.asarray(vflip, bool)).to(device).view(-1, 1, 1, 1)
+        x = torch.where(mask, x.flip(-2), x)
+    geometric = (np.asarray(angle) != 0) | (np.asarray(scale) != 1)
+    if not geometric.any():
+        return x
+    # identity thetas for the other samples of a mixed batch; torch.where below restores them
+    # exactly (no index_copy/index_put, whose CUDA determinism varies across torch versions)
+    angle = np.where(geometric, angle, 0.0)
+    scale = np.where(geometric, scale, 1.0)
+    theta = torch.from_numpy(rotate_zoom_theta(angle, scale, x.shape[-2], x.shape[-1])).to(device)
+    # float64 sampling: float32 grid coordinates are off by ~1e-6 px, i.e. 3e-4 grey levels at
+    # sharp edges; the grey image is one channel, so the extra cost is small even on a GPU
+    src = x.double()
+    grid = F.affine_grid(theta, list(src.shape), align_corners=True)
+    sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=True).to(x.dtype)
+    if geometric.all():
+        return sampled
+    mask = torch.from_numpy(geometric).to(device).view(-1, 1, 1, 1)
+    return torch.where(mask, sampled, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, device: str = "auto", deterministic: bool | None = None,
+                 channels_last: bool | None = None) -> None:
+        """`channels_last`: None chooses it for convolutional models (faster on CPU/oneDNN)."""
+        super().__init__(device)
+        self.device = self._resolve_device(device)
+        self.channels_last_policy = channels_last
+        self._seed: int | None = None
+        self._deterministic = bool(deterministic)
+        self._last_channels_last: bool | None = None
+        if deterministic:
+            self._apply_determinism(True)
+
+    @staticmethod
+    def _resolve_device(request: str) -> torch.device:
+        if request == "cpu":
+            return torch.device("cpu")
+        if request == "gpu":
+            if not torch.cuda.is_available():
+                raise UserError(
+                    f"device: gpu requested, but torch {torch.__version__} sees no CUDA device "
+                    f"(built for CUDA {torch.version.cuda or 'none'})",
+                    "use device: cpu or auto, or install a CUDA build of torch with a driver",
+                )
+            return torch.device("cuda", torch.cuda.current_device())
+        if request == "auto":
+            return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        raise UserError(f"torch backend: device must be one of auto, cpu, gpu; got '{request}'")
+
+    # -- environment and seeding ----------------------------------------------------------------
+
+    def _apply_determinism(self, deterministic: bool) -> None:
+        for key, value in PRE_IMPORT_ENV["deterministic" if deterministic else "default"].items():
+            os.environ.setdefault(key, value)  # works only if CUDA is not initialised yet
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = not deterministic
+        if deterministic:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+
+    def seed(self, seed: int, deterministic: bool) -> None:
+        self._seed = seed
+        self._deterministic = deterministic
+        self._apply_determinism(deterministic)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)  # seeds CUDA generators too
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+
+    def determinism_flags(self) -> dict[str, Any]:
+        """The flags actually in force now (read back from torch, not what was asked)."""
+        return {
+            "seed": self._seed,
+            "deterministic_requested": self._deterministic,
+            "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        }
+
+    def environment(self) -> dict[str, Any]:
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        if self.device.type == "cuda":
+            device_name: str | None = torch.cuda.get_device_name(self.device)
+        else:
+            device_name = platform.processor() or platform.machine()
+        info = BackendInfo(
+            name=self.name,
+            framework="pytorch",
+            versions={
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "cuda": torch.version.cuda,
+                "cudnn": str(cudnn) if cudnn else None,
+                "python": platform.python_version(),
+            },
+            device=str(self.device),
+            device_name=device_name,
+            determinism=self.determinism_flags(),
+        )
+        return {
+            **asdict(info),
+            "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+            "channels_last": self._last_channels_last,
+            "mkldnn": torch.backends.mkldnn.is_available(),
+        }
+
+    def peak_memory(self) -> dict[str, Any]:
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "torch_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+            "torch_max_memory_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+        }
+
+    # -- build ------------------------------------------------------------------------------------
+
+    def build(self, model: Model, model_input: ModelInput) -> TorchHandle:
+        size, channels = model_input.image_size, model_input.channels
+        rows: list[tuple[str, Shape]] = []
+        if isinstance(model, SequentialModel):
+            base, frozen = None, False
+            head, rows = build_layers(model.layers, (channels, size, size), "layers")
+        elif isinstance(model, PretrainedModel):
+            if channels != 3:
+                raise UserError(f"base {model.base.name} needs 3 input channels; got {channels}")
+            base, frozen = build_base(model.base.name, model.base.weights), model.base.frozen
+            base_shape = self._probe(base, (channels, size, size))
+            rows = [(model.base.name, keras_shape(base_shape))]
+            head, head_rows = build_layers(model.head, base_shape, "head")
+            rows += head_rows
+        else:
+            raise UserError(
+                f"backend 'torch' builds kind: sequential and pretrained models; "
+                f"'{model.name}' is kind: {model.kind}"
+            )
+        net = TorchNet(base, head, frozen)
+        has_conv = base is not None or any(isinstance(m, nn.Conv2d) for m in net.modules())
+        channels_last = has_conv if self.channels_last_policy is None else self.channels_last_policy
+        net = net.to(self.device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self._last_channels_last = channels_last
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return TorchHandle(net, model, model_input, self.device, channels_last, rows,
+                           rows[-1][1] if rows else ())
+
+    @staticmethod
+    def _probe(base: nn.Module, shape: Shape) -> Shape:
+        """Output shape of a base, from one forward pass of a blank image."""
+        was_training = base.training
+        base.eval()
+        with torch.no_grad():
+            out = base(torch.zeros((1, *shape)))
+        base.train(was_training)
+        return tuple(out.shape[1:])
+
+    def count_params(self, handle: TorchHandle) -> ParamCount:
+        trainable = sum(p.numel() for p in handle.net.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in handle.net.parameters() if not p.requires_grad)
+        stats = sum(b.numel() for name, b in handle.net.named_buffers()
+                    if name.endswith(("running_mean", "running_var")))
+        return ParamCount(trainable + frozen + stats, trainable, frozen + stats)
+
+    # -- data to the device ----------------------------------------------------------------------
+
+    def _to_device(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (B, H, W) -> float32 (B, 1, H, W) in 0..255 on the device."""
+        t = torch.from_numpy(np.ascontiguousarray(images))
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t.unsqueeze(1).to(torch.float32)
+
+    @staticmethod
+    def _preprocess(x: torch.Tensor, handle: TorchHandle) -> torch.Tensor:
+        """Normalization, then channel replication, in the model's memory format."""
+        mi = handle.model_input
+        if mi.normalization == "rescale":
+            x = x / 255.0
+        elif mi.normalization == "imagenet":
+            mean = torch.tensor(IMAGENET_MEAN[: mi.channels], device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(IMAGENET_STD[: mi.channels], device=x.device).view(1, -1, 1, 1)
+            x = (x / 255.0 - mean) / std  # broadcasting replicates the grey channel
+        elif mi.normalization != "none":
+            raise UserError(
+                f"normalization must be one of rescale, imagenet, none; got '{mi.normalization}'"
+            )
+        if x.shape[1] != mi.channels:
+            x = x.expand(-1, mi.channels, -1, -1)
+        if handle.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+    def augment(self, images_uint8: np.ndarray, angle: np.ndarray, scale: np.ndarray,
+                hflip: np.ndarray, vflip: np.ndarray) -> np.ndarray:
+        """The on-device augmentation, exposed for tests: uint8 (N, H, W) -> float32 0..255."""
+        x = self._to_device(images_uint8)
+        out = augment_tensor(x, np.asarray(angle, np.float64), np.asarray(scale, np.float64),
+                             np.asarray(hflip, bool), np.asarray(vflip, bool))
+        return out[:, 0].cpu().numpy().astype(np.float32)
+
+    # -- train and predict -----------------------------------------------------------------------
+
+    def fit(
+        self,
+        handle: TorchHandle,
+        train: TrainData,
+        val: EvalData | None,
+        recipe: TrainSpec,
+        on_epoch: Callable[[EpochRecord], None] | None = None,
+    ) -> list[EpochRecord]:
+        net = handle.net
+        params = [p for p in net.parameters() if p.requires_grad]
+        make_optimizer = _lookup(OPTIMIZERS, recipe.optimizer.name, "optimizer")
+        optimizer = make_optimizer(recipe.optimizer, params)
+        augment = bool(train.augmentation.enabled)
+        history: list[EpochRecord] = []
+        for epoch in range(1, recipe.epochs + 1):
+            t0 = time.perf_counter()
+            first_step: float | None = None
+            net.train()
+            losses: list[torch.Tensor] = []
+            probs: list[torch.Tensor] = []
+            sizes: list[int] = []
+            labels_seen: list[np.ndarray] = []
+            for batch in train.batches(epoch, recipe.batch_size):
+                x = self._to_device(batch.images)
+                if augment:
+                    x = augment_tensor(x, batch.angle, batch.scale, batch.hflip, batch.vflip)
+                x = self._preprocess(x, handle)
+                y = torch.from_numpy(np.asarray(batch.labels, np.float32)).to(self.device)
+                p = net(x).reshape(-1)
+                loss = bce_loss(p, y, recipe.loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+                probs.append(p.detach())
+                sizes.append(len(batch.labels))
+                labels_seen.append(np.asarray(batch.labels))
+                if first_step is None and epoch == 1:
+                    _sync(self.device)
+                    first_step = time.perf_counter() - t0
+            step_losses = torch.stack(losses).double().cpu().numpy()  # one sync per epoch
+            train_seconds = time.perf_counter() - t0
+            bad = np.flatnonzero(~np.isfinite(step_losses))
+            if len(bad):
+                raise FloatingPointError(f"loss became NaN at epoch {epoch} step {bad[0] + 1}")
+            train_probs = torch.cat(probs).double().cpu().numpy()
+            metrics = epoch_metrics(np.concatenate(labels_seen), train_probs)
+            val_fields: dict[str, float | None] = dict.fromkeys(
+                ("val_loss", "val_accuracy", "val_recall", "val_precision"))
+            if val is not None and len(val.labels):
+                vp = self.predict(handle, val.images, recipe.batch_size)
+                smooth = recipe.loss.label_smoothing
+                vy = np.asarray(val.labels, np.float64) * (1 - smooth) + 0.5 * smooth
+                vm = epoch_metrics(val.labels, vp)
+                val_fields = {"val_loss": bce(vy, vp, recipe.loss.epsilon),
+                              "val_accuracy": vm["accuracy"], "val_recall": vm["recall"],
+                              "val_precision": vm["precision"]}
+            record = EpochRecord(
+                epoch=epoch,
+                loss=float(np.dot(step_losses, sizes) / max(sum(sizes), 1)),
+                accuracy=metrics["accuracy"],
+                recall=metrics["recall"],
+                precision=metrics["precision"],
+                **val_fields,  # type: ignore[arg-type]
+                seconds=time.perf_counter() - t0,
+                train_seconds=train_seconds,
+                images=sum(sizes),
+                first_step_seconds=first_step,
+            )
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+        return history
+
+    def _batches(self, images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size]
+
+    def predict(self, handle: TorchHandle, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        net = handle.net
+        net.eval()
+        out: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for chunk in self._batches(images, batch_size):
+                x = self._preprocess(self._to_device(chunk), handle)
+                out.append(net(x).reshape(-1))
+        if not out:
+            return np.zeros(0, dtype=np.float64)
+        return torch.cat(out).double().cpu().numpy()

@@ -455,6 +455,11 @@ class Monitor:
             if self._depth == 0:
                 self._top_level_s += dt
 
+    def record_subphase(self, name: str, seconds: float) -> None:
+        """Add time measured elsewhere that lies inside a timed phase (e.g. the first training
+        step, timed by the backend inside "train"); like a nested phase, it is not unphased."""
+        self._phases[name] = self._phases.get(name, 0.0) + float(seconds)
+
     def record_epoch(
         self, epoch: int, seconds: float, images: int | None = None, **extra: Any
     ) -> None:

@@ -119,6 +119,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             train_s = sum(h.train_seconds for h in history)
             first = history[0].first_step_seconds if history else None
             seen = sum(h.images for h in history)
+            if first is not None:
+                mon.record_subphase("first_step", first)
             if history and first is not None and seen > 0:
                 per_batch = model.train.batch_size
                 mon.record_throughput(

@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from harness.analyze import (
     load_bundle,
 )
 from harness.monitor import fmt_measure, not_measured
+from harness.results import write_text_atomic
 from harness.shapes import Counts
 from harness.stats import Interval
 
@@ -673,28 +672,13 @@ def render_metrics_csv(analysis: Analysis) -> str:
 # The edge: files
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """temp file + fsync + rename, as harness.results does for JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(results_dir: Path | str) -> Path:
     """Analyse a results folder and write report.md and metrics.csv there; returns report.md."""
     folder = Path(results_dir)
     analysis = analyze(load_bundle(folder))
     report = folder / "report.md"
-    _write_text_atomic(folder / "metrics.csv", render_metrics_csv(analysis))
-    _write_text_atomic(report, render_report(analysis))
+    write_text_atomic(folder / "metrics.csv", render_metrics_csv(analysis))
+    write_text_atomic(report, render_report(analysis))
     return report
 
 

@@ -135,7 +135,9 @@ class TrainData:
             )
 
 
-def epoch_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+def epoch_metrics(
+    labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
     """Accuracy, recall, precision for the history (nan where undefined, never 0)."""
     y = np.asarray(labels).astype(bool)
     pred = np.asarray(probs) >= threshold

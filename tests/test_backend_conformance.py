@@ -84,7 +84,9 @@ def test_predict_range_length_and_history_schema(backend_name, tmp_path):
     hist = b.fit(handle, train, EvalData(imgs[30:], labels[30:]), model.train, seen.append)
     assert [h.epoch for h in hist] == [1, 2] and [h.epoch for h in seen] == [1, 2]
     assert all(h.images == 30 for h in hist)
-    assert all(np.isfinite(h.loss) and h.val_loss is not None and np.isfinite(h.val_loss) for h in hist)
+    assert all(
+        np.isfinite(h.loss) and h.val_loss is not None and np.isfinite(h.val_loss) for h in hist
+    )
     assert hist[0].first_step_seconds is not None and hist[0].first_step_seconds > 0
     p = b.predict(handle, imgs[30:])
     assert p.shape == (10,) and p.dtype == np.float64
@@ -94,9 +96,15 @@ def test_predict_range_length_and_history_schema(backend_name, tmp_path):
 def test_learns_a_separable_set(backend_name, tmp_path):
     from backends.base import EvalData, ModelInput, TrainData
 
-    spec = tiny_spec(tmp_path, ["models.cnn.train.epochs=6", "models.cnn.train.batch_size=16",
-                                "models.cnn.train.optimizer.learning_rate=0.003",
-                                "augmentation.enabled=false"])
+    spec = tiny_spec(
+        tmp_path,
+        [
+            "models.cnn.train.epochs=6",
+            "models.cnn.train.batch_size=16",
+            "models.cnn.train.optimizer.learning_rate=0.003",
+            "augmentation.enabled=false",
+        ],
+    )
     model = spec.model("cnn")
     imgs, labels = separable(200, 32, 1)
     b = make_backend(backend_name)
@@ -133,12 +141,18 @@ DETERMINISM_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_same_seed_is_bit_identical_across_processes(backend_name):
-    code = DETERMINISM_SCRIPT.format(root=str(ROOT), spec=str(ROOT / "specs" / "paper.yaml"),
-                                     name=backend_name)
+    code = DETERMINISM_SCRIPT.format(
+        root=str(ROOT), spec=str(ROOT / "specs" / "paper.yaml"), name=backend_name
+    )
     outs = []
     for _ in range(2):
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                           env={**__import__("os").environ, "PYTHONHASHSEED": "0"})
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**__import__("os").environ, "PYTHONHASHSEED": "0"},
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
         outs.append(json.loads(line[7:]))

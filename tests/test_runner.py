@@ -42,12 +42,25 @@ def tiny(tmp_path: Path) -> dict:
 
 
 def harness(tiny: dict, *args: str, fault: str = "", wait: bool = True, timeout: float = 180):
-    cmd = [sys.executable, "-m", "harness", "run", str(tiny["spec"]), "--models", "baseline",
-           "--out", str(tiny["out"]), "--cache-dir", str(tiny["cache"]), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness",
+        "run",
+        str(tiny["spec"]),
+        "--models",
+        "baseline",
+        "--out",
+        str(tiny["out"]),
+        "--cache-dir",
+        str(tiny["cache"]),
+        *args,
+    ]
     env = {**os.environ, "HARNESS_FAULT_INJECT": fault}
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -138,8 +151,12 @@ def test_timeout_is_a_failed_run(tiny):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_keeps_finished_runs_and_resumes(tiny, sig):
     p = harness(tiny, fault="baseline__reference__seed1=hang", wait=False)
-    wait_for(lambda: run_file(tiny, 0).exists() and (tiny["out"] / "logs" /
-             "baseline__reference__seed1.log").exists())
+    wait_for(
+        lambda: (
+            run_file(tiny, 0).exists()
+            and (tiny["out"] / "logs" / "baseline__reference__seed1.log").exists()
+        )
+    )
     time.sleep(1.0)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
@@ -156,13 +173,19 @@ def test_interrupt_keeps_finished_runs_and_resumes(tiny, sig):
 
 def test_kill_9_of_the_harness_then_resume(tiny):
     p = harness(tiny, fault="baseline__reference__seed1=hang", wait=False)
-    wait_for(lambda: run_file(tiny, 0).exists() and (tiny["out"] / "logs" /
-             "baseline__reference__seed1.log").exists())
+    wait_for(
+        lambda: (
+            run_file(tiny, 0).exists()
+            and (tiny["out"] / "logs" / "baseline__reference__seed1.log").exists()
+        )
+    )
     time.sleep(1.0)
     p.kill()
     p.communicate(timeout=30)
     # a half-written file from a killed writer is never read as a result
-    (tiny["out"] / "runs" / ".baseline__reference__seed1.json.abc.tmp").write_text('{"complete": tr')
+    (tiny["out"] / "runs" / ".baseline__reference__seed1.json.abc.tmp").write_text(
+        '{"complete": tr'
+    )
     (tiny["out"] / "runs" / "baseline__reference__seed1.json").write_text('{"status": "ok", "comp')
     r = harness(tiny)
     assert r.returncode == 0, r.stderr
@@ -200,8 +223,13 @@ def test_report_regenerates_without_training(tiny):
     assert harness(tiny).returncode == 0
     report = tiny["out"] / "report.md"
     report.unlink()
-    r = subprocess.run([sys.executable, "-m", "harness", "report", str(tiny["out"])], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "report", str(tiny["out"])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "| accuracy | 49.21% (Wilson 46.99-51.42) |" in report.read_text()
 
@@ -213,7 +241,9 @@ def test_plan_filters_and_errors():
     assert len(plan_runs(spec)) == 3 * 1 + 3 * 2 + 3 * 2
     from harness.errors import UserError
 
-    with pytest.raises(UserError, match="--models: unknown model 'cnnn'; this spec has: baseline, cnn, densenet"):
+    with pytest.raises(
+        UserError, match="--models: unknown model 'cnnn'; this spec has: baseline, cnn, densenet"
+    ):
         plan_runs(spec, models=["cnnn"])
     with pytest.raises(UserError, match="--seeds: seed 9 is not in the spec's seeds"):
         plan_runs(spec, seeds=[9])
@@ -222,6 +252,10 @@ def test_plan_filters_and_errors():
 def test_worker_envelope_is_json(tiny):
     assert harness(tiny, "--seeds", "0").returncode == 0
     run = json.loads(run_file(tiny, 0).read_text())
-    assert run["complete"] is True and run["key"] == {"model": "baseline", "backend": "reference", "seed": 0}
+    assert run["complete"] is True and run["key"] == {
+        "model": "baseline",
+        "backend": "reference",
+        "seed": 0,
+    }
     assert run["resources"]["gpu"]["memory_used_peak"]["value"] is None
     assert run["provenance"]["python"]

@@ -281,6 +281,7 @@ def run_all(
         "data_hash": data_hash,
         "code_version": training_code_version(),
         "cache_dir": str(cache_dir),
+        "command": ["python", "-m", "harness", *sys.argv[1:]],
         "hashes": hashes,
     }
     todo = []

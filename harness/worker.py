@@ -148,7 +148,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         params=counts.__dict__,
         environment=backend.environment(),
         resources=mon.summary(),
-        provenance=collect_provenance(),
+        provenance=collect_provenance({"harness_command": job.get("command")}),
         test={
             "rows": test_rows.tolist(),
             "labels": labels[test_rows].astype(int).tolist(),

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,17 @@ def model_tables(spec: Spec) -> tuple[str, list[str]]:
     return "\n".join(out), problems
 
 
+@contextmanager
+def spec_fields(spec: Spec) -> Iterator[None]:
+    """Errors that name a spec field (data.root, ...) also name the spec file."""
+    try:
+        yield
+    except UserError as e:
+        if e.message.split(":", 1)[0].split(".", 1)[0] in Spec.model_fields:
+            e.message = f"{spec.source}: {e.message}"
+        raise
+
+
 def check_counts(problems: list[str], where: str) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -224,7 +237,8 @@ def data_section(spec: Spec, cache_dir: Path) -> str:
     from harness.data import render_split, summarize_without_cache
 
     try:
-        summary = summarize_without_cache(spec.data, cache_dir)
+        with spec_fields(spec):
+            summary = summarize_without_cache(spec.data, cache_dir)
     except UserError as e:
         return f"\nData: not available here: {e.message}"
     return f"\nData ({spec.data.dataset}, {spec.data.split.strategy}-level split)\n" + render_split(
@@ -288,7 +302,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with results_lock(results_dir):
         clean_temp_files(results_dir)
-        data = prepare_data(spec.data, cache_dir, progress=not args.quiet)
+        with spec_fields(spec):
+            data = prepare_data(spec.data, cache_dir, progress=not args.quiet)
         assert data is not None
         if not args.quiet:
             print(f"Data ({spec.data.dataset}): cache {data.cache.folder}")

@@ -12,6 +12,16 @@ harness's uint8 batch and the per-sample augmentation matrices and does, on the 
 augmentation -> normalization -> channel replication -> forward -> BCE -> optimizer update, and
 returns the loss and the training-mode probabilities (for the history metrics).
 
+Loss (harness.spec.Loss): with `form: auto` and a model whose last layer ends in a sigmoid, BCE is
+computed from the pre-sigmoid logits, as Keras 3 on TensorFlow does (the sigmoid's output carries
+`_keras_logits` and `binary_crossentropy` switches to `sigmoid_cross_entropy_with_logits`). The
+model itself is unchanged (same layers, counts and probabilities): `build` also makes a `features`
+model that shares its layers and stops before the last one, and `_logits` applies the last
+layer's pre-activation (Dense: x W + b; Activation: identity) to it. Otherwise (`form:
+probabilities`, or another last layer) BCE is on probabilities clipped to [eps, 1 - eps].
+The validation loss in the history uses the same per-sample function as training (inference
+mode, float32 in the framework, averaged in float64).
+
 Augmentation (semantics in harness/data/augment.py): flip, rotate counter-clockwise by `angle`
 about the centre, zoom by `scale` about the centre. Each sample's inverse map (output pixel ->
 input pixel) is one 3x3 projective matrix, passed as its 8 leading entries to
@@ -174,12 +184,16 @@ def make_layer(layer: Layer, name: str) -> keras.layers.Layer:
     return maker(layer, name)
 
 
-def _stack(x: Any, layers: tuple[Layer, ...]) -> Any:
+def _stack(x: Any, layers: tuple[Layer, ...]) -> tuple[Any, Any, keras.layers.Layer]:
+    """Applies the spec's layers; returns the output, the last layer's input, the last layer."""
     seen: dict[str, int] = {}
+    before, last = x, None
     for layer in layers:
         seen[layer.type] = seen.get(layer.type, 0) + 1
-        x = make_layer(layer, f"{layer.type}_{seen[layer.type]}")(x)
-    return x
+        last = make_layer(layer, f"{layer.type}_{seen[layer.type]}")
+        before, x = x, last(x)
+    assert last is not None  # the spec requires at least one layer
+    return x, before, last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,12 +371,29 @@ def _bce(labels: Any, probs: Any, epsilon: float, label_smoothing: float) -> Any
     """Per-sample BCE on probabilities clipped to [eps, 1 - eps] (Keras' formula, explicit).
 
     Written out rather than keras.losses.BinaryCrossentropy because Keras on TensorFlow
-    silently switches to the sigmoid's logits when the output comes from a sigmoid layer.
+    silently switches to the sigmoid's logits when the output comes from a sigmoid layer: which
+    form is used is the spec's choice (`Loss.form`), see `_bce_logits`.
     """
     ops = keras.ops
     y = labels * (1.0 - label_smoothing) + 0.5 * label_smoothing
     p = ops.clip(probs, epsilon, 1.0 - epsilon)
     return -(y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p))
+
+
+def _bce_logits(labels: Any, logits: Any, label_smoothing: float) -> Any:
+    """Per-sample BCE from pre-sigmoid logits x: max(x, 0) - x y + log(1 + exp(-|x|)).
+
+    What Keras 3 on TensorFlow computes for a sigmoid output (tf.nn.sigmoid_cross_entropy_with_
+    logits), written with the same `where` form so the gradient at x = 0 is sigmoid(0) - y too.
+    No clipping: the loss grows linearly and the gradient stays sigmoid(x) - y at saturation.
+    """
+    ops = keras.ops
+    y = labels * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    x = logits
+    positive = ops.greater_equal(x, 0.0)
+    relu_x = ops.where(positive, x, ops.zeros_like(x))
+    neg_abs_x = ops.where(positive, -x, x)
+    return relu_x - x * y + ops.log1p(ops.exp(neg_abs_x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +408,36 @@ class KerasHandle:
     model_input: ModelInput
     spec: Model
     base: keras.Model | None = None
+    # the model up to the input of its last layer (shared layers), and that last layer: what
+    # `_logits` needs to compute the pre-sigmoid output without changing the model
+    features: keras.Model | None = None
+    last: keras.layers.Layer | None = None
     _predict_fn: Any = field(default=None, repr=False)
+    _val_fn: Any = field(default=None, repr=False)
+
+    @property
+    def last_spec_layer(self) -> Layer:
+        spec = self.spec
+        return spec.layers[-1] if isinstance(spec, SequentialModel) else spec.head[-1]  # type: ignore[union-attr]
+
+
+def _logits(handle: KerasHandle, x: Any, training: bool) -> Any:
+    """The model's output before its final sigmoid, shape (B,); same layers and weights.
+
+    Dense: x W (+ b), exactly Dense.call's ops before its activation; Activation: its input.
+    sigmoid of this equals the model's output (the same ops in the same order).
+    """
+    ops = keras.ops
+    assert handle.features is not None, "the handle was not made by KerasBackend.build"
+    h = handle.features(x, training=training)
+    last = handle.last
+    if isinstance(last, keras.layers.Dense):
+        h = ops.matmul(h, last.kernel)
+        if last.bias is not None:
+            h = ops.add(h, last.bias)
+    elif not isinstance(last, keras.layers.Activation):  # pragma: no cover - guarded by on_logits
+        raise TypeError(f"no pre-activation for a last layer of type {type(last).__name__}")
+    return ops.reshape(h, (-1,))
 
 
 def _optimizer(recipe: TrainSpec) -> keras.optimizers.Optimizer:
@@ -554,9 +614,10 @@ class KerasBackend(Backend):
         size = model_input.image_size
         if isinstance(model, SequentialModel):
             inputs = keras.Input((size, size, model_input.channels), name="image")
-            outputs = _stack(inputs, model.layers)
+            outputs, before, last = _stack(inputs, model.layers)
             net = keras.Model(inputs, outputs, name=model.name)
-            handle = KerasHandle(net, model_input, model)
+            features = keras.Model(inputs, before, name=f"{model.name}_features")
+            handle = KerasHandle(net, model_input, model, features=features, last=last)
         elif isinstance(model, PretrainedModel):
             handle = self._build_pretrained(model, model_input)
         else:
@@ -588,9 +649,10 @@ class KerasBackend(Backend):
             x = base(inputs, training=False)
         else:
             x = base(inputs)
-        outputs = _stack(x, model.head)
+        outputs, before, last = _stack(x, model.head)
         net = keras.Model(inputs, outputs, name=model.name)
-        return KerasHandle(net, model_input, model, base)
+        features = keras.Model(inputs, before, name=f"{model.name}_features")
+        return KerasHandle(net, model_input, model, base, features=features, last=last)
 
     def count_params(self, handle: KerasHandle) -> ParamCount:
         def size(weights: list[Any]) -> int:
@@ -634,6 +696,7 @@ class KerasBackend(Backend):
         variables = model.trainable_variables
         optimizer.build(variables)
         eps, smoothing = recipe.loss.epsilon, recipe.loss.label_smoothing
+        on_logits = recipe.loss.on_logits(handle.last_spec_layer)
         size = model_input.image_size
 
         @tf.function(
@@ -650,8 +713,13 @@ class KerasBackend(Backend):
                 x = _transform(x, matrices)
             x = _normalize(x, model_input)
             with tf.GradientTape() as tape:
-                probs = tf.reshape(model(x, training=True), [-1])
-                loss = tf.reduce_mean(_bce(labels, probs, eps, smoothing))
+                if on_logits:  # Keras 3 on TF: BCE from the sigmoid's logits
+                    logits = _logits(handle, x, training=True)
+                    probs = tf.sigmoid(logits)
+                    loss = tf.reduce_mean(_bce_logits(labels, logits, smoothing))
+                else:
+                    probs = tf.reshape(model(x, training=True), [-1])
+                    loss = tf.reduce_mean(_bce(labels, probs, eps, smoothing))
             grads = tape.gradient(loss, variables)
             optimizer.apply(grads, variables)
             return loss, probs
@@ -705,10 +773,9 @@ class KerasBackend(Backend):
             metrics = epoch_metrics(y, p_all)
             v_loss = v_acc = v_rec = v_prec = None
             if val is not None and len(val.labels):
-                v_probs = self.predict(handle, val.images, batch_size=max(recipe.batch_size, 64))
-                smoothing = recipe.loss.label_smoothing
-                v_y = np.asarray(val.labels, np.float64) * (1 - smoothing) + 0.5 * smoothing
-                v_loss = bce(v_y, v_probs, recipe.loss.epsilon)
+                v_loss, v_probs = self.evaluate_loss(
+                    handle, val.images, val.labels, recipe, batch_size=max(recipe.batch_size, 64)
+                )
                 vm = epoch_metrics(val.labels, v_probs)
                 v_acc, v_rec, v_prec = vm["accuracy"], vm["recall"], vm["precision"]
             record = EpochRecord(
@@ -735,6 +802,63 @@ class KerasBackend(Backend):
     def _check_finite(loss: Any, epoch: int, step: int) -> None:
         if not math.isfinite(float(loss)):
             raise FloatingPointError(f"loss became NaN at epoch {epoch} step {step}")
+
+    def evaluate_loss(
+        self,
+        handle: KerasHandle,
+        images: np.ndarray,
+        labels: np.ndarray,
+        recipe: TrainSpec,
+        batch_size: int = 64,
+    ) -> tuple[float, np.ndarray]:
+        """(mean BCE, probabilities) in inference mode: the validation loss of the history.
+
+        With the logits form, the per-sample loss is `_bce_logits` on the model's logits (the
+        training step's function, float32 in the framework); otherwise the harness's clipped
+        float64 `bce` on the probabilities `predict` returns.
+        """
+        loss = recipe.loss
+        smoothing = loss.label_smoothing
+        if not loss.on_logits(handle.last_spec_layer):
+            probs = self.predict(handle, images, batch_size)
+            y = np.asarray(labels, np.float64) * (1 - smoothing) + 0.5 * smoothing
+            return bce(y, probs, loss.epsilon), probs
+        images = np.asarray(images)
+        size = handle.model_input.image_size
+        if images.ndim != 3 or images.shape[1:] != (size, size):
+            raise ValueError(f"evaluate_loss wants uint8 (N, {size}, {size}); got {images.shape}")
+        forward = self._val_forward(handle)
+        labels32 = np.asarray(labels, np.float32)
+        per_sample: list[np.ndarray] = []
+        probs_out: list[np.ndarray] = []
+        for i in range(0, len(images), batch_size):
+            logits = forward(np.ascontiguousarray(images[i : i + batch_size]))
+            y = keras.ops.convert_to_tensor(labels32[i : i + batch_size])
+            per_sample.append(keras.ops.convert_to_numpy(_bce_logits(y, logits, smoothing)))
+            probs_out.append(keras.ops.convert_to_numpy(keras.ops.sigmoid(logits)))
+        if not per_sample:
+            return float("nan"), np.zeros(0, dtype=np.float64)
+        losses = np.concatenate(per_sample).astype(np.float64)
+        return float(np.mean(losses)), np.concatenate(probs_out).astype(np.float64)
+
+    def _val_forward(self, handle: KerasHandle) -> Callable[[np.ndarray], Any]:
+        if handle._val_fn is not None:
+            return handle._val_fn
+        model_input = handle.model_input
+
+        def forward(images: Any) -> Any:
+            x = keras.ops.cast(images, "float32")[..., None]
+            return _logits(handle, _normalize(x, model_input), training=False)
+
+        if KERAS_BACKEND == "tensorflow":
+            size = model_input.image_size
+            forward = tf.function(
+                forward,
+                jit_compile=False,
+                input_signature=(tf.TensorSpec((None, size, size), tf.uint8),),
+            )
+        handle._val_fn = forward
+        return forward
 
     # -- inference ----------------------------------------------------------------------------
 

@@ -30,8 +30,12 @@ semantics) wins:
   names are renamed as torchvision does). A frozen base has requires_grad False AND stays in
   eval mode while the model trains, so its BatchNorm statistics never move (Keras' trainable=False).
   The base's BatchNorm momentum is set to Keras' 0.99 (matters only for `frozen: false`).
-- Loss: binary cross-entropy on the sigmoid's probabilities clipped to [eps, 1 - eps], labels
-  smoothed as y (1 - ls) + ls / 2: the formula the spec states (see `bce_loss`).
+- Loss (harness.spec.Loss), labels smoothed as y (1 - ls) + ls / 2: with `form: auto` and a model
+  whose last layer ends in a sigmoid, BCE from the pre-sigmoid logits (F.binary_cross_entropy_
+  with_logits, `bce_logits_loss`), which is what Keras 3 on TensorFlow computes for a sigmoid
+  output; otherwise on the probabilities clipped to [eps, 1 - eps] (`bce_loss`). The model is
+  unchanged: `TorchNet.logits` runs it without its final sigmoid; predictions are probabilities.
+  The history's validation loss uses the same function as training, in eval mode.
 - Adam: Keras 3 computes `alpha m / (sqrt(v) + eps)` with alpha = lr sqrt(1 - b2^t) / (1 - b1^t);
   torch computes `lr m_hat / (sqrt(v_hat) + eps)`. They are the same update when torch's epsilon
   at step t is eps / sqrt(1 - b2^t); `KerasAdam` sets that before every step, so the two differ
@@ -523,14 +527,33 @@ class TorchNet(nn.Module):
             self.base.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         if self.base is not None:
             if self.frozen:
                 with torch.no_grad():
                     x = self.base(x)
             else:
                 x = self.base(x)
-        return self.head(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._features(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The output before the final sigmoid (same modules and weights as forward()).
+
+        The last module is a KerasDense (its linear part, without its activation) or the
+        activation layer itself (skipped). sigmoid of this is forward()'s output.
+        """
+        x = self._features(x)
+        *body, last = self.head
+        for module in body:
+            x = module(x)
+        if isinstance(last, KerasDense):
+            return F.linear(x, last.weight, last.bias)
+        if isinstance(last, nn.Sigmoid):
+            return x
+        raise TypeError(f"no pre-activation for a last module {type(last).__name__}")
 
 
 @dataclass
@@ -544,6 +567,11 @@ class TorchHandle:
     channels_last: bool
     rows: list[tuple[str, Shape]] = field(default_factory=list)  # per layer, Keras shapes
     output_shape: Shape = ()
+
+    @property
+    def last_spec_layer(self) -> Any:
+        spec = self.model
+        return spec.layers[-1] if isinstance(spec, SequentialModel) else spec.head[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,6 +618,16 @@ def bce_loss(probs: torch.Tensor, labels: torch.Tensor, loss: Loss) -> torch.Ten
     y = labels * (1.0 - loss.label_smoothing) + 0.5 * loss.label_smoothing
     p = probs.clamp(loss.epsilon, 1.0 - loss.epsilon)
     return -(y * torch.log(p) + (1.0 - y) * torch.log(1.0 - p)).mean()
+
+
+def bce_logits_loss(logits: torch.Tensor, labels: torch.Tensor, loss: Loss,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Keras 3 (TensorFlow) binary_crossentropy of a sigmoid output: from its logits, no clip.
+
+    max(x, 0) - x y + log(1 + exp(-|x|)) with smoothed labels y, batch mean (`reduction`).
+    """
+    y = labels * (1.0 - loss.label_smoothing) + 0.5 * loss.label_smoothing
+    return F.binary_cross_entropy_with_logits(logits, y, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -865,6 +903,7 @@ class TorchBackend(Backend):
         make_optimizer = _lookup(OPTIMIZERS, recipe.optimizer.name, "optimizer")
         optimizer = make_optimizer(recipe.optimizer, params)
         augment = bool(train.augmentation.enabled)
+        on_logits = recipe.loss.on_logits(handle.last_spec_layer)
         history: list[EpochRecord] = []
         for epoch in range(1, recipe.epochs + 1):
             t0 = time.perf_counter()
@@ -880,8 +919,13 @@ class TorchBackend(Backend):
                     x = augment_tensor(x, batch.angle, batch.scale, batch.hflip, batch.vflip)
                 x = self._preprocess(x, handle)
                 y = torch.from_numpy(np.asarray(batch.labels, np.float32)).to(self.device)
-                p = net(x).reshape(-1)
-                loss = bce_loss(p, y, recipe.loss)
+                if on_logits:  # Keras 3 on TF: BCE from the sigmoid's logits
+                    z = net.logits(x).reshape(-1)
+                    p = torch.sigmoid(z)
+                    loss = bce_logits_loss(z, y, recipe.loss)
+                else:
+                    p = net(x).reshape(-1)
+                    loss = bce_loss(p, y, recipe.loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -902,11 +946,10 @@ class TorchBackend(Backend):
             val_fields: dict[str, float | None] = dict.fromkeys(
                 ("val_loss", "val_accuracy", "val_recall", "val_precision"))
             if val is not None and len(val.labels):
-                vp = self.predict(handle, val.images, recipe.batch_size)
-                smooth = recipe.loss.label_smoothing
-                vy = np.asarray(val.labels, np.float64) * (1 - smooth) + 0.5 * smooth
+                v_loss, vp = self.evaluate_loss(handle, val.images, val.labels, recipe,
+                                                recipe.batch_size)
                 vm = epoch_metrics(val.labels, vp)
-                val_fields = {"val_loss": bce(vy, vp, recipe.loss.epsilon),
+                val_fields = {"val_loss": v_loss,
                               "val_accuracy": vm["accuracy"], "val_recall": vm["recall"],
                               "val_precision": vm["precision"]}
             record = EpochRecord(
@@ -925,6 +968,38 @@ class TorchBackend(Backend):
             if on_epoch is not None:
                 on_epoch(record)
         return history
+
+    def evaluate_loss(self, handle: TorchHandle, images: np.ndarray, labels: np.ndarray,
+                      recipe: TrainSpec, batch_size: int = 64) -> tuple[float, np.ndarray]:
+        """(mean BCE, probabilities) in eval mode: the validation loss of the history.
+
+        With the logits form, the per-sample loss is `bce_logits_loss` on the model's logits
+        (the training function, float32 on the device, averaged in float64); otherwise the
+        harness's clipped float64 `bce` on the probabilities `predict` returns.
+        """
+        loss = recipe.loss
+        if not loss.on_logits(handle.last_spec_layer):
+            probs = self.predict(handle, images, batch_size)
+            smooth = loss.label_smoothing
+            y = np.asarray(labels, np.float64) * (1 - smooth) + 0.5 * smooth
+            return bce(y, probs, loss.epsilon), probs
+        net = handle.net
+        net.eval()
+        per_sample: list[torch.Tensor] = []
+        probs_out: list[torch.Tensor] = []
+        labels32 = np.asarray(labels, np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                x = self._preprocess(self._to_device(chunk), handle)
+                z = net.logits(x).reshape(-1)
+                y = torch.from_numpy(labels32[start : start + batch_size]).to(self.device)
+                per_sample.append(bce_logits_loss(z, y, loss, reduction="none"))
+                probs_out.append(torch.sigmoid(z))
+        if not per_sample:
+            return float("nan"), np.zeros(0, dtype=np.float64)
+        losses = torch.cat(per_sample).double().cpu().numpy()
+        return float(np.mean(losses)), torch.cat(probs_out).double().cpu().numpy()
 
     def _batches(self, images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, len(images), batch_size):

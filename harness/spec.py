@@ -362,10 +362,29 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 class Loss(Strict):
+    """Binary cross-entropy, batch mean, labels smoothed as y (1 - ls) + ls / 2 in both forms.
+
+    `form` says what the loss is computed from:
+    - auto: as Keras 3 on TensorFlow: when the model's last layer ends in a sigmoid activation
+      (a dense layer with activation sigmoid, or an activation layer sigmoid), BCE is computed
+      from the pre-sigmoid logits x (stable, no clipping: max(x, 0) - x y + log(1 + exp(-|x|)),
+      so its gradient does not vanish at saturation); otherwise on the probabilities clipped to
+      [epsilon, 1 - epsilon].
+    - probabilities: always on the probabilities clipped to [epsilon, 1 - epsilon].
+    """
+
     name: Literal["binary_crossentropy"] = "binary_crossentropy"
-    # Keras computes BCE on probabilities clipped to [eps, 1 - eps]
-    epsilon: float = Field(1e-7, gt=0, lt=0.5)
+    form: Literal["auto", "probabilities"] = "auto"
+    epsilon: float = Field(1e-7, gt=0, lt=0.5)  # the clip, where probabilities are used
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    def on_logits(self, last_layer: Any) -> bool:
+        """True when the loss is computed from logits for a model ending in `last_layer`."""
+        return (
+            self.form == "auto"
+            and getattr(last_layer, "type", None) in ("dense", "activation")
+            and getattr(last_layer, "activation", None) == "sigmoid"
+        )
 
 
 class TrainSpec(Strict):

@@ -327,6 +327,21 @@ def test_stored_reference_file_is_reproduced(backend):
 # Loss, training, prediction
 
 
+def stable_bce(labels, logits, label_smoothing=0.0):
+    """max(x, 0) - x y + log(1 + exp(-|x|)) per sample, float64: the logits form, by hand."""
+    x = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.float64) * (1 - label_smoothing) + 0.5 * label_smoothing
+    return np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))
+
+
+def clipped_bce(labels, probs, epsilon=1e-7, label_smoothing=0.0):
+    """The probabilities form, by hand, with float32's clip bounds (as in Keras)."""
+    lo, hi = float(np.float32(epsilon)), float(np.float32(1 - epsilon))
+    p = np.clip(np.asarray(probs, np.float64), lo, hi)
+    y = np.asarray(labels, np.float64) * (1 - label_smoothing) + 0.5 * label_smoothing
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
 def test_bce_matches_the_harness_definition():
     # float64 here: in float32, 1 - 1e-7 rounds to 1 - 1.19e-7 (in Keras' own BCE too)
     y = np.array([0, 1, 1, 0, 1, 0], np.float64)
@@ -335,6 +350,158 @@ def test_bce_matches_the_harness_definition():
     assert ours.mean() == pytest.approx(bce(y, p, 1e-7), rel=1e-12)
     smoothed = np.asarray(kb._bce(y, p, 1e-7, 0.1), np.float64).mean()
     assert smoothed == pytest.approx(bce(y * 0.9 + 0.05, p, 1e-7), rel=1e-12)
+
+
+LOGITS = np.array([40.0, -3.0, 0.5])
+LOGIT_LABELS = np.array([0.0, 1.0, 1.0])
+
+
+def test_bce_logits_is_the_stable_formula_and_tensorflows():
+    import tensorflow as tf
+
+    ours = np.asarray(kb._bce_logits(LOGIT_LABELS.astype(np.float32),
+                                     LOGITS.astype(np.float32), 0.0), np.float64)
+    assert ours.mean() == pytest.approx(stable_bce(LOGIT_LABELS, LOGITS).mean(), rel=1e-6)
+    assert ours.mean() == pytest.approx((40 + 3.048587351573742 + 0.47407698418010663) / 3,
+                                        rel=1e-6)
+    tf_own = tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.constant(LOGIT_LABELS, tf.float32), logits=tf.constant(LOGITS, tf.float32))
+    np.testing.assert_array_equal(ours, tf_own.numpy().astype(np.float64))
+    smoothed = np.asarray(kb._bce_logits(LOGIT_LABELS, LOGITS, 0.1), np.float64).mean()
+    assert smoothed == pytest.approx(stable_bce(LOGIT_LABELS, LOGITS, 0.1).mean(), rel=1e-12)
+    # the clipped formula caps a confidently wrong prediction at -log(1.19e-7) = 15.94
+    p = tf.sigmoid(tf.constant(LOGITS, tf.float32)).numpy()
+    clipped = np.asarray(kb._bce(LOGIT_LABELS.astype(np.float32), p, 1e-7, 0.0), np.float64)
+    assert clipped[0] == pytest.approx(15.942385, rel=1e-6)
+    assert clipped.mean() == pytest.approx(clipped_bce(LOGIT_LABELS, p).mean(), rel=1e-6)
+
+
+def test_bce_gradient_at_saturation_nonzero_from_logits_zero_from_clipped_probabilities():
+    import tensorflow as tf
+
+    x = tf.Variable([40.0])
+    y = tf.constant([0.0])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(kb._bce_logits(y, x, 0.0))
+    assert tape.gradient(loss, x).numpy()[0] == pytest.approx(1.0)  # sigmoid(40) - 0
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(kb._bce(y, tf.sigmoid(x), 1e-7, 0.0))
+    assert tape.gradient(loss, x).numpy()[0] == 0.0
+    with tf.GradientTape() as tape:  # x = 0 exactly: sigmoid(0) - y, as TensorFlow's
+        loss = tf.reduce_mean(kb._bce_logits(tf.constant([1.0]), x * 0.0, 0.0))
+    assert tape.gradient(loss, x).numpy()[0] == pytest.approx(0.0)
+
+
+def linear_unit_spec(form: str, lr: float = 1e-12, smoothing: float = 0.0, last: str = "dense"):
+    """A 1x1-pixel model whose logit is 0.5 * pixel - 3: pixels 86, 0, 7 give 40, -3, 0.5."""
+    layers = ("[{type: flatten}, {type: dense, units: 1, activation: sigmoid, "
+              "kernel_initializer: zeros}]")
+    if last == "activation":
+        layers = ("[{type: flatten}, {type: dense, units: 1, kernel_initializer: zeros}, "
+                  "{type: activation, activation: sigmoid}]")
+    from harness.spec import SequentialModel
+
+    return SequentialModel.model_validate({
+        "name": "unit", "kind": "sequential", "layers": __import__("yaml").safe_load(layers),
+        "train": {"optimizer": {"name": "sgd", "learning_rate": lr}, "epochs": 1,
+                  "batch_size": 3, "shuffle": False,
+                  "loss": {"form": form, "label_smoothing": smoothing}},
+    })
+
+
+def unit_handle(backend, model):
+    handle = backend.build(model, ModelInput(1, 1, "none"))
+    dense = handle.model.get_layer("dense_1")
+    dense.kernel.assign(np.array([[0.5]], np.float32))
+    dense.bias.assign(np.array([-3.0], np.float32))
+    return handle
+
+
+UNIT_IMAGES = np.array([86, 0, 7], np.uint8).reshape(3, 1, 1)
+NO_AUG = load_spec(PAPER, ["augmentation.enabled=false"]).augmentation
+
+
+@pytest.mark.parametrize("last", ["dense", "activation"])
+def test_loss_forms_by_hand_in_training_and_validation(backend, last):
+    stable = stable_bce(LOGIT_LABELS, LOGITS).mean()
+    for form, expected in [("auto", stable), ("probabilities", None)]:
+        model = linear_unit_spec(form, last=last)
+        handle = unit_handle(backend, model)
+        probs = backend.predict(handle, UNIT_IMAGES)
+        np.testing.assert_allclose(probs, 1 / (1 + np.exp(-LOGITS)), rtol=1e-6)
+        if expected is None:
+            expected = clipped_bce(LOGIT_LABELS, probs).mean()
+            assert expected == pytest.approx((15.942385 + 3.048587 + 0.474077) / 3, rel=1e-5)
+        assert model.train.loss.on_logits(model.layers[-1]) == (form == "auto")
+        train = TrainData(UNIT_IMAGES, np.arange(3), LOGIT_LABELS.astype(np.float32), NO_AUG,
+                          seed=0, shuffle=False)
+        hist = backend.fit(handle, train, EvalData(UNIT_IMAGES, LOGIT_LABELS), model.train)
+        assert hist[0].loss == pytest.approx(expected, rel=1e-6), form  # lr 1e-12: no change
+        if form == "probabilities":  # validation: the harness's float64 `bce` (clip 1 - 1e-7,
+            expected = bce(LOGIT_LABELS, probs)  # not float32's 1 - 1.19e-7): 16.118, not 15.942
+            assert expected == pytest.approx((16.118096 + 3.048587 + 0.474077) / 3, rel=1e-5)
+        assert hist[0].val_loss == pytest.approx(expected, rel=1e-6), form
+        v_loss, v_probs = backend.evaluate_loss(handle, UNIT_IMAGES, LOGIT_LABELS, model.train)
+        assert v_loss == pytest.approx(expected, rel=1e-6)
+        np.testing.assert_allclose(v_probs, probs, rtol=1e-7)
+
+
+def test_logits_form_equals_keras_own_binary_crossentropy_at_saturation(backend):
+    """Ground truth: Keras' own loss (compiled, graph mode, and eager) on the model's output."""
+    import tensorflow as tf
+
+    ls = 0.1
+    model = linear_unit_spec("auto", smoothing=ls)
+    handle = unit_handle(backend, model)
+    images = np.array([86, 0, 7, 255, 255, 30], np.uint8).reshape(6, 1, 1)  # logits up to 124.5
+    labels = np.array([0, 1, 1, 0, 1, 0], np.float32)
+    x = images.astype(np.float32)[..., None]
+    # eager: the sigmoid output carries _keras_logits
+    keras_eager = kb.keras.losses.binary_crossentropy(labels[:, None], handle.model(x),
+                                                      label_smoothing=ls)
+    # compiled, as the paper's model.fit computed it
+    handle.model.compile(optimizer=kb.keras.optimizers.SGD(0.0),
+                         loss=kb.keras.losses.BinaryCrossentropy(label_smoothing=ls))
+    keras_compiled = handle.model.test_on_batch(x, labels)
+    logits = 0.5 * images.reshape(-1).astype(np.float64) - 3
+    by_hand = stable_bce(labels, logits, ls).mean()
+    assert float(np.mean(keras_eager)) == pytest.approx(by_hand, rel=1e-6)
+    assert float(keras_compiled) == pytest.approx(by_hand, rel=1e-6)
+    clipped = clipped_bce(labels, 1 / (1 + np.exp(-logits)), label_smoothing=ls).mean()
+    assert by_hand == pytest.approx(29.5496, rel=1e-4) and clipped < 12  # Keras is not clipped
+    step, _ = backend._train_step(handle, model.train, augment=False)
+    loss, probs = step(images.reshape(6, 1, 1), labels, np.zeros((6, 8), np.float32))
+    assert float(loss) == pytest.approx(float(keras_compiled), rel=1e-6)
+    np.testing.assert_array_equal(probs.numpy(), tf.reshape(handle.model(x), [-1]).numpy())
+    v_loss, _ = backend.evaluate_loss(handle, images.reshape(6, 1, 1), labels, model.train)
+    assert v_loss == pytest.approx(float(keras_compiled), rel=1e-6)
+
+
+def test_training_at_saturation_moves_weights_only_from_logits(backend):
+    wrong = np.array([255, 255, 255], np.uint8).reshape(3, 1, 1)  # logit 124.5, label 0
+    labels = np.zeros(3, np.float32)
+    moved = {}
+    for form in ("auto", "probabilities"):
+        model = linear_unit_spec(form, lr=0.01)
+        handle = unit_handle(backend, model)
+        train = TrainData(wrong, np.arange(3), labels, NO_AUG, seed=0, shuffle=False)
+        backend.fit(handle, train, None, model.train)
+        dense = handle.model.get_layer("dense_1")
+        moved[form] = (float(dense.kernel.numpy()[0, 0]) - 0.5, float(dense.bias.numpy()[0]) + 3)
+    # from logits: d loss / d logit = sigmoid(124.5) - 0 = 1 -> kernel -= 0.01 * 255, bias -= 0.01
+    assert moved["auto"] == pytest.approx((-2.55, -0.01), rel=1e-5)
+    assert moved["probabilities"] == (0.0, 0.0)  # the clip stops the gradient
+
+
+def test_sigmoid_of_logits_is_the_model_output(backend):
+    spec = tiny_cnn_spec()
+    handle = backend.build(spec.model("cnn"), ModelInput(32, 3, "rescale"))
+    imgs = np.random.default_rng(2).integers(0, 256, (5, 32, 32)).astype(np.uint8)
+    x = kb._normalize(imgs.astype(np.float32)[..., None], handle.model_input)
+    z = np.asarray(kb._logits(handle, x, training=False))
+    p = backend.predict(handle, imgs)
+    np.testing.assert_allclose(1 / (1 + np.exp(-z.astype(np.float64))), p, rtol=1e-6)
+    assert counts(backend, handle)[0] == handle.model.count_params()  # features adds nothing
 
 
 def tiny_cnn_spec(extra=()):
@@ -358,7 +525,11 @@ def test_fit_history_predict_and_partial_batch(backend):
     assert all(0 <= h.accuracy <= 1 and np.isfinite(h.loss) for h in hist)
     p = backend.predict(handle, imgs[21:], batch_size=4)
     assert p.shape == (9,) and p.dtype == np.float64 and np.all((p >= 0) & (p <= 1))
-    assert hist[-1].val_loss == pytest.approx(bce(labels[21:], p), rel=1e-6)
+    # form auto, model ending in a sigmoid: the validation loss is from the logits
+    x = kb._normalize(imgs[21:].astype(np.float32)[..., None], handle.model_input)
+    z = np.asarray(kb._logits(handle, x, training=False), np.float64)
+    assert hist[-1].val_loss == pytest.approx(stable_bce(labels[21:], z).mean(), rel=1e-6)
+    assert hist[-1].val_loss == pytest.approx(bce(labels[21:], p), rel=1e-5)  # unsaturated
     assert backend.predict(handle, imgs[:0]).shape == (0,)
 
 

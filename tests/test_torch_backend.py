@@ -20,6 +20,7 @@ from backends.base import EvalData, ModelInput, TrainData, bce  # noqa: E402
 from backends.torch_backend import (  # noqa: E402
     KerasAdam,
     TorchBackend,
+    bce_logits_loss,
     bce_loss,
     build_layers,
     same_padding,
@@ -272,14 +273,14 @@ def test_initializers_follow_keras(backend):
     assert torch.all(head[1].bias == 1)
 
 
-def test_bce_is_keras_formula_on_clipped_probabilities():
+def test_bce_form_probabilities_is_keras_formula_on_clipped_probabilities():
     p = torch.tensor([0.9, 0.2, 1.0, 0.0, 0.5])
     y = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
     eps = 1e-7
     hi = float(np.float32(1 - eps))  # float32 clip bound, as in Keras: 1 - 1.19e-7
     lo = float(np.float32(eps))
     by_hand = -(math.log(0.9) + math.log(0.8) + math.log(hi) + math.log(lo) + math.log(0.5)) / 5
-    got = bce_loss(p, y, Loss(epsilon=eps)).item()
+    got = bce_loss(p, y, Loss(form="probabilities", epsilon=eps)).item()
     assert got == pytest.approx(by_hand, rel=1e-6)
     ls = 0.2  # Keras: y (1 - ls) + ls / 2 -> 0.9 / 0.1
     ys = [0.9, 0.1, 0.9, 0.9, 0.1]
@@ -295,6 +296,131 @@ def test_bce_is_keras_formula_on_clipped_probabilities():
     q = torch.tensor([1.0], requires_grad=True)
     bce_loss(q, torch.tensor([0.0]), Loss()).backward()
     assert q.grad.item() == 0.0
+
+
+def stable_bce(labels, logits, label_smoothing=0.0):
+    """max(x, 0) - x y + log(1 + exp(-|x|)) per sample, float64: the logits form, by hand."""
+    x = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.float64) * (1 - label_smoothing) + 0.5 * label_smoothing
+    return np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))
+
+
+def clipped_bce(labels, probs, epsilon=1e-7, label_smoothing=0.0):
+    """The probabilities form, by hand, with float32's clip bounds (as in Keras)."""
+    lo, hi = float(np.float32(epsilon)), float(np.float32(1 - epsilon))
+    p = np.clip(np.asarray(probs, np.float64), lo, hi)
+    y = np.asarray(labels, np.float64) * (1 - label_smoothing) + 0.5 * label_smoothing
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+LOGITS = np.array([40.0, -3.0, 0.5])
+LOGIT_LABELS = np.array([0.0, 1.0, 1.0])
+
+
+def test_bce_logits_is_the_stable_formula():
+    z = torch.tensor(LOGITS, dtype=torch.float32)
+    y = torch.tensor(LOGIT_LABELS, dtype=torch.float32)
+    got = bce_logits_loss(z, y, Loss()).item()
+    assert got == pytest.approx(stable_bce(LOGIT_LABELS, LOGITS).mean(), rel=1e-6)
+    assert got == pytest.approx((40 + 3.048587351573742 + 0.47407698418010663) / 3, rel=1e-6)
+    smoothed = bce_logits_loss(z, y, Loss(label_smoothing=0.1)).item()
+    assert smoothed == pytest.approx(stable_bce(LOGIT_LABELS, LOGITS, 0.1).mean(), rel=1e-6)
+    per_sample = bce_logits_loss(z, y, Loss(), reduction="none").double().numpy()
+    np.testing.assert_allclose(per_sample, stable_bce(LOGIT_LABELS, LOGITS), rtol=1e-6)
+    # the clipped formula caps the confidently wrong prediction at -log(1.19e-7) = 15.94
+    clipped = bce_loss(torch.sigmoid(z), y, Loss(form="probabilities")).item()
+    assert clipped == pytest.approx((15.942385 + 3.048587 + 0.474077) / 3, rel=1e-5)
+    assert clipped == pytest.approx(
+        clipped_bce(LOGIT_LABELS, torch.sigmoid(z).double().numpy()).mean(), rel=1e-6)
+
+
+def test_bce_gradient_at_saturation_nonzero_from_logits_zero_from_clipped_probabilities():
+    z = torch.tensor([40.0], requires_grad=True)
+    bce_logits_loss(z, torch.tensor([0.0]), Loss()).backward()
+    assert z.grad.item() == pytest.approx(1.0)  # sigmoid(40) - 0
+    z = torch.tensor([40.0], requires_grad=True)
+    bce_loss(torch.sigmoid(z), torch.tensor([0.0]), Loss(form="probabilities")).backward()
+    assert z.grad.item() == 0.0
+
+
+def linear_unit(form: str, lr: float = 1e-12, smoothing: float = 0.0, last: str = "dense"):
+    """A 1x1-pixel model whose logit is 0.5 * pixel - 3: pixels 86, 0, 7 give 40, -3, 0.5."""
+    layers = [{"type": "flatten"}, {"type": "dense", "units": 1, "activation": "sigmoid"}]
+    if last == "activation":
+        layers = [{"type": "flatten"}, {"type": "dense", "units": 1},
+                  {"type": "activation", "activation": "sigmoid"}]
+    return SequentialModel.model_validate({
+        "name": "unit", "kind": "sequential", "layers": layers,
+        "train": {"optimizer": {"name": "sgd", "learning_rate": lr}, "epochs": 1,
+                  "batch_size": 3, "shuffle": False,
+                  "loss": {"form": form, "label_smoothing": smoothing}},
+    })
+
+
+def unit_handle(backend, model):
+    handle = backend.build(model, ModelInput(1, 1, "none"))
+    dense = handle.net.head.dense_1
+    with torch.no_grad():
+        dense.weight.fill_(0.5)
+        dense.bias.fill_(-3.0)
+    return handle
+
+
+UNIT_IMAGES = np.array([86, 0, 7], np.uint8).reshape(3, 1, 1)
+NO_AUG = AugmentationSpec(enabled=False)
+
+
+@pytest.mark.parametrize("last", ["dense", "activation"])
+def test_loss_forms_by_hand_in_training_and_validation(backend, last):
+    stable = stable_bce(LOGIT_LABELS, LOGITS).mean()
+    for form, expected in [("auto", stable), ("probabilities", None)]:
+        model = linear_unit(form, last=last)
+        handle = unit_handle(backend, model)
+        probs = backend.predict(handle, UNIT_IMAGES)
+        np.testing.assert_allclose(probs, 1 / (1 + np.exp(-LOGITS)), rtol=1e-6)
+        if expected is None:
+            expected = clipped_bce(LOGIT_LABELS, probs).mean()
+            assert expected == pytest.approx((15.942385 + 3.048587 + 0.474077) / 3, rel=1e-5)
+        assert model.train.loss.on_logits(model.layers[-1]) == (form == "auto")
+        train = TrainData(UNIT_IMAGES, np.arange(3), LOGIT_LABELS.astype(np.float32), NO_AUG,
+                          seed=0, shuffle=False)
+        hist = backend.fit(handle, train, EvalData(UNIT_IMAGES, LOGIT_LABELS), model.train)
+        assert hist[0].loss == pytest.approx(expected, rel=1e-6), form  # lr 1e-12: no change
+        if form == "probabilities":  # validation: the harness's float64 `bce` (clip 1 - 1e-7,
+            expected = bce(LOGIT_LABELS, probs)  # not float32's 1 - 1.19e-7): 16.118, not 15.942
+            assert expected == pytest.approx((16.118096 + 3.048587 + 0.474077) / 3, rel=1e-5)
+        assert hist[0].val_loss == pytest.approx(expected, rel=1e-6), form
+        v_loss, v_probs = backend.evaluate_loss(handle, UNIT_IMAGES, LOGIT_LABELS, model.train)
+        assert v_loss == pytest.approx(expected, rel=1e-6)
+        np.testing.assert_allclose(v_probs, probs, rtol=1e-7)
+
+
+def test_training_at_saturation_moves_weights_only_from_logits(backend):
+    wrong = np.array([255, 255, 255], np.uint8).reshape(3, 1, 1)  # logit 124.5, label 0
+    labels = np.zeros(3, np.float32)
+    moved = {}
+    for form in ("auto", "probabilities"):
+        model = linear_unit(form, lr=0.01)
+        handle = unit_handle(backend, model)
+        train = TrainData(wrong, np.arange(3), labels, NO_AUG, seed=0, shuffle=False)
+        backend.fit(handle, train, None, model.train)
+        dense = handle.net.head.dense_1
+        moved[form] = (dense.weight.item() - 0.5, dense.bias.item() + 3)
+    # from logits: d loss / d logit = sigmoid(124.5) - 0 = 1 -> kernel -= 0.01 * 255, bias -= 0.01
+    assert moved["auto"] == pytest.approx((-2.55, -0.01), rel=1e-5)
+    assert moved["probabilities"] == (0.0, 0.0)  # the clip stops the gradient
+
+
+def test_sigmoid_of_logits_is_the_model_output(backend):
+    _, model = tiny_cnn()
+    handle = backend.build(model, ModelInput(32, 3, "rescale"))
+    imgs, _ = tiny_data(5)
+    handle.net.eval()
+    with torch.no_grad():
+        x = backend._preprocess(backend._to_device(imgs), handle)
+        z = handle.net.logits(x).reshape(-1)
+        assert torch.equal(torch.sigmoid(z), handle.net(x).reshape(-1))
+    np.testing.assert_array_equal(torch.sigmoid(z).double().numpy(), backend.predict(handle, imgs))
 
 
 def keras_adam_reference(w, grads, lr, b1, b2, eps):
@@ -438,7 +564,13 @@ def test_fit_history_and_predict(backend):
     assert all(0 <= h.accuracy <= 1 and h.val_loss is not None for h in hist)
     p = backend.predict(handle, imgs[21:], batch_size=2)
     assert p.shape == (5,) and p.dtype == np.float64 and np.all((p >= 0) & (p <= 1))
-    assert hist[-1].val_loss == pytest.approx(bce(labels[21:], p), rel=1e-6)
+    # form auto, model ending in a sigmoid: the validation loss is from the logits
+    handle.net.eval()
+    with torch.no_grad():
+        x = backend._preprocess(backend._to_device(imgs[21:]), handle)
+        z = handle.net.logits(x).reshape(-1).double().numpy()
+    assert hist[-1].val_loss == pytest.approx(stable_bce(labels[21:], z).mean(), rel=1e-6)
+    assert hist[-1].val_loss == pytest.approx(bce(labels[21:], p), rel=1e-5)  # unsaturated
 
 
 def test_same_seed_same_training_in_process():
@@ -462,14 +594,14 @@ def test_nan_loss_raises_with_epoch_and_step(backend, monkeypatch):
     imgs, labels = tiny_data(20)
     handle = backend.build(model, ModelInput(32, 3, "rescale"))
     calls = {"n": 0}
-    real = tb.bce_loss
+    real = tb.bce_logits_loss  # form auto, model ending in a sigmoid: the logits form
 
-    def poisoned(p, y, loss):
+    def poisoned(z, y, loss):
         calls["n"] += 1
-        out = real(p, y, loss)
+        out = real(z, y, loss)
         return out * float("nan") if calls["n"] == 2 else out
 
-    monkeypatch.setattr(tb, "bce_loss", poisoned)
+    monkeypatch.setattr(tb, "bce_logits_loss", poisoned)
     with pytest.raises(FloatingPointError, match="loss became NaN at epoch 1 step 2"):
         backend.fit(handle, TrainData(imgs, np.arange(20), labels, spec.augmentation, seed=0),
                     None, model.train)

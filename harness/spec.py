@@ -658,15 +658,35 @@ def merge(base: Any, over: Any) -> Any:
 
 
 def resolve_extends(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a spec and its `extends:` parents (paths relative to the child file)."""
+    """Read a spec and its `extends:` parents (paths relative to the child file), then apply
+    its `overrides:` (a list of `PATH=VALUE`, as for --set) to the merged result."""
     path = path.resolve() if path.exists() else path
     if path in _chain:
         cycle = " -> ".join(_display(p) for p in (*_chain, path))
         raise UserError(f"{_display(_chain[-1])}: extends: cycle: {cycle}")
     raw = read_yaml(path)
     parent = raw.pop("extends", None)
+    overrides = raw.pop("overrides", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise UserError(
+            f"{_display(path)}: overrides: must be a list of 'PATH=VALUE' strings "
+            f"(as for --set); got {overrides!r}"
+        )
     if parent is None:
-        return raw
+        merged = raw
+    else:
+        merged = merge(_parent(path, parent, _chain), raw)
+    for i, assignment in enumerate(overrides):
+        try:
+            apply_override(merged, assignment, _display(path))
+        except UserError as e:
+            raise UserError(
+                f"{_display(path)}: overrides[{i}]: {e.message.removeprefix('--set ')}"
+            ) from None
+    return merged
+
+
+def _parent(path: Path, parent: Any, _chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(parent, str):
         raise UserError(f"{_display(path)}: extends: must be a file path; got {parent!r}")
     parent_path = (path.parent / parent).resolve()
@@ -675,7 +695,7 @@ def resolve_extends(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             f"{_display(path)}: extends: parent spec '{parent}' not found "
             f"(looked for {_display(parent_path)})"
         )
-    return merge(resolve_extends(parent_path, (*_chain, path)), raw)
+    return resolve_extends(parent_path, (*_chain, path))
 
 
 _SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")

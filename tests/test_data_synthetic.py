@@ -94,8 +94,9 @@ def test_abnormal_images_carry_a_small_sign():
         without = synthetic.render_image(synthetic._ImageJob(*args, False, 200, 200, 0.5))
         changed.append(float(np.mean(with_sign != without)))
     shown = [c for c in changed if c > 0]
-    assert len(shown) >= 5  # SIGN_SHOWN = 0.85: some views miss the finding
-    assert all(c < 0.05 for c in shown)
+    assert len(shown) >= 5  # SIGN_SHOWN < 1: some views miss the finding
+    # Signs scale with the image so they survive the resize to 64 px; still a small area.
+    assert all(c < 0.10 for c in shown)
 
 
 def test_bad_parameters():

@@ -181,8 +181,15 @@ def test_demo_extends_paper() -> None:
     assert demo.data.split == paper.data.split  # untouched sections come from the parent
     cnn_model = demo.model("cnn")
     assert isinstance(cnn_model, SequentialModel)
-    assert cnn_model.train.epochs == 3
-    assert cnn_model.layers == paper.model("cnn").layers  # type: ignore[union-attr]
+    assert cnn_model.train.epochs == 12
+    assert cnn_model.train.optimizer.learning_rate == 1e-3
+    assert cnn_model.train.optimizer.epsilon == 1e-7  # merged into the parent's optimizer
+    paper_layers = paper.model("cnn").layers  # type: ignore[union-attr]
+    # `overrides:` in the spec file: BatchNorm momentum and dropout rate, the rest untouched
+    assert [getattr(x, "momentum", None) for x in cnn_model.layers if x.type == "batchnorm"] == [0.9] * 4
+    assert [getattr(x, "rate", None) for x in cnn_model.layers if x.type == "dropout"] == [0.0] * 4
+    assert [x.type for x in cnn_model.layers] == [x.type for x in paper_layers]
+    assert cnn_model.layers[0] == paper_layers[0]
     assert cnn_model.printed_params is None  # `printed_params: null` deleted the parent's
     dn = demo.model("densenet")
     assert isinstance(dn, PretrainedModel)
@@ -190,7 +197,21 @@ def test_demo_extends_paper() -> None:
     assert demo.seeds == (0, 1)
     assert demo.evaluation.bootstrap.resamples == 1000
     assert demo.evaluation.bootstrap.unit == "patient"  # merged, not replaced
-    assert len(demo.assumptions) == len(paper.assumptions) + 2  # merged by `what`
+    assert len(demo.assumptions) == len(paper.assumptions) + 3  # merged by `what`
+
+
+def test_spec_file_overrides_errors(tmp_path: Path) -> None:
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {PAPER}\noverrides:\n  - models.cnn.layers[99].rate=0.1\n")
+    with pytest.raises(UserError) as err:
+        load_spec(child)
+    assert err.value.message == (
+        f"{child}: overrides[0]: models.cnn.layers[99].rate: models.cnn.layers has 19 items; "
+        "got index 99"
+    )
+    child.write_text(f"extends: {PAPER}\noverrides: models.cnn.train.epochs=2\n")
+    with pytest.raises(UserError, match=r"overrides: must be a list of 'PATH=VALUE' strings"):
+        load_spec(child)
 
 
 def test_extends_merges_models_by_name_and_keeps_the_rest(tmp_path: Path) -> None:

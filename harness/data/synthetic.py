@@ -6,8 +6,9 @@
 Each patient has fixed traits (bone angle, width, spacing, brightness, position, background) that
 every one of their images shares, plus small per-image jitter; so an image-level split leaks
 patient identity, as it does on MURA. An abnormal study (label 1) carries a sign on a bone: a thin
-dark fracture line, a small round lesion, or bright metal hardware. `difficulty` (0..1) makes the
-sign thinner, smaller and fainter; each image of an abnormal study shows it with probability
+dark fracture line, a small round lesion, or bright metal hardware, sized as fractions of the
+image's short side so it survives downscaling. `difficulty` (0..1) makes the sign thinner,
+smaller and fainter; each image of an abnormal study shows it with probability
 `SIGN_SHOWN` (views that miss the finding). `label_noise` flips that share of study labels after
 drawing the image (CSV and folder name carry the flipped label).
 
@@ -36,10 +37,10 @@ from harness.data.mura import BODY_PARTS, DATASET_DIR, image_csv_name, study_csv
 from harness.errors import UserError
 
 # Bump when the images or the tree change for the same parameters (invalidates cached trees).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 COMPLETE_MARKER = ".complete"
 POSITIVE_SHARE = 0.40
-SIGN_SHOWN = 0.85
+SIGN_SHOWN = 0.95
 PNG_COMPRESS_LEVEL = 6  # fixed (with optimize off) so the same pixels give the same bytes
 # SeedSequence tags that keep the plan's streams apart from the per-image ones.
 _PLAN, _TRAITS, _SIGN = 0x504C414E, 0x54524149, 0x5349474E
@@ -278,12 +279,14 @@ def _draw_sign(
     along: tuple[float, float],
     across: tuple[float, float],
 ) -> np.ndarray:
+    # Sizes are fractions of the short side, so a sign keeps its size relative to the bone when
+    # the image is downscaled (to 64 px in the demo, where a 2-px line would vanish).
     a, b, radius = bones[int(rng.integers(len(bones)))]
     t = rng.uniform(0.2, 0.8)
     px, py = a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])
-    kind = rng.choice(3, p=[0.5, 0.35, 0.15])
+    kind = rng.choice(3, p=[0.5, 0.3, 0.2])
     if kind == 0:
-        # Fracture: a thin dark line across the bone, only where there is bone.
+        # Fracture: a dark line across the bone, only where there is bone.
         tilt = rng.uniform(-0.6, 0.6)
         dx = across[0] * math.cos(tilt) + along[0] * math.sin(tilt)
         dy = across[1] * math.cos(tilt) + along[1] * math.sin(tilt)
@@ -291,28 +294,31 @@ def _draw_sign(
             xx, yy, (px - 1.3 * radius * dx, py - 1.3 * radius * dy),
             (px + 1.3 * radius * dx, py + 1.3 * radius * dy),
         )
-        width = _lerp(0.016, 0.006, d) * short * rng.uniform(0.8, 1.3) + 0.4
-        depth = _lerp(0.7, 0.3, d) * rng.uniform(0.8, 1.2)
-        line = _soft(dist - width, 0.4) * bone_mask
+        width = _lerp(0.035, 0.012, d) * short * rng.uniform(0.8, 1.2)
+        depth = _lerp(1.0, 0.45, d) * rng.uniform(0.85, 1.0)
+        line = _soft(dist - width, 0.1 * width + 0.4) * bone_mask
         return img - depth * tr["bone"] * line
     if kind == 1:
-        # Lesion: a small round bright or dark spot inside the bone.
-        r = _lerp(0.05, 0.022, d) * short * rng.uniform(0.7, 1.3)
-        off = rng.uniform(-0.5, 0.5) * radius
+        # Lesion: a round bright or dark spot inside the bone.
+        r = _lerp(0.09, 0.04, d) * short * rng.uniform(0.8, 1.2)
+        off = rng.uniform(-0.4, 0.4) * radius
         qx, qy = px + off * across[0], py + off * across[1]
-        spot = _soft(np.hypot(xx - qx, yy - qy) - r, 0.25 * r + 0.4) * bone_mask
-        amp = _lerp(70, 28, d) * rng.choice([-1.0, 1.0])
+        spot = _soft(np.hypot(xx - qx, yy - qy) - r, 0.15 * r + 0.4) * bone_mask
+        amp = _lerp(110, 45, d) * rng.choice([-1.0, 1.0], p=[0.7, 0.3])
         return img + amp * spot
-    # Hardware: a bright metal plate along the bone, possibly with screw heads.
-    half_len = _lerp(0.16, 0.07, d) * short * rng.uniform(0.8, 1.3)
-    half_w = _lerp(0.03, 0.015, d) * short
+    # Hardware: a bright metal plate along the bone, with screw heads.
+    half_len = _lerp(0.25, 0.12, d) * short * rng.uniform(0.85, 1.15)
+    half_w = _lerp(0.05, 0.025, d) * short
     dist, _ = _capsule_distance(
         xx, yy, (px - half_len * along[0], py - half_len * along[1]),
         (px + half_len * along[0], py + half_len * along[1]),
     )
     local_x = (xx - px) * across[0] + (yy - py) * across[1]
-    plate = np.maximum(np.abs(local_x) - half_w, dist - half_w)
-    return img + _lerp(110, 45, d) * _soft(plate, 0.6)
+    plate = _soft(np.maximum(np.abs(local_x) - half_w, dist - half_w), 0.6)
+    for k in (-0.6, 0.0, 0.6):
+        sx, sy = px + k * half_len * along[0], py + k * half_len * along[1]
+        plate = np.maximum(plate, _soft(np.hypot(xx - sx, yy - sy) - 1.6 * half_w, 0.6))
+    return img + _lerp(160, 80, d) * plate
 
 
 def _write_image(job: _ImageJob, root: str) -> None:

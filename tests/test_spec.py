@@ -186,7 +186,8 @@ def test_demo_extends_paper() -> None:
     assert cnn_model.train.optimizer.epsilon == 1e-7  # merged into the parent's optimizer
     paper_layers = paper.model("cnn").layers  # type: ignore[union-attr]
     # `overrides:` in the spec file: BatchNorm momentum and dropout rate, the rest untouched
-    assert [getattr(x, "momentum", None) for x in cnn_model.layers if x.type == "batchnorm"] == [0.9] * 4
+    bn = [getattr(x, "momentum", None) for x in cnn_model.layers if x.type == "batchnorm"]
+    assert bn == [0.9] * 4
     assert [getattr(x, "rate", None) for x in cnn_model.layers if x.type == "dropout"] == [0.0] * 4
     assert [x.type for x in cnn_model.layers] == [x.type for x in paper_layers]
     assert cnn_model.layers[0] == paper_layers[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -283,6 +284,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.plan import plan_runs
     from harness.runner import run_all
 
+    # SIGTERM before the runner takes over (data generation, cache build) must clean up too
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     spec = load_spec(args.spec, args.overrides)
     _, problems = model_tables(spec)
     check_counts(problems, f"`python -m harness validate {args.spec}` prints every count")
@@ -354,6 +357,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{len(failed)} run(s) failed; reasons are in the report and logs/", file=sys.stderr)
         return 1
     return 0
+
+
+def _raise_interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_report(args: argparse.Namespace) -> int:

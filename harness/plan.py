@@ -22,7 +22,16 @@ from harness.spec import Spec, spec_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 # The code whose change must invalidate finished runs: what builds, feeds and trains models.
-TRAINING_CODE = ("backends", "harness/data", "harness/worker.py", "harness/spec.py")
+# Each backend adds its own module(s), so editing the Keras backend does not rerun torch runs.
+TRAINING_CODE = (
+    "backends/base.py",
+    "backends/registry.py",
+    "harness/data",
+    "harness/worker.py",
+    "harness/spec.py",
+)
+# Fields of a model that name or describe it without changing what is trained.
+NOT_TRAINING = ("name", "description", "printed_params", "backends")
 
 
 @dataclass(frozen=True, order=True)
@@ -76,11 +85,19 @@ def plan_runs(
     return keys
 
 
-@lru_cache(maxsize=1)
-def training_code_version() -> str:
-    """sha256 (short) of the source files on the training path."""
+@lru_cache(maxsize=8)
+def training_code_version(backend: str | None = None) -> str:
+    """sha256 (short) of the source files on the training path (of one backend, if named)."""
+    rels = list(TRAINING_CODE)
+    if backend is not None:
+        from backends.registry import entry  # framework-free: names modules, imports none
+
+        e = entry(backend)
+        for module in (e.target.split(":")[0], e.env_module):
+            if module:
+                rels.append(module.replace(".", "/") + ".py")
     h = hashlib.sha256()
-    for rel in TRAINING_CODE:
+    for rel in rels:
         p = ROOT / rel
         files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
         for f in files:
@@ -93,14 +110,15 @@ def training_code_version() -> str:
 def run_hash(spec: Spec, key: RunKey, data_hash: str) -> str:
     data = spec.data.model_dump(mode="json")
     data.pop("root", None)  # where the data lives is not what it is: data_hash covers content
+    model = spec.model(key.model).model_dump(mode="json", exclude=set(NOT_TRAINING))
     payload = {
-        "model": spec.model(key.model).model_dump(mode="json"),
+        "model": model,
         "data": data,
         "augmentation": spec.augmentation.model_dump(mode="json"),
         "runtime": {"deterministic": spec.runtime.deterministic, "device": spec.runtime.device},
         "backend": key.backend,
         "seed": key.seed,
         "data_hash": data_hash,
-        "code": training_code_version(),
+        "code": training_code_version(key.backend),
     }
     return spec_digest(payload)[:20]

@@ -72,11 +72,14 @@ def read_runs(results_dir: Path) -> list[dict[str, Any]]:
 
 
 def clean_temp_files(results_dir: Path) -> int:
-    """Remove temp files left by a killed process; returns how many."""
+    """Remove the temp files this module and the runner leave when killed; returns how many.
+    Only their own names, only in the results folder and runs/: --out may be a shared folder."""
     n = 0
-    for p in results_dir.rglob(".*.tmp"):
-        p.unlink(missing_ok=True)
-        n += 1
+    for folder in (results_dir, results_dir / "runs"):
+        for pattern in (".*.tmp", ".job.*.json"):
+            for p in folder.glob(pattern):
+                p.unlink(missing_ok=True)
+                n += 1
     return n
 
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,13 +146,17 @@ def run_one(
         "key": {"model": key.model, "backend": key.backend, "seed": key.seed},
         "run_id": key.id,
         "run_hash": job_base["hashes"][key.id],
+        "attempt": uuid.uuid4().hex,  # a result counts only if this attempt wrote it
+        "code_version": training_code_version(key.backend),
         "out": str(out),
     }
     job.pop("hashes")
+    _supersede(out, job["run_hash"])
     fd, job_path = tempfile.mkstemp(prefix=".job.", suffix=".json", dir=results_dir)
     with os.fdopen(fd, "w") as f:
         json.dump(job, f)
     t0 = time.time()
+    clock = time.monotonic()
     reporter.start(key)
     timeout = spec.runtime.timeout_s
     timed_out = False
@@ -162,6 +167,8 @@ def run_one(
             stderr=err,
             env=worker_env(spec, key, Path(job_base["cache_dir"])),
             text=True,
+            encoding="utf-8",
+            errors="replace",
             start_new_session=True,  # Ctrl-C reaches the harness, which stops the worker
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
@@ -169,13 +176,13 @@ def run_one(
         def pump() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
-                if line.startswith("@@progress "):
-                    try:
+                try:  # never stop draining the pipe, or the worker blocks on a full pipe
+                    if line.startswith("@@progress "):
                         reporter.event(key, json.loads(line[len("@@progress ") :]))
-                    except (ValueError, KeyError, TypeError):
-                        pass
-                else:
-                    err.write(line)
+                    else:
+                        err.write(line)
+                except Exception:  # noqa: BLE001 - progress display is best effort
+                    pass
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
@@ -183,27 +190,24 @@ def run_one(
             while proc.poll() is None:
                 if stop.wait(0.2):
                     raise Interrupted
-                if time.time() - t0 > timeout:
+                if time.monotonic() - clock > timeout:
                     timed_out = True
                     _terminate(proc)
                     break
         except Interrupted:
             _terminate(proc)
-            out_exists_before = read_run(out)
             Path(job_path).unlink(missing_ok=True)
-            # a result the worker finished just before the signal is complete and kept
-            status = (
-                "ok"
-                if out_exists_before and out_exists_before.get("run_hash") == job["run_hash"]
-                else "interrupted"
-            )
+            # a result this attempt finished just before the signal is complete and kept
+            finished = _own_result(out, job)
+            status = finished["status"] if finished else "interrupted"
             return RunOutcome(key, status, time.time() - t0, None)
         finally:
+            _reap(proc)
             reader.join(timeout=5)
     Path(job_path).unlink(missing_ok=True)
     seconds = time.time() - t0
-    result = read_run(out)
-    if result is not None and result.get("run_hash") == job["run_hash"] and not timed_out:
+    result = _own_result(out, job)
+    if result is not None:  # written by this attempt, even if it then overran at exit
         reason = None if result["status"] == "ok" else result.get("error", {}).get("message")
         if result["status"] != "ok":
             result.setdefault("error", {})["stderr_tail"] = _tail(log)
@@ -228,6 +232,33 @@ def run_one(
         ),
     )
     return RunOutcome(key, "failed", seconds, reason)
+
+
+def _own_result(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
+    """The complete result written by this very attempt (not one left by an earlier one)."""
+    run = read_run(out)
+    if run and run.get("run_hash") == job["run_hash"] and run.get("attempt") == job["attempt"]:
+        return run
+    return None
+
+
+def _supersede(out: Path, new_hash: str) -> None:
+    """Keep a finished result of another configuration instead of overwriting it."""
+    old = read_run(out)
+    if old is not None and old.get("run_hash") != new_hash and old.get("status") == "ok":
+        dest = out.parent / "superseded" / f"{out.stem}.{old.get('run_hash')}.json"
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(out, dest)
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    """Kill what is left of the worker's process group (grandchildren holding a GPU or the
+    pipe) once the worker itself is gone."""
+    if proc.poll() is not None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _terminate(proc: subprocess.Popen[str]) -> None:
@@ -279,7 +310,6 @@ def run_all(
         "spec": spec.model_dump(mode="json"),
         "spec_hash": spec_digest(spec)[:20],
         "data_hash": data_hash,
-        "code_version": training_code_version(),
         "cache_dir": str(cache_dir),
         "command": ["python", "-m", "harness", *sys.argv[1:]],
         "hashes": hashes,
@@ -314,9 +344,11 @@ def run_all(
                 print(
                     f"interrupted: {key.id} stopped; its partial work is discarded", file=sys.stderr
                 )
+            else:
+                reporter.finish(outcome)
+                outcomes.append(outcome)
+            if stop.is_set():
                 raise KeyboardInterrupt
-            reporter.finish(outcome)
-            outcomes.append(outcome)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -539,6 +539,9 @@ class Spec(Strict):
     def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v or len(set(v)) != len(v):
             raise ValueError(f"must be a non-empty list of distinct integers; got {list(v)}")
+        bad = [s for s in v if not 0 <= s < 2**32]
+        if bad:  # PYTHONHASHSEED and numpy seed sequences take 0 .. 2**32 - 1
+            raise ValueError(f"seeds must be in [0, 4294967295]; got {bad[0]}")
         return v
 
     _source: str | None = PrivateAttr(default=None)  # set by load_spec, for messages

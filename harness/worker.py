@@ -80,6 +80,12 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             images = data.cache.images
             labels = data.table["label"].to_numpy().astype(np.float32)
             split = data.split
+        from harness.plan import training_code_version
+
+        if training_code_version(key["backend"]) != job["code_version"]:
+            raise RuntimeError(
+                "the training code changed since the run was planned; rerun the harness"
+            )
         if data.data_hash != job["data_hash"]:
             raise RuntimeError(
                 f"the data changed since the run was planned (hash {data.data_hash} != "
@@ -166,6 +172,7 @@ def envelope(job: dict[str, Any], status: str, **fields: Any) -> dict[str, Any]:
         "run_id": job["run_id"],
         "key": job["key"],
         "run_hash": job["run_hash"],
+        "attempt": job.get("attempt"),
         "spec_name": job["spec"]["name"],
         "spec_hash": job["spec_hash"],
         "data_hash": job["data_hash"],
@@ -219,4 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The result is on disk; leave without waiting on framework threads at interpreter exit.
+    os._exit(code)

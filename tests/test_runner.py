@@ -205,6 +205,18 @@ def test_runs_of_an_older_spec_are_not_mixed_in(tiny):
     assert "already done" not in r.stdout  # the model changed: both reruns
     run = read_run(run_file(tiny, 0))
     assert max(run["test"]["probs"]) < 0.5
+    # the results of the earlier configuration are kept aside, not overwritten
+    kept = sorted(p.name.split(".")[0] for p in (tiny["out"] / "runs" / "superseded").iterdir())
+    assert kept == ["baseline__reference__seed0", "baseline__reference__seed1"]
+
+
+def test_a_fresh_attempt_that_dies_is_not_taken_for_the_old_result(tiny):
+    assert harness(tiny, "--seeds", "0").returncode == 0
+    r = harness(tiny, "--seeds", "0", "--fresh", fault="baseline__reference__seed0=kill")
+    assert r.returncode == 1
+    run = read_run(run_file(tiny, 0))
+    assert run["status"] == "failed"
+    assert run["error"]["message"] == "worker killed by signal SIGKILL"
 
 
 def test_a_second_harness_on_the_same_results_is_refused(tiny):

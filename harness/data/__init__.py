@@ -157,7 +157,10 @@ def prepare_data(
         cache = dataclasses.replace(cache, labels=labels)
     split = _split(table, data_spec)
     h = hashlib.sha256()
-    h.update(cache.key.encode())
+    # content, not file stats: the same pixels copied elsewhere or touched keep their runs
+    h.update((cache.pixels_sha256 or cache.key).encode())
+    h.update(json.dumps([cache.image_size, cache.resize]).encode())
+    h.update("\n".join(table["path"].astype(str)).encode())
     h.update(json.dumps(_split_params(data_spec), sort_keys=True).encode())
     # labels, groups and the split all change what a run learns and is scored on
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())

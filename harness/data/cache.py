@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from harness.errors import UserError
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 COMPLETE_MARKER = "COMPLETE"
 RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -66,6 +66,7 @@ class ImageCache:
     skipped: tuple[str, ...]
     resize: str
     image_size: int
+    pixels_sha256: str = ""  # content of images.npy: the data's identity, unlike `key`
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -218,6 +219,7 @@ def open_cache(folder: Path) -> ImageCache:
         skipped=tuple(s["path"] for s in index["skipped"]),
         resize=index["resize"],
         image_size=int(index["image_size"]),
+        pixels_sha256=index.get("pixels_sha256", ""),
     )
 
 
@@ -305,6 +307,8 @@ def _build(
             "labels": [labels_by_path[paths[r]] for r in keep],
             "sizes": [list(sizes[r]) for r in keep],
             "skipped": [{"path": p, "reason": why} for p, why in bad],
+            # what the pixels are, independent of where the files lie or their mtimes
+            "pixels_sha256": _file_sha256(npy),
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
         for f in (npy, tmp / "index.json"):
@@ -328,6 +332,14 @@ def _build(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _decode_all(

@@ -441,6 +441,9 @@ def ensure_synthetic(
         make_mura_tree(tmp, workers=workers, **params)
         (tmp / "params.json").write_text(blob + "\n", encoding="utf-8")
         (tmp / COMPLETE_MARKER).write_text("", encoding="utf-8")
+        if (final / COMPLETE_MARKER).is_file():
+            shutil.rmtree(tmp)  # another process finished first; its tree may be in use
+            return final
         if final.exists():
             shutil.rmtree(final)  # a folder without the marker is a leftover
         os.replace(tmp, final)

@@ -362,9 +362,14 @@ def _decode_all(
                                 resize): s
                     for s in starts
                 }
-                for fut in as_completed(futures):
-                    chunk = fut.result()
-                    results += chunk
-                    bar.update(len(chunk))
+                try:
+                    for fut in as_completed(futures):
+                        chunk = fut.result()
+                        results += chunk
+                        bar.update(len(chunk))
+                except BaseException:
+                    # Ctrl-C: drop the queued chunks instead of decoding all of them first
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
     results.sort()
     return results

@@ -117,3 +117,5 @@ def test_bootstrap_10k_resamples_2k_images(benchmark) -> None:  # type: ignore[n
     assert abs(ours["accuracy"].low - ref_acc.confidence_interval.low) < 0.005
     assert abs(ours["accuracy"].high - ref_acc.confidence_interval.high) < 0.005
     assert ours_s < 0.5
+    # The target; measured 13-16x on a shared 2-core machine, so this can fail there.
+    assert scipy_all_s / ours_s >= 20, f"only {scipy_all_s / ours_s:.1f}x faster than scipy"

@@ -63,7 +63,12 @@ def _common(p: argparse.ArgumentParser, selection: bool = True) -> None:
         default=None,
         help="image cache folder (default: $HARNESS_CACHE or ~/.cache/repro-harness)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="more detail")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="every history metric per epoch, and parameter counts as built",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="one line per run; for logs")
 
 
@@ -340,6 +345,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 data.data_hash,
                 fresh=args.fresh,
                 quiet=args.quiet,
+                verbose=args.verbose,
             )
         except KeyboardInterrupt:
             interrupted = True

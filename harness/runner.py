@@ -46,6 +46,7 @@ class Reporter:
     """Progress output: a line per run and per epoch, or one line per run when quiet."""
 
     quiet: bool = False
+    verbose: bool = False  # every history field per epoch, and the parameter counts
     total: int = 0
     done: int = 0
     durations: list[float] = field(default_factory=list)
@@ -65,7 +66,35 @@ class Reporter:
             )
 
     def event(self, key: RunKey, ev: dict[str, Any]) -> None:
-        if self.quiet or ev.get("event") != "epoch":
+        if self.quiet:
+            return
+        if self.verbose and ev.get("event") == "built":
+            p = ev.get("params", {})
+            self.write(
+                f"    built: {p.get('total', 0):,} parameters ({p.get('trainable', 0):,} trainable)"
+            )
+        if ev.get("event") != "epoch":
+            return
+        if self.verbose:
+            fields = (
+                "loss",
+                "accuracy",
+                "recall",
+                "precision",
+                "val_loss",
+                "val_accuracy",
+                "val_recall",
+                "val_precision",
+            )
+            self.write(
+                "    epoch {}/{}: {} ({:.1f} s, train {:.1f} s)".format(
+                    ev["epoch"],
+                    ev["epochs"],
+                    " ".join(f"{f} {ev[f]:.4f}" for f in fields if isinstance(ev.get(f), float)),
+                    ev["seconds"],
+                    ev.get("train_seconds", float("nan")),
+                )
+            )
             return
         left = (ev["epochs"] - ev["epoch"]) * ev["seconds"]
         val = ev.get("val_accuracy")
@@ -303,6 +332,7 @@ def run_all(
     data_hash: str,
     fresh: bool = False,
     quiet: bool = False,
+    verbose: bool = False,
 ) -> list[RunOutcome]:
     """Run every key not already done; Ctrl-C/SIGTERM raises KeyboardInterrupt after cleanup."""
     hashes = {k.id: run_hash(spec, k, data_hash) for k in keys}
@@ -327,7 +357,7 @@ def run_all(
             outcomes.append(RunOutcome(key, "skipped", 0.0, "already done"))
         else:
             todo.append(key)
-    reporter = Reporter(quiet=quiet, total=len(todo))
+    reporter = Reporter(quiet=quiet, verbose=verbose, total=len(todo))
     if outcomes and not quiet:
         print(
             f"{len(outcomes)} run(s) already done (same spec, data and code): skipped; "

@@ -267,6 +267,17 @@ def plan_table(
     )
 
 
+def _data_hash_if_cached(spec: Spec, args: argparse.Namespace) -> str | None:
+    """The data hash when the image cache exists (nothing is decoded), else None."""
+    from harness.data import prepare_data
+
+    try:
+        done = prepare_data(spec.data, _cache_dir(args), progress=False, build=False)
+    except UserError:
+        return None
+    return done.data_hash if done else None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     tables, problems = model_tables(spec)
@@ -277,7 +288,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(tables)
     check_counts(problems, "the table above shows every count")
     print(data_section(spec, _cache_dir(args)))
-    print(plan_table(spec, args, _results_dir(args, spec), None))
+    print(plan_table(spec, args, _results_dir(args, spec), _data_hash_if_cached(spec, args)))
     print(
         f"\nAssumptions: {len(spec.assumptions)} (values the paper does not state; see the report)"
     )
@@ -299,11 +310,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cache_dir = _cache_dir(args)
     if args.dry_run:
         print(data_section(spec, cache_dir))
-        try:
-            done = prepare_data(spec.data, cache_dir, progress=False, build=False)
-        except UserError:
-            done = None
-        print(plan_table(spec, args, results_dir, done.data_hash if done else None))
+        print(plan_table(spec, args, results_dir, _data_hash_if_cached(spec, args)))
         return 0
     from harness.report import write_report
     from harness.results import clean_temp_files, results_lock, write_json_atomic

@@ -18,6 +18,7 @@ import yaml
 
 from harness.cli import main
 from harness.errors import EXIT_USER_ERROR
+from harness.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "specs" / "paper.yaml"
@@ -252,3 +253,11 @@ def test_make_data_rejects_an_unknown_body_part(tmp_path: Path,
         "error: --body-parts: unknown part 'KNEE'; allowed: ELBOW, FINGER, FOREARM, HAND, "
         "HUMERUS, SHOULDER, WRIST"]
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("name", ["paper-patient-split", "demo-patient-split"])
+def test_patient_split_variants_validate(name: str) -> None:
+    spec = load_spec(ROOT / "specs" / f"{name}.yaml")
+    assert spec.name == name
+    assert (spec.data.split.strategy, spec.data.split.stratify) == ("patient", True)
+    assert [m.name for m in spec.models] == ["baseline", "cnn", "densenet"]

@@ -7,10 +7,13 @@
     probs = backend.predict(handle, test_images)
 
 Model building, counting and prediction are written with keras.layers / keras.ops and run on any
-Keras backend. Training runs a compiled `tf.function` step (TensorFlow only): it takes the
-harness's uint8 batch and the per-sample augmentation matrices and does, on the device,
-augmentation -> normalization -> channel replication -> forward -> BCE -> optimizer update, and
-returns the loss and the training-mode probabilities (for the history metrics).
+Keras backend. Training takes the harness's uint8 batch and the per-sample augmentation matrices
+and does, on the device, augmentation -> normalization -> channel replication -> forward -> BCE ->
+optimizer update, and returns the loss and the training-mode probabilities (for the history
+metrics). On TensorFlow the step is a compiled `tf.function` (GradientTape); on Keras' PyTorch
+backend (`keras-torch`) it runs eagerly with torch autograd on the Keras variables, as Keras' own
+TorchTrainer does (`_train_step_torch`). Forward and loss (`_loss_and_probs`), normalization,
+optimizer and the epoch loop are shared. JAX (`keras-jax`) builds and predicts only.
 
 Loss (harness.spec.Loss): with `form: auto` and a model whose last layer ends in a sigmoid, BCE is
 computed from the pre-sigmoid logits, as Keras 3 on TensorFlow does (the sigmoid's output carries
@@ -26,7 +29,9 @@ Augmentation (semantics in harness/data/augment.py): flip, rotate counter-clockw
 about the centre, zoom by `scale` about the centre. Each sample's inverse map (output pixel ->
 input pixel) is one 3x3 projective matrix, passed as its 8 leading entries to
 `ImageProjectiveTransformV3` (bilinear, constant fill 0), whose pixel centres sit at integer
-indices like the numpy oracle's. See `projective_matrices`.
+indices like the numpy oracle's. See `projective_matrices`. Other Keras backends use
+keras.ops.image.affine_transform, which takes the same 8 parameters with the same conventions
+(bilinear, each out-of-image neighbour read as 0); on torch it is within 2e-3 of the oracle.
 
 Determinism on CPU (REFERENCE.md: op determinism alone is not bit-identical across processes with
 oneDNN on 2 threads): `seed(..., deterministic=True)` also runs TensorFlow on one intra-op and one
@@ -440,6 +445,18 @@ def _logits(handle: KerasHandle, x: Any, training: bool) -> Any:
     return ops.reshape(h, (-1,))
 
 
+def _loss_and_probs(
+    handle: KerasHandle, x: Any, labels: Any, on_logits: bool, epsilon: float, smoothing: float
+) -> tuple[Any, Any]:
+    """Training-mode forward: (mean BCE, probabilities (B,)), in keras.ops (any backend)."""
+    ops = keras.ops
+    if on_logits:  # Keras 3 on TF: BCE from the sigmoid's logits
+        logits = _logits(handle, x, training=True)
+        return ops.mean(_bce_logits(labels, logits, smoothing)), ops.sigmoid(logits)
+    probs = ops.reshape(handle.model(x, training=True), (-1,))
+    return ops.mean(_bce(labels, probs, epsilon, smoothing)), probs
+
+
 def _optimizer(recipe: TrainSpec) -> keras.optimizers.Optimizer:
     opt = recipe.optimizer
     table: dict[type, Callable[[Any], keras.optimizers.Optimizer]] = {
@@ -483,7 +500,7 @@ def _cpu_name() -> str | None:
 
 
 class KerasBackend(Backend):
-    """Keras 3; training on TensorFlow, building/counting/predicting on any Keras backend."""
+    """Keras 3; training on TensorFlow and PyTorch, building/counting/predicting on any."""
 
     name = _NAMES.get(KERAS_BACKEND, f"keras-{KERAS_BACKEND}")
 
@@ -573,6 +590,23 @@ class KerasBackend(Backend):
             if self.device == "gpu" and gpus:
                 details = tf.config.experimental.get_device_details(gpus[0])
                 device_name = details.get("device_name", gpus[0].name)
+        elif KERAS_BACKEND == "torch":
+            import torch
+
+            versions["torch"] = torch.__version__
+            determinism.update(
+                {
+                    "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                    "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                    "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                    "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                    "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                    "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                    "intra_op_threads": torch.get_num_threads(),
+                }
+            )
+            if self.device == "gpu":
+                device_name = torch.cuda.get_device_name(0)
         return {
             "name": self.name,
             "framework": f"keras/{KERAS_BACKEND}",
@@ -592,6 +626,16 @@ class KerasBackend(Backend):
             else:
                 tf.config.experimental.enable_tensor_float_32_execution(False)
             tf.config.experimental.enable_op_determinism()
+        elif KERAS_BACKEND == "torch":
+            import torch
+
+            # as backends/torch_backend.py; CUBLAS_WORKSPACE_CONFIG comes from torch_env
+            torch.use_deterministic_algorithms(deterministic)
+            torch.backends.cudnn.deterministic = deterministic
+            torch.backends.cudnn.benchmark = not deterministic
+            if deterministic:
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.allow_tf32 = False
         keras.utils.set_random_seed(seed)
 
     def _single_thread(self) -> None:
@@ -685,11 +729,15 @@ class KerasBackend(Backend):
     def _train_step(
         self, handle: KerasHandle, recipe: TrainSpec, augment: bool
     ) -> tuple[Callable[..., Any], keras.optimizers.Optimizer]:
+        """One training step (images uint8 (B, H, W), labels float32 (B,), matrices (B, 8)) ->
+        (mean loss, training-mode probabilities (B,)), as framework tensors."""
+        if KERAS_BACKEND == "torch":
+            return self._train_step_torch(handle, recipe, augment)
         if KERAS_BACKEND != "tensorflow":
             raise UserError(
-                f"backend '{self.name}': training is implemented for Keras on TensorFlow only "
-                f"(build, count_params and predict work on {KERAS_BACKEND})",
-                "use backend 'keras' (TensorFlow) or 'torch'",
+                f"backend '{self.name}': training is implemented for Keras on TensorFlow and "
+                f"PyTorch only (build, count_params and predict work on {KERAS_BACKEND})",
+                "use backend 'keras' (TensorFlow), 'keras-torch' or 'torch'",
             )
         model, model_input = handle.model, handle.model_input
         optimizer = _optimizer(recipe)
@@ -713,16 +761,47 @@ class KerasBackend(Backend):
                 x = _transform(x, matrices)
             x = _normalize(x, model_input)
             with tf.GradientTape() as tape:
-                if on_logits:  # Keras 3 on TF: BCE from the sigmoid's logits
-                    logits = _logits(handle, x, training=True)
-                    probs = tf.sigmoid(logits)
-                    loss = tf.reduce_mean(_bce_logits(labels, logits, smoothing))
-                else:
-                    probs = tf.reshape(model(x, training=True), [-1])
-                    loss = tf.reduce_mean(_bce(labels, probs, eps, smoothing))
+                loss, probs = _loss_and_probs(handle, x, labels, on_logits, eps, smoothing)
             grads = tape.gradient(loss, variables)
             optimizer.apply(grads, variables)
             return loss, probs
+
+        return step, optimizer
+
+    def _train_step_torch(
+        self, handle: KerasHandle, recipe: TrainSpec, augment: bool
+    ) -> tuple[Callable[..., Any], keras.optimizers.Optimizer]:
+        """The same step on Keras' PyTorch backend: eager keras.ops forward, torch autograd.
+
+        Keras Variables wrap torch Parameters (requires_grad = trainable); as Keras' own
+        TorchTrainer.train_step: clear the grads, loss.backward(), optimizer.apply under no_grad.
+        """
+        import torch
+
+        model, model_input = handle.model, handle.model_input
+        optimizer = _optimizer(recipe)
+        variables = model.trainable_variables
+        optimizer.build(variables)
+        eps, smoothing = recipe.loss.epsilon, recipe.loss.label_smoothing
+        on_logits = recipe.loss.on_logits(handle.last_spec_layer)
+        ops = keras.ops
+
+        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, Any]:
+            with torch.no_grad():
+                x = ops.cast(ops.convert_to_tensor(images), "float32")[..., None]
+                if augment:
+                    # affine_transform swaps entries of the transform in place: pass a copy
+                    x = _transform(x, ops.convert_to_tensor(np.array(matrices, np.float32)))
+                x = _normalize(x, model_input)
+                y = ops.convert_to_tensor(labels, "float32")
+            for v in variables:
+                v.value.grad = None
+            loss, probs = _loss_and_probs(handle, x, y, on_logits, eps, smoothing)
+            loss.backward()
+            grads = [v.value.grad for v in variables]
+            with torch.no_grad():
+                optimizer.apply(grads, variables)
+            return loss.detach(), probs.detach()
 
         return step, optimizer
 
@@ -755,7 +834,7 @@ class KerasBackend(Backend):
                 t_step = time.perf_counter()
                 loss, p = step(batch.images, batch.labels.astype(np.float32), mats)
                 if epoch == 1 and i == 0:
-                    loss.numpy()  # wait for it: this step's time includes tracing
+                    float(loss)  # wait for it: this step's time includes tracing
                     first_step = time.perf_counter() - t_step
                 if i > 0:
                     # checked one step behind so the device is never idle waiting for the host
@@ -767,7 +846,11 @@ class KerasBackend(Backend):
                 self._check_finite(losses[-1][0], epoch, len(losses))
             train_seconds = time.perf_counter() - t_epoch
             y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
-            p_all = np.concatenate([np.asarray(p) for p in probs]) if probs else np.zeros(0)
+            p_all = (
+                np.concatenate([keras.ops.convert_to_numpy(p) for p in probs])
+                if probs
+                else np.zeros(0)
+            )
             n = len(y)
             mean_loss = sum(float(l_) * k for l_, k in losses) / n if n else float("nan")
             metrics = epoch_metrics(y, p_all)

@@ -55,7 +55,7 @@ REGISTRY: dict[str, BackendEntry] = {
             ("keras", "torch"),
             "torch] keras",
             {"KERAS_BACKEND": "torch"},
-            "the same Keras code on Keras 3's PyTorch backend (no training yet)",
+            "the same Keras code on Keras 3's PyTorch backend (eager torch-autograd train step)",
             "backends.torch_env",
         ),
         BackendEntry(
@@ -64,7 +64,7 @@ REGISTRY: dict[str, BackendEntry] = {
             ("keras", "jax"),
             "jax",
             {"KERAS_BACKEND": "jax"},
-            "the same Keras code on Keras 3's JAX backend (no training yet)",
+            "the same Keras code on Keras 3's JAX backend (build/predict only, no training)",
         ),
         BackendEntry(
             "torch",

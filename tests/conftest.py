@@ -19,9 +19,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _FRAMEWORK_BACKENDS = {"keras": "tensorflow", "torch": "torch"}
 
 
+if os.environ.get("HARNESS_TEST_FRAMEWORK") == "keras-torch":
+    # Keras reads its backend at import: torch here, never TensorFlow
+    os.environ["KERAS_BACKEND"] = "torch"
+
+
 def available_backends() -> list[str]:
     """Framework backends importable here (one per tox env; never both in one process)."""
     only = os.environ.get("HARNESS_TEST_FRAMEWORK")
+    if only == "keras-torch":  # Keras 3 on its PyTorch backend (tox -e keras-torch)
+        found = all(importlib.util.find_spec(m) is not None for m in ("keras", "torch"))
+        return ["keras-torch"] if found else []
     names = []
     for name, module in _FRAMEWORK_BACKENDS.items():
         if only and {"tf": "keras", "torch": "torch"}.get(only) != name:

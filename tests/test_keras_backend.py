@@ -1,18 +1,23 @@
 """Tests of the Keras backend (backends/keras_backend.py): counts, shapes, augmentation, weights,
-frozen bases, training loop. Runs in the tf tox env; skipped where TensorFlow is missing.
+frozen bases, training loop. Runs in the tf tox env (Keras on TensorFlow) and in the keras-torch
+env (KERAS_BACKEND=torch: TensorFlow-specific tests skip); skipped where neither is installed.
 
     tox -e tf -- tests/test_keras_backend.py
+    tox -e keras-torch
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow")
+# the framework Keras will load (conftest sets KERAS_BACKEND=torch in the keras-torch env)
+pytest.importorskip(os.environ.get("KERAS_BACKEND") or "tensorflow")
+pytest.importorskip("keras")
 
 from conftest import ROOT  # noqa: E402
 
@@ -22,6 +27,10 @@ from harness.data.augment import apply_augmentation_numpy  # noqa: E402
 from harness.errors import UserError  # noqa: E402
 from harness.shapes import BASE_TABLE, _base_spatial, infer_model  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
+
+TF = kb.KERAS_BACKEND == "tensorflow"
+tf_only = pytest.mark.skipif(not TF, reason="TensorFlow-specific (Keras on TensorFlow)")
+to_np = kb.keras.ops.convert_to_numpy  # framework tensor (any device, grad or not) -> numpy
 
 PAPER = ROOT / "specs" / "paper.yaml"
 AUG_REFERENCE = ROOT / "tests" / "data" / "keras_aug_reference.npz"
@@ -309,6 +318,7 @@ def test_projective_matrix_maps_output_to_input():
     assert m[6] == m[7] == 0
 
 
+@tf_only  # the file is TensorFlow's output, bit for bit
 def test_stored_reference_file_is_reproduced(backend):
     """tests/data/keras_aug_reference.npz (read by the torch backend's tests) is current."""
     from tools.make_keras_aug_reference import reference_arrays
@@ -346,9 +356,14 @@ def test_bce_matches_the_harness_definition():
     # float64 here: in float32, 1 - 1e-7 rounds to 1 - 1.19e-7 (in Keras' own BCE too)
     y = np.array([0, 1, 1, 0, 1, 0], np.float64)
     p = np.array([0.0, 1.0, 0.3, 0.999, 1e-9, 0.5], np.float64)
-    ours = np.asarray(kb._bce(y, p, 1e-7, 0.0), np.float64)
+    yt, pt = (kb.keras.ops.convert_to_tensor(a, "float64") for a in (y, p))
+    ours = to_np(kb._bce(yt, pt, 1e-7, 0.0)).astype(np.float64)
+    smoothed = to_np(kb._bce(yt, pt, 1e-7, 0.1)).astype(np.float64).mean()
+    if not TF:  # Keras' clip on torch rounds its python bounds to float32, even on float64
+        assert ours.mean() == pytest.approx(clipped_bce(y, p).mean(), rel=1e-12)
+        assert smoothed == pytest.approx(clipped_bce(y, p, label_smoothing=0.1).mean(), rel=1e-12)
+        return
     assert ours.mean() == pytest.approx(bce(y, p, 1e-7), rel=1e-12)
-    smoothed = np.asarray(kb._bce(y, p, 1e-7, 0.1), np.float64).mean()
     assert smoothed == pytest.approx(bce(y * 0.9 + 0.05, p, 1e-7), rel=1e-12)
 
 
@@ -356,6 +371,7 @@ LOGITS = np.array([40.0, -3.0, 0.5])
 LOGIT_LABELS = np.array([0.0, 1.0, 1.0])
 
 
+@tf_only
 def test_bce_logits_is_the_stable_formula_and_tensorflows():
     import tensorflow as tf
 
@@ -376,6 +392,7 @@ def test_bce_logits_is_the_stable_formula_and_tensorflows():
     assert clipped.mean() == pytest.approx(clipped_bce(LOGIT_LABELS, p).mean(), rel=1e-6)
 
 
+@tf_only
 def test_bce_gradient_at_saturation_nonzero_from_logits_zero_from_clipped_probabilities():
     import tensorflow as tf
 
@@ -446,6 +463,7 @@ def test_loss_forms_by_hand_in_training_and_validation(backend, last):
         np.testing.assert_allclose(v_probs, probs, rtol=1e-7)
 
 
+@tf_only  # Keras' own BCE switches to the logits on TensorFlow only
 def test_logits_form_equals_keras_own_binary_crossentropy_at_saturation(backend):
     """Ground truth: Keras' own loss (compiled, graph mode, and eager) on the model's output."""
     import tensorflow as tf
@@ -498,7 +516,7 @@ def test_sigmoid_of_logits_is_the_model_output(backend):
     handle = backend.build(spec.model("cnn"), ModelInput(32, 3, "rescale"))
     imgs = np.random.default_rng(2).integers(0, 256, (5, 32, 32)).astype(np.uint8)
     x = kb._normalize(imgs.astype(np.float32)[..., None], handle.model_input)
-    z = np.asarray(kb._logits(handle, x, training=False))
+    z = to_np(kb._logits(handle, x, training=False))
     p = backend.predict(handle, imgs)
     np.testing.assert_allclose(1 / (1 + np.exp(-z.astype(np.float64))), p, rtol=1e-6)
     assert counts(backend, handle)[0] == handle.model.count_params()  # features adds nothing
@@ -527,7 +545,7 @@ def test_fit_history_predict_and_partial_batch(backend):
     assert p.shape == (9,) and p.dtype == np.float64 and np.all((p >= 0) & (p <= 1))
     # form auto, model ending in a sigmoid: the validation loss is from the logits
     x = kb._normalize(imgs[21:].astype(np.float32)[..., None], handle.model_input)
-    z = np.asarray(kb._logits(handle, x, training=False), np.float64)
+    z = to_np(kb._logits(handle, x, training=False)).astype(np.float64)
     assert hist[-1].val_loss == pytest.approx(stable_bce(labels[21:], z).mean(), rel=1e-6)
     assert hist[-1].val_loss == pytest.approx(bce(labels[21:], p), rel=1e-5)  # unsaturated
     assert backend.predict(handle, imgs[:0]).shape == (0,)
@@ -576,6 +594,7 @@ def test_frozen_base_keeps_weights_and_bn_statistics(backend, tmp_path):
     assert p.shape == (20,) and np.all((p >= 0) & (p <= 1))
 
 
+@tf_only
 def test_environment_reports_versions_device_and_determinism(backend):
     env = backend.environment()
     assert env["name"] == "keras" and env["keras_backend"] == "tensorflow"
@@ -601,16 +620,16 @@ def test_pre_import_env_does_not_import_tensorflow():
 
 def test_normalization_and_channel_replication():
     x = np.array([0.0, 51.0, 255.0], np.float32).reshape(1, 1, 3, 1)
-    rescale = np.asarray(kb._normalize(x, ModelInput(3, 3, "rescale")))
+    rescale = to_np(kb._normalize(x, ModelInput(3, 3, "rescale")))
     assert rescale.shape == (1, 1, 3, 3)
     np.testing.assert_allclose(rescale[0, 0, :, 1], [0.0, 0.2, 1.0], rtol=1e-6)
     assert np.all(rescale[..., 0] == rescale[..., 2])
-    imagenet = np.asarray(kb._normalize(x, ModelInput(3, 3, "imagenet")))
+    imagenet = to_np(kb._normalize(x, ModelInput(3, 3, "imagenet")))
     expected = (np.array([0.0, 0.2, 1.0])[:, None] - np.array([0.485, 0.456, 0.406])) / np.array(
         [0.229, 0.224, 0.225]
     )
     np.testing.assert_allclose(imagenet[0, 0], expected, rtol=1e-5)
-    none = np.asarray(kb._normalize(x, ModelInput(3, 1, "none")))
+    none = to_np(kb._normalize(x, ModelInput(3, 1, "none")))
     np.testing.assert_array_equal(none, x)
 
 
@@ -627,6 +646,7 @@ def test_same_seed_same_initial_weights(backend):
     assert not np.array_equal(a[0], c[0])
 
 
+@tf_only
 def test_gpu_request_without_gpu_is_a_user_error():
     import tensorflow as tf
 
@@ -634,3 +654,45 @@ def test_gpu_request_without_gpu_is_a_user_error():
         pytest.skip("this machine has a GPU")
     with pytest.raises(UserError, match="device is gpu but TensorFlow sees no GPU"):
         kb.KerasBackend(device="gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras on PyTorch (tox -e keras-torch)
+
+torch_only = pytest.mark.skipif(kb.KERAS_BACKEND != "torch", reason="Keras on PyTorch only")
+
+
+@torch_only
+def test_torch_environment_reports_versions_and_determinism():
+    b = kb.KerasBackend(device="cpu")
+    b.seed(0, deterministic=True)
+    env = b.environment()
+    assert env["name"] == "keras-torch" and env["keras_backend"] == "torch"
+    assert env["versions"]["torch"] and env["device"] == "cpu"
+    assert env["determinism"]["use_deterministic_algorithms"] is True
+    assert "tensorflow" not in __import__("sys").modules
+
+
+@torch_only
+def test_torch_gradient_at_saturation_nonzero_from_logits_zero_from_clipped_probabilities():
+    import torch
+
+    x = torch.tensor([40.0], requires_grad=True)
+    kb.keras.ops.mean(kb._bce_logits(torch.tensor([0.0]), x, 0.0)).backward()
+    assert float(x.grad[0]) == pytest.approx(1.0)  # sigmoid(40) - 0
+    x.grad = None
+    kb.keras.ops.mean(kb._bce(torch.tensor([0.0]), torch.sigmoid(x), 1e-7, 0.0)).backward()
+    assert float(x.grad[0]) == 0.0
+
+
+@torch_only
+def test_torch_train_step_loss_and_probs_match_the_model(backend):
+    model = linear_unit_spec("auto", smoothing=0.1)
+    handle = unit_handle(backend, model)
+    images = np.array([86, 0, 7, 255, 255, 30], np.uint8).reshape(6, 1, 1)
+    labels = np.array([0, 1, 1, 0, 1, 0], np.float32)
+    step, _ = backend._train_step(handle, model.train, augment=False)
+    loss, probs = step(images, labels, np.zeros((6, 8), np.float32))
+    logits = 0.5 * images.reshape(-1).astype(np.float64) - 3
+    assert float(loss) == pytest.approx(stable_bce(labels, logits, 0.1).mean(), rel=1e-6)
+    np.testing.assert_allclose(to_np(probs), backend.predict(handle, images), rtol=1e-6)

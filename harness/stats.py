@@ -214,6 +214,27 @@ def _resolve_unit(clusters: np.ndarray | None, unit: Unit | None) -> str:
     return unit
 
 
+def _intervals(
+    stat: StatFn,
+    n_units: int,
+    names: Sequence[str],
+    *,
+    n_resamples: int,
+    confidence: float,
+    method: str,
+    unit_name: str,
+    gen: np.random.Generator,
+) -> dict[str, Interval]:
+    """Point estimate (every unit once), bootstrap distribution, jackknife for BCa, intervals."""
+    point = {k: float(v[0]) for k, v in stat(np.ones((1, n_units), np.int64)).items()}
+    dist = _bootstrap_distribution(stat, n_units, int(n_resamples), gen)
+    jack = _jackknife(stat, n_units) if method == "bca" else {}
+    return {
+        name: _interval(point[name], dist[name], jack.get(name), method, confidence, unit_name)
+        for name in names
+    }
+
+
 def bootstrap_metrics(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -249,14 +270,8 @@ def bootstrap_metrics(
         w = unit_counts if identity else unit_counts[:, unit_of_column]
         return sample.evaluate(w, names)
 
-    full = sample.evaluate(np.ones((1, sample.n), np.int64), names)
-    point = {name: float(values[0]) for name, values in full.items()}
-    dist = _bootstrap_distribution(stat, n_units, int(n_resamples), gen)
-    jack = _jackknife(stat, n_units) if method == "bca" else {}
-    return {
-        name: _interval(point[name], dist[name], jack.get(name), method, confidence, unit_name)
-        for name in names
-    }
+    return _intervals(stat, n_units, names, n_resamples=n_resamples, confidence=confidence,
+                      method=method, unit_name=unit_name, gen=gen)
 
 
 def paired_bootstrap_difference(
@@ -294,13 +309,8 @@ def paired_bootstrap_difference(
         b = sample_b.evaluate(unit_counts[:, columns_b], names)
         return {name: a[name] - b[name] for name in names}
 
-    point = {k: float(v[0]) for k, v in stat(np.ones((1, n_units), np.int64)).items()}
-    dist = _bootstrap_distribution(stat, n_units, int(n_resamples), gen)
-    jack = _jackknife(stat, n_units) if method == "bca" else {}
-    return {
-        name: _interval(point[name], dist[name], jack.get(name), method, confidence, unit_name)
-        for name in names
-    }
+    return _intervals(stat, n_units, names, n_resamples=n_resamples, confidence=confidence,
+                      method=method, unit_name=unit_name, gen=gen)
 
 
 def study_level(
@@ -454,9 +464,5 @@ def bootstrap_seed_mean(
         ]
         return {name: np.mean([v[name] for v in per_seed], axis=0) for name in names}
 
-    point = {k: float(v[0]) for k, v in stat(np.ones((1, n_units), np.int64)).items()}
-    dist = _bootstrap_distribution(stat, n_units, int(n_resamples), gen)
-    return {
-        name: _interval(point[name], dist[name], None, "percentile", confidence, unit_name)
-        for name in names
-    }
+    return _intervals(stat, n_units, names, n_resamples=n_resamples, confidence=confidence,
+                      method="percentile", unit_name=unit_name, gen=gen)

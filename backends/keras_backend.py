@@ -64,7 +64,6 @@ from backends.base import (
     EpochRecord,
     EvalData,
     ModelInput,
-    ParamCount,
     TrainData,
     bce,
     epoch_metrics,
@@ -82,6 +81,7 @@ from harness.spec import (
     GlobalAvgPool,
     Layer,
     Model,
+    ParamCounts,
     Pool2D,
     PretrainedModel,
     SequentialModel,
@@ -698,13 +698,15 @@ class KerasBackend(Backend):
         features = keras.Model(inputs, before, name=f"{model.name}_features")
         return KerasHandle(net, model_input, model, base, features=features, last=last)
 
-    def count_params(self, handle: KerasHandle) -> ParamCount:
+    def count_params(self, handle: KerasHandle) -> ParamCounts:
         def size(weights: list[Any]) -> int:
             return int(sum(math.prod(w.shape) for w in weights))
 
         trainable = size(handle.model.trainable_weights)
         non_trainable = size(handle.model.non_trainable_weights)
-        return ParamCount(trainable + non_trainable, trainable, non_trainable)
+        return ParamCounts(
+            total=trainable + non_trainable, trainable=trainable, non_trainable=non_trainable
+        )
 
     # -- input pipeline -----------------------------------------------------------------------
 

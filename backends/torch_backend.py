@@ -76,7 +76,6 @@ from backends.base import (
     EpochRecord,
     EvalData,
     ModelInput,
-    ParamCount,
     TrainData,
     bce,
     epoch_metrics,
@@ -95,6 +94,7 @@ from harness.spec import (
     GlobalAvgPool,
     Loss,
     Model,
+    ParamCounts,
     Pool2D,
     PretrainedModel,
     SequentialModel,
@@ -844,12 +844,14 @@ class TorchBackend(Backend):
         base.train(was_training)
         return tuple(out.shape[1:])
 
-    def count_params(self, handle: TorchHandle) -> ParamCount:
+    def count_params(self, handle: TorchHandle) -> ParamCounts:
         trainable = sum(p.numel() for p in handle.net.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in handle.net.parameters() if not p.requires_grad)
         stats = sum(b.numel() for name, b in handle.net.named_buffers()
                     if name.endswith(("running_mean", "running_var")))
-        return ParamCount(trainable + frozen + stats, trainable, frozen + stats)
+        return ParamCounts(
+            total=trainable + frozen + stats, trainable=trainable, non_trainable=frozen + stats
+        )
 
     # -- data to the device ----------------------------------------------------------------------
 

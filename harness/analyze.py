@@ -28,8 +28,8 @@ from harness.errors import UserError
 from harness.metrics import compute_metrics
 from harness.monitor import is_measured, measured, not_measured
 from harness.results import read_json, read_runs
-from harness.shapes import Counts, infer_model
-from harness.spec import Claim, Model, RandomModel, Spec
+from harness.shapes import infer_model
+from harness.spec import Claim, Model, ParamCounts, RandomModel, Spec
 from harness.stats import (
     VERDICT_RULE,
     Interval,
@@ -243,10 +243,10 @@ class ArchitectureCheck:
     """Parameter counts: printed in the paper, inferred from the spec, built by each backend."""
 
     model: str
-    printed: Counts | None
-    inferred: Counts | None
+    printed: ParamCounts | None
+    inferred: ParamCounts | None
     inferred_error: str | None
-    built: Mapping[str, tuple[Counts, ...]]  # backend -> distinct counts over its runs
+    built: Mapping[str, tuple[ParamCounts, ...]]  # backend -> distinct counts over its runs
     mismatches: tuple[str, ...]
 
 
@@ -777,27 +777,31 @@ def _aggregate(quantity: str, measures: list[tuple[Any, str | None]]) -> Resourc
 # Architecture, data, environment
 
 
-def _counts(d: Any) -> Counts | None:
+def _counts(d: Any) -> ParamCounts | None:
     if isinstance(d, dict) and all(isinstance(d.get(k), int) for k in
                                    ("total", "trainable", "non_trainable")):
-        return Counts(d["total"], d["trainable"], d["non_trainable"])
+        return ParamCounts(
+            total=d["total"], trainable=d["trainable"], non_trainable=d["non_trainable"]
+        )
     if d is not None and hasattr(d, "total"):
-        return Counts(int(d.total), int(d.trainable), int(d.non_trainable))
+        return ParamCounts(
+            total=int(d.total
+        ), trainable=int(d.trainable), non_trainable=int(d.non_trainable))
     return None
 
 
-def _fmt_counts(c: Counts) -> str:
+def _fmt_counts(c: ParamCounts) -> str:
     return f"{c.total:,} ({c.trainable:,} trainable, {c.non_trainable:,} non-trainable)"
 
 
 def _architecture(spec: Spec, model: Model, runs: Sequence[Mapping[str, Any]]) -> ArchitectureCheck:
     printed = _counts(model.printed_params)
     try:
-        inferred: Counts | None = infer_model(spec, model).counts
+        inferred: ParamCounts | None = infer_model(spec, model).counts
         error = None
     except UserError as e:
         inferred, error = None, e.message
-    built: dict[str, tuple[Counts, ...]] = {}
+    built: dict[str, tuple[ParamCounts, ...]] = {}
     for backend in model.backends:
         found = [_counts(r.get("params")) for r in runs if _key(r)[:2] == (model.name, backend)]
         built[backend] = tuple(dict.fromkeys(c for c in found if c is not None))

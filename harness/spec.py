@@ -396,9 +396,19 @@ class TrainSpec(Strict):
 
 
 class ParamCounts(Strict):
+    """Parameter counts, Keras' way (BatchNorm moving statistics are non-trainable): what the
+    paper printed, what harness.shapes infers, and what a backend's built model holds."""
+
     total: int = Field(ge=0)
     trainable: int = Field(ge=0)
     non_trainable: int = Field(ge=0)
+
+    def __add__(self, other: ParamCounts) -> ParamCounts:
+        return ParamCounts(
+            total=self.total + other.total,
+            trainable=self.trainable + other.trainable,
+            non_trainable=self.non_trainable + other.non_trainable,
+        )
 
     @model_validator(mode="after")
     def _sum(self) -> ParamCounts:

@@ -49,7 +49,7 @@ import platform
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +70,7 @@ from backends.base import (
 )
 from harness.errors import UserError
 from harness.spec import (
-    SGD,
     ActivationLayer,
-    Adam,
     BatchNorm,
     Conv2D,
     Dense,
@@ -457,25 +455,30 @@ def _loss_and_probs(
     return ops.mean(_bce(labels, probs, epsilon, smoothing)), probs
 
 
+OPTIMIZERS: dict[str, Callable[[Any], keras.optimizers.Optimizer]] = {
+    "adam": lambda o: keras.optimizers.Adam(
+        learning_rate=o.learning_rate,
+        beta_1=o.beta_1,
+        beta_2=o.beta_2,
+        epsilon=o.epsilon,
+        amsgrad=o.amsgrad,
+    ),
+    "sgd": lambda o: keras.optimizers.SGD(
+        learning_rate=o.learning_rate, momentum=o.momentum, nesterov=o.nesterov
+    ),
+}
+
+# The backend's tables by vocabulary category (checked against the vocabulary by the tests).
+TABLES: dict[str, Mapping[str, Any]] = {"layers": LAYERS, "bases": BASES, "optimizers": OPTIMIZERS}
+
+
 def _optimizer(recipe: TrainSpec) -> keras.optimizers.Optimizer:
     opt = recipe.optimizer
-    table: dict[type, Callable[[Any], keras.optimizers.Optimizer]] = {
-        Adam: lambda o: keras.optimizers.Adam(
-            learning_rate=o.learning_rate,
-            beta_1=o.beta_1,
-            beta_2=o.beta_2,
-            epsilon=o.epsilon,
-            amsgrad=o.amsgrad,
-        ),
-        SGD: lambda o: keras.optimizers.SGD(
-            learning_rate=o.learning_rate, momentum=o.momentum, nesterov=o.nesterov
-        ),
-    }
     try:
-        return table[type(opt)](opt)
+        return OPTIMIZERS[opt.name](opt)
     except KeyError:
-        raise ValueError(
-            f"the keras backend has no optimizer '{opt.name}'; known: adam, sgd"
+        raise UserError(
+            f"the keras backend has no optimizer '{opt.name}'; known: {', '.join(OPTIMIZERS)}"
         ) from None
 
 

@@ -56,7 +56,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -610,6 +610,15 @@ def _sgd(opt: SGD, params: list[nn.Parameter]) -> torch.optim.Optimizer:
 OPTIMIZERS: dict[str, Callable[[Any, list[nn.Parameter]], torch.optim.Optimizer]] = {
     "adam": _adam,
     "sgd": _sgd,
+}
+
+# The backend's tables by vocabulary category (checked against the vocabulary by the tests).
+TABLES: dict[str, Mapping[str, Any]] = {
+    "layers": LAYER_BUILDERS,
+    "bases": BASES,
+    "optimizers": OPTIMIZERS,
+    "activations": ACTIVATIONS,
+    "initializers": INITIALIZERS,
 }
 
 

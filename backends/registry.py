@@ -12,9 +12,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from harness.errors import UserError
+from harness.vocab import PAPER_MODELS, Supports
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class BackendEntry:
     # a light module with PRE_IMPORT_ENV = {"deterministic": {...}, "default": {...}}: variables
     # the framework reads at import (oneDNN, CUBLAS workspace); users may override them
     env_module: str | None = None
+    # the vocabulary it builds and trains (harness.vocab); None: not declared, checked by name only
+    supports: Supports | None = None
 
 
 REGISTRY: dict[str, BackendEntry] = {
@@ -39,6 +42,7 @@ REGISTRY: dict[str, BackendEntry] = {
             ("numpy",),
             "",
             description="numpy; the paper's random baseline",
+            supports=Supports(kinds=("random",)),
         ),
         BackendEntry(
             "keras",
@@ -48,6 +52,7 @@ REGISTRY: dict[str, BackendEntry] = {
             {"KERAS_BACKEND": "tensorflow"},
             "Keras 3 on TensorFlow",
             "backends.keras_env",
+            supports=PAPER_MODELS,
         ),
         BackendEntry(
             "keras-torch",
@@ -57,6 +62,7 @@ REGISTRY: dict[str, BackendEntry] = {
             {"KERAS_BACKEND": "torch"},
             "the same Keras code on Keras 3's PyTorch backend (eager torch-autograd train step)",
             "backends.torch_env",
+            supports=PAPER_MODELS,
         ),
         BackendEntry(
             "keras-jax",
@@ -65,6 +71,7 @@ REGISTRY: dict[str, BackendEntry] = {
             "jax",
             {"KERAS_BACKEND": "jax"},
             "the same Keras code on Keras 3's JAX backend (build/predict only, no training)",
+            supports=replace(PAPER_MODELS, optimizers=(), trains=False),
         ),
         BackendEntry(
             "torch",
@@ -73,6 +80,7 @@ REGISTRY: dict[str, BackendEntry] = {
             "torch",
             description="PyTorch + torchvision, Keras semantics made explicit",
             env_module="backends.torch_env",
+            supports=PAPER_MODELS,
         ),
     )
 }

@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from harness.errors import UserError
-from harness.spec import Spec, spec_digest
+from harness.spec import Spec, check_backends, spec_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 # The code whose change must invalidate finished runs: what builds, feeds and trains models.
@@ -28,7 +28,8 @@ TRAINING_CODE = (
     "backends/registry.py",
     "harness/data",
     "harness/worker.py",
-    "harness/spec.py",
+    "harness/spec",
+    "harness/vocab.py",
 )
 # Fields of a model that name or describe it without changing what is trained.
 NOT_TRAINING = ("name", "description", "printed_params", "backends")
@@ -63,6 +64,9 @@ def plan_runs(
     seeds: list[int] | None = None,
 ) -> list[RunKey]:
     """models x backends x seeds, filtered by the --models/--backends/--seeds options."""
+    from backends.registry import REGISTRY  # framework-free: names and claims, imports none
+
+    check_backends(spec, {e.name: e.supports for e in REGISTRY.values()})
     chosen = _pick("models", models, [m.name for m in spec.models])
     all_backends = sorted({b for m in spec.models for b in m.backends})
     chosen_backends = _pick("backends", backends, all_backends)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from backends.registry import REGISTRY
 from harness.errors import EXIT_USER_ERROR, UserError
 from harness.shapes import infer_model
 from harness.spec import (
@@ -34,15 +36,23 @@ from harness.spec import (
     RandomModel,
     SequentialModel,
     Spec,
+    check_backends,
     load_spec,
     merge,
     split_path,
 )
+from harness.vocab import PAPER_MODELS, Supports
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "specs" / "paper.yaml"
 DEMO = ROOT / "specs" / "demo.yaml"
 _PAPER_RAW: dict[str, Any] = yaml.safe_load(PAPER.read_text(encoding="utf-8"))
+
+# backend names are an open set (third-party backends): the schema checks their form only
+BACKEND_NAME_RULE = (
+    "must be a backend name: reference, keras, keras-torch, keras-jax, torch or a registered one "
+    "(lowercase letters, digits, '-' and '_')"
+)
 
 # indices into paper.yaml's models and the CNN's layers
 BASELINE, CNN, DENSENET = 0, 1, 2
@@ -374,9 +384,9 @@ def test_split_path() -> None:
         ("models.cnn.layers[4].type=conv3d",
          "models[1].layers[4]: unknown layer type 'conv3d'; allowed: " + ", ".join(LAYER_TYPES)
          + " (from --set models.cnn.layers[4].type=conv3d)"),
-        ("models.cnn.backends=[keras, jax]",
-         "models[1].backends[1]: must be one of reference, keras, keras-torch, keras-jax, torch; "
-         "got 'jax' (from --set models.cnn.backends=[keras, jax])"),
+        ("models.cnn.backends=[keras, PyTorch]",
+         "models[1].backends[1]: " + BACKEND_NAME_RULE
+         + "; got 'PyTorch' (from --set models.cnn.backends=[keras, PyTorch])"),
         ("models.cnn.printed_params.total=5",
          "models[1].printed_params: trainable (3309441) + non_trainable (480) != total (5) "
          "(from --set models.cnn.printed_params.total=5)"),
@@ -552,9 +562,8 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      "models[1].train.optimizer: unknown optimizer 'adamw'; allowed: adam, sgd"),
     ("unknown-loss", lambda d: cnn(d)["train"]["loss"].update(name="mse"),
      "models[1].train.loss.name: must be one of binary_crossentropy; got 'mse'"),
-    ("unknown-backend", lambda d: cnn(d).update(backends=["keras", "jax"]),
-     "models[1].backends[1]: must be one of reference, keras, keras-torch, keras-jax, torch; "
-     "got 'jax'"),
+    ("bad-backend-name", lambda d: cnn(d).update(backends=["keras", "py torch"]),
+     "models[1].backends[1]: " + BACKEND_NAME_RULE + "; got 'py torch'"),
     ("repeated-backend", lambda d: cnn(d).update(backends=["keras", "keras"]),
      "models[1].backends: lists a backend twice: ['keras', 'keras']"),
     ("unknown-base", lambda d: d["models"][DENSENET]["base"].update(name="resnet18"),
@@ -652,6 +661,90 @@ def test_shape_errors_name_the_file(tmp_path: Path) -> None:
     assert info.value.message == (f"{path}: models[1].layers[0] (dense): dense needs a flat "
                                   "input; got shape (224, 224, 3)")
     assert info.value.hint == "add a flatten or global_avg_pool before it"
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends at plan time: names against the registry, models against each backend's claims
+
+ALL_BUT = {  # the paper's vocabulary with one name taken out of one category
+    "kinds": replace(PAPER_MODELS, kinds=("sequential",)),
+    "layers": replace(PAPER_MODELS, layers=tuple(t for t in LAYER_TYPES if t != "dropout")),
+    "activations": replace(PAPER_MODELS, activations=("linear", "relu")),
+    "initializers": replace(PAPER_MODELS, initializers=("glorot_uniform",)),
+    "bases": replace(PAPER_MODELS, bases=("resnet50",)),
+    "optimizers": replace(PAPER_MODELS, optimizers=("sgd",)),
+}
+
+
+def _claims() -> dict[str, Supports | None]:
+    return {e.name: e.supports for e in REGISTRY.values()}
+
+
+def test_the_paper_fits_the_registry(paper: Spec) -> None:
+    check_backends(paper, _claims())  # raises on any mismatch
+    assert {m.name: m.backends for m in paper.models} == {
+        "baseline": ("reference",), "cnn": ("keras", "torch"), "densenet": ("keras", "torch")}
+
+
+@pytest.mark.parametrize(("model", "backend", "expected"), [
+    (CNN, "jax", "unknown backend 'jax'; known backends: reference, keras, keras-torch, "
+                 "keras-jax, torch"),
+    (CNN, "kears", "unknown backend 'kears' (did you mean 'keras'?); known backends: reference, "
+                   "keras, keras-torch, keras-jax, torch"),
+    (CNN, "reference", "backend 'reference' does not support model kind 'sequential' "
+                       "(models[1].kind); it supports: random"),
+    (BASELINE, "torch", "backend 'torch' does not support model kind 'random' (models[0].kind); "
+                        "it supports: sequential, pretrained"),
+    (CNN, "keras-jax", "backend 'keras-jax' builds and predicts only; model 'cnn' trains "
+                       "(models[1].train)"),
+])
+def test_plan_time_backend_errors(paper: Spec, model: int, backend: str, expected: str) -> None:
+    raw = paper_raw()
+    raw["models"][model]["backends"] = [backend]
+    spec = Spec.model_validate(raw)
+    with pytest.raises(UserError) as info:
+        check_backends(spec, _claims())
+    assert info.value.message == f"spec 'paper': models[{model}].backends[0]: {expected}"
+    if backend in ("jax", "kears"):
+        assert info.value.hint == ("a third-party backend registers under the entry point group "
+                                   "'repro_harness.backends'")
+
+
+@pytest.mark.parametrize(("category", "model", "expected"), [
+    ("kinds", DENSENET, "model kind 'pretrained' (models[0].kind); it supports: sequential"),
+    ("layers", CNN, "layer type 'dropout' (models[0].layers[3]); it supports: conv2d, batchnorm, "
+                    "maxpool2d, avgpool2d, flatten, dense, global_avg_pool, activation"),
+    ("activations", CNN, "activation 'sigmoid' (models[0].layers[18].activation); it supports: "
+                         "linear, relu"),
+    ("initializers", CNN, "initializer 'zeros' (models[0].layers[0].bias_initializer); it "
+                          "supports: glorot_uniform"),
+    ("bases", DENSENET, "base 'densenet169' (models[0].base.name); it supports: resnet50"),
+    ("optimizers", CNN, "optimizer 'adam' (models[0].train.optimizer.name); it supports: sgd"),
+])
+def test_a_model_needs_every_name_it_uses_claimed(category: str, model: int,
+                                                  expected: str) -> None:
+    """A spec of one paper model, on a 'keras' that claims all but one name of one category."""
+    raw = {**paper_raw(), "paper": {"title": "t", "reference": "r"}, "assumptions": []}
+    only = Spec.model_validate({**raw, "models": [raw["models"][model]]})
+    with pytest.raises(UserError) as info:
+        check_backends(only, {"keras": ALL_BUT[category]})
+    assert info.value.message == (
+        f"spec 'paper': models[0].backends[0]: backend 'keras' does not support {expected}")
+
+
+def test_undeclared_claims_are_checked_by_name_only(paper: Spec) -> None:
+    check_backends(paper, {"reference": None, "keras": None, "torch": None})
+    with pytest.raises(UserError) as info:
+        check_backends(paper, {"reference": None, "keras": None})
+    assert info.value.message == (f"{paper.source}: models[1].backends[1]: unknown backend "
+                                  "'torch'; known backends: reference, keras")
+
+
+def test_unknown_backend_fails_validate_at_plan_time(tmp_path: Path) -> None:
+    path = edited(tmp_path, lambda d: cnn(d).update(backends=["keras", "jax"]))
+    assert load_spec(path).models[CNN].backends == ("keras", "jax")  # a name of the right form
+    _assert_user_error(_validate(path), f"{path}: models[1].backends[1]: unknown backend 'jax'; "
+                       "known backends: reference, keras, keras-torch, keras-jax, torch")
 
 
 # ---------------------------------------------------------------------------------------------

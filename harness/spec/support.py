@@ -1,0 +1,83 @@
+"""A spec's backends against what the registry's backends claim to support, at plan time.
+
+    check_backends(spec, {e.name: e.supports for e in REGISTRY.values()})   # harness.plan
+
+The schema accepts any plain backend name (third-party backends register their own, see
+harness.vocab), so the registry's names are checked here, with the claims each backend makes
+(`harness.vocab.Supports`): the model kind, every layer type, activation and initializer, the
+base network, the optimizer, and training. A backend that declares no claims (None) is checked
+by name only. Raises `UserError` naming the spec file and the field; returns nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping
+
+from harness.errors import UserError
+from harness.spec.schema import Model, PretrainedModel, RandomModel, SequentialModel, Spec
+from harness.vocab import BACKEND_ENTRY_POINTS, Supports
+
+# a category of Supports -> how a message names one of its members
+WHAT = {
+    "kinds": "model kind",
+    "layers": "layer type",
+    "bases": "base",
+    "optimizers": "optimizer",
+    "activations": "activation",
+    "initializers": "initializer",
+}
+
+
+def needs(model: Model, index: int) -> Iterator[tuple[str, str, str]]:
+    """(category, name, spec path) of every vocabulary name the model uses."""
+    where = f"models[{index}]"
+    yield "kinds", model.kind, f"{where}.kind"
+    if isinstance(model, RandomModel):
+        return
+    if isinstance(model, PretrainedModel):
+        yield "bases", model.base.name, f"{where}.base.name"
+    field = "layers" if isinstance(model, SequentialModel) else "head"
+    layers = model.layers if isinstance(model, SequentialModel) else model.head
+    for i, layer in enumerate(layers):
+        at = f"{where}.{field}[{i}]"
+        yield "layers", layer.type, at
+        for key, value in layer:
+            if key == "activation":
+                yield "activations", value, f"{at}.activation"
+            elif key.endswith("_initializer"):
+                yield "initializers", value, f"{at}.{key}"
+    yield "optimizers", model.train.optimizer.name, f"{where}.train.optimizer.name"
+
+
+def check_backends(spec: Spec, claims: Mapping[str, Supports | None]) -> None:
+    """Every backend a model names is known and supports what the model uses."""
+    for i, model in enumerate(spec.models):
+        for j, name in enumerate(model.backends):
+            where = f"{spec.source}: models[{i}].backends[{j}]"
+            if name not in claims:
+                close = difflib.get_close_matches(name, list(claims), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise UserError(
+                    f"{where}: unknown backend '{name}'{hint}; known backends: "
+                    f"{', '.join(claims)}",
+                    f"a third-party backend registers under the entry point group "
+                    f"'{BACKEND_ENTRY_POINTS}'",
+                )
+            supports = claims[name]
+            if supports is None:
+                continue
+            claimed = supports.claims()
+            for category, used, path in needs(model, i):
+                if used not in claimed[category]:
+                    allowed = ", ".join(claimed[category]) or "none"
+                    raise UserError(
+                        f"{where}: backend '{name}' does not support {WHAT[category]} "
+                        f"'{used}' ({path}); it supports: {allowed}"
+                    )
+                if category == "kinds" and not isinstance(model, RandomModel) \
+                        and not supports.trains:
+                    raise UserError(
+                        f"{where}: backend '{name}' builds and predicts only; model "
+                        f"'{model.name}' trains (models[{i}].train)"
+                    )

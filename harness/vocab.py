@@ -135,7 +135,7 @@ class Supports:
         return {c: getattr(self, c) for c in CATEGORIES}
 
 
-# Category of a `Supports` claim -> the whole set it draws from.
+# Category of a `Supports` claim -> the whole set it draws from, and how messages name a member.
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "kinds": MODEL_KINDS,
     "layers": LAYER_TYPES,
@@ -143,6 +143,14 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "optimizers": OPTIMIZERS,
     "activations": ACTIVATIONS,
     "initializers": INITIALIZERS,
+}
+CATEGORY_NAMES: dict[str, str] = {
+    "kinds": "model kind",
+    "layers": "layer type",
+    "bases": "base",
+    "optimizers": "optimizer",
+    "activations": "activation",
+    "initializers": "initializer",
 }
 
 # The paper's vocabulary: what the Keras and PyTorch backends build and train.

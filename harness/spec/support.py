@@ -16,17 +16,7 @@ from collections.abc import Iterator, Mapping
 
 from harness.errors import UserError
 from harness.spec.schema import Model, PretrainedModel, RandomModel, SequentialModel, Spec
-from harness.vocab import BACKEND_ENTRY_POINTS, Supports
-
-# a category of Supports -> how a message names one of its members
-WHAT = {
-    "kinds": "model kind",
-    "layers": "layer type",
-    "bases": "base",
-    "optimizers": "optimizer",
-    "activations": "activation",
-    "initializers": "initializer",
-}
+from harness.vocab import BACKEND_ENTRY_POINTS, CATEGORY_NAMES, Supports
 
 
 def needs(model: Model, index: int) -> Iterator[tuple[str, str, str]]:
@@ -72,7 +62,7 @@ def check_backends(spec: Spec, claims: Mapping[str, Supports | None]) -> None:
                 if used not in claimed[category]:
                     allowed = ", ".join(claimed[category]) or "none"
                     raise UserError(
-                        f"{where}: backend '{name}' does not support {WHAT[category]} "
+                        f"{where}: backend '{name}' does not support {CATEGORY_NAMES[category]} "
                         f"'{used}' ({path}); it supports: {allowed}"
                     )
                 if category == "kinds" and not isinstance(model, RandomModel) \

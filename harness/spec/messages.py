@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from harness.spec.resolve import join_path
-from harness.vocab import LAYER_TYPES, MODEL_KINDS, OPTIMIZERS
+from harness.vocab import CATEGORIES, CATEGORY_NAMES
 
 
 def _loc_to_path(loc: Sequence[int | str], raw: Any) -> str:
@@ -46,10 +46,10 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# a discriminated union's tag field -> how to name one of its values, and the allowed ones
 _ALLOWED_BY_TAG = {
-    "type": ("layer type", LAYER_TYPES),
-    "kind": ("model kind", MODEL_KINDS),
-    "name": ("optimizer", OPTIMIZERS),
+    tag: (CATEGORY_NAMES[category], CATEGORIES[category])
+    for tag, category in (("type", "layers"), ("kind", "kinds"), ("name", "optimizers"))
 }
 
 

@@ -223,6 +223,16 @@ def test_an_unknown_backend_lists_builtin_and_entry_point_backends(tiny):
     assert "Traceback" not in r.stderr
 
 
+def test_list_shows_entry_point_backends(tiny):
+    env = {**os.environ, "PYTHONPATH": str(tiny["plugins"])}
+    r = subprocess.run([sys.executable, "-m", "harness", "list"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("  ")[0] for line in r.stdout.splitlines()[3:10]]
+    assert rows == ["reference", "keras", "keras-torch", "keras-jax", "torch", "faulty", "broken"]
+    assert "entry point of repro-faulty-backend 0.1" in r.stdout
+
+
 def test_an_entry_point_that_does_not_import_is_a_clear_failed_run(tiny):
     r = harness(tiny, "--seeds", "0", backend="broken")
     assert r.returncode == 1

@@ -9,9 +9,8 @@ order, is derived from it. Everything else derives from these: the spec's schema
 the data modules key their tables by them, each framework backend's `TABLES` and the registry's
 `supports` claims are checked against them (tests/test_vocab.py), and `list` prints them.
 
-Backend names are the one open set: the built-in ones are `BACKENDS`; third-party backends
-register under the entry point group `BACKEND_ENTRY_POINTS` with a name matching
-`BACKEND_NAME_PATTERN`, and the registry checks a spec's names at plan time.
+Backend names are the one open set: `BACKENDS` are the built-in ones; third-party backends join
+them through the registry's entry point group, and the spec accepts the registry's names.
 """
 
 from __future__ import annotations
@@ -64,13 +63,10 @@ LOSSES: tuple[str, ...] = get_args(LossName)
 LOSS_FORMS: tuple[str, ...] = get_args(LossForm)
 
 # ---------------------------------------------------------------------------------------------
-# Backends (built-in ones; third-party names are open, see the module docstring)
+# Backends: the built-in ones (backends/registry.py adds those installed through its entry points)
 
-BackendName = Literal["reference", "keras", "keras-torch", "keras-jax", "torch"]
-BACKENDS: tuple[str, ...] = get_args(BackendName)
-BACKEND_ENTRY_POINTS = "repro_harness.backends"
-# Names end up in run ids (model__backend__seedN) and file names: keep them plain.
-BACKEND_NAME_PATTERN = r"^[a-z][a-z0-9_-]*$"
+BuiltinBackend = Literal["reference", "keras", "keras-torch", "keras-jax", "torch"]
+BACKENDS: tuple[str, ...] = get_args(BuiltinBackend)
 
 # ---------------------------------------------------------------------------------------------
 # Data

@@ -14,11 +14,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import re
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeAlias, get_args, get_origin
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,9 +26,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from backends.registry import REGISTRY
 from harness.vocab import (
-    BACKEND_NAME_PATTERN,
-    BACKENDS,
     BODY_PARTS,
     Activation,
     BaseName,
@@ -54,18 +51,10 @@ from harness.vocab import (
     ValidationSource,
 )
 
-
-def _backend_name(name: str) -> str:
-    # an open set: third-party backends register their own names (checked at plan time)
-    if not re.fullmatch(BACKEND_NAME_PATTERN, name):
-        raise ValueError(
-            f"must be a backend name: {', '.join(BACKENDS)} or a registered one (lowercase "
-            f"letters, digits, '-' and '_'); got {name!r}"
-        )
-    return name
-
-
-BackendName = Annotated[str, AfterValidator(_backend_name)]
+# The registry is the authority on backend names: built-in ones (harness.vocab.BACKENDS) and
+# those installed through its entry point group. It is framework-free: it names modules, imports
+# none of them.
+BackendName: TypeAlias = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]  # registry names
 PosInt = Annotated[int, Field(gt=0)]
 Pair = tuple[PosInt, PosInt]
 

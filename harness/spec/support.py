@@ -1,22 +1,21 @@
-"""A spec's backends against what the registry's backends claim to support, at plan time.
+"""A spec's models against what their backends claim to support, at plan time.
 
     check_backends(spec, {e.name: e.supports for e in REGISTRY.values()})   # harness.plan
 
-The schema accepts any plain backend name (third-party backends register their own, see
-harness.vocab), so the registry's names are checked here, with the claims each backend makes
-(`harness.vocab.Supports`): the model kind, every layer type, activation and initializer, the
-base network, the optimizer, and training. A backend that declares no claims (None) is checked
-by name only. Raises `UserError` naming the spec file and the field; returns nothing.
+The schema accepts the registry's backend names; this checks each model against the claims its
+backends make (`harness.vocab.Supports`): the model kind, every layer type, activation and
+initializer, the base network, the optimizer, and training. A backend that declares no claims
+(None: an entry-point backend) is not checked. Raises `UserError` naming the spec file and the
+field; returns nothing.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator, Mapping
 
 from harness.errors import UserError
 from harness.spec.schema import Model, PretrainedModel, RandomModel, SequentialModel, Spec
-from harness.vocab import BACKEND_ENTRY_POINTS, CATEGORY_NAMES, Supports
+from harness.vocab import CATEGORY_NAMES, Supports
 
 
 def needs(model: Model, index: int) -> Iterator[tuple[str, str, str]]:
@@ -41,22 +40,14 @@ def needs(model: Model, index: int) -> Iterator[tuple[str, str, str]]:
 
 
 def check_backends(spec: Spec, claims: Mapping[str, Supports | None]) -> None:
-    """Every backend a model names is known and supports what the model uses."""
+    """Every backend a model names supports what the model uses (a backend without claims, or
+    not in `claims`, is not checked: the schema already accepts only the registry's names)."""
     for i, model in enumerate(spec.models):
         for j, name in enumerate(model.backends):
-            where = f"{spec.source}: models[{i}].backends[{j}]"
-            if name not in claims:
-                close = difflib.get_close_matches(name, list(claims), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise UserError(
-                    f"{where}: unknown backend '{name}'{hint}; known backends: "
-                    f"{', '.join(claims)}",
-                    f"a third-party backend registers under the entry point group "
-                    f"'{BACKEND_ENTRY_POINTS}'",
-                )
-            supports = claims[name]
+            supports = claims.get(name)
             if supports is None:
                 continue
+            where = f"{spec.source}: models[{i}].backends[{j}]"
             claimed = supports.claims()
             for category, used, path in needs(model, i):
                 if used not in claimed[category]:

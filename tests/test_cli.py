@@ -259,3 +259,50 @@ def test_patient_split_variants_validate(name: str) -> None:
     assert spec.name == name
     assert (spec.data.split.strategy, spec.data.split.stratify) == ("patient", True)
     assert [m.name for m in spec.models] == ["baseline", "cnn", "densenet"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input, refused before anything starts (issue 13)
+
+
+def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0].removeprefix("error: ")
+
+
+@pytest.mark.parametrize(("option", "text"), [
+    ("--models", ""), ("--models", ","), ("--backends", ","), ("--backends", " "),
+    ("--seeds", ""), ("--seeds", ",,"),
+])
+def test_an_empty_selection_is_refused(option: str, text: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results"
+    for verb in ("validate", "run"):
+        assert main([verb, str(PAPER), option, text, "--out", str(out)]) == EXIT_USER_ERROR
+        assert _one_error(capsys) == (
+            f"{option}: empty list (got {text!r}); name at least one, comma-separated, "
+            f"or leave {option} out to select all")
+    assert not out.exists()
+
+
+def test_an_empty_item_or_a_bad_seed_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(PAPER), "--models", "cnn,"]) == EXIT_USER_ERROR
+    assert _one_error(capsys) == \
+        "--models: empty item in 'cnn,'; write names separated by single commas"
+    assert main(["validate", str(PAPER), "--seeds", "0,-1"]) == EXIT_USER_ERROR
+    assert _one_error(capsys) == \
+        "--seeds: '-1' is not a seed; seeds are integers in [0, 4294967295]"
+
+
+def test_a_selection_matching_no_run_is_refused(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results"
+    code = main(["run", str(PAPER), "--models", "baseline", "--backends", "torch",
+                 "--out", str(out)])
+    assert code == EXIT_USER_ERROR
+    assert _one_error(capsys).endswith(
+        "specs/paper.yaml: --models baseline --backends torch: the selection matches no run; "
+        "baseline runs on reference; cnn runs on keras, torch; densenet runs on keras, torch")
+    assert not out.exists()

@@ -306,3 +306,41 @@ def test_a_selection_matching_no_run_is_refused(tmp_path: Path,
         "specs/paper.yaml: --models baseline --backends torch: the selection matches no run; "
         "baseline runs on reference; cnn runs on keras, torch; densenet runs on keras, torch")
     assert not out.exists()
+
+
+_SMALL_TREE = ("--patients", "6", "--min-size", "32", "--max-size", "64")
+
+
+def test_make_data_never_overwrites_a_mura_tree(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-data", str(tmp_path), *_SMALL_TREE]) == 0
+    capsys.readouterr()
+    csvs = {p: p.read_bytes() for p in (tmp_path / "MURA-v1.1").glob("*.csv")}
+    assert len(csvs) == 4
+    (tmp_path / "MURA-v1.1" / "train_labeled_studies.csv").write_text("MURA's own labels\n")
+    assert main(["make-data", str(tmp_path), *_SMALL_TREE, "--seed", "1"]) == EXIT_USER_ERROR
+    assert _one_error(capsys) == (
+        f"{tmp_path / 'MURA-v1.1'}: already exists; make-data never overwrites a MURA tree "
+        "(its CSVs are the labels): name another folder, or remove this one first")
+    assert (tmp_path / "MURA-v1.1" / "train_labeled_studies.csv").read_text() == \
+        "MURA's own labels\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MURA-v1.1"]  # no temp folder left
+
+
+def test_make_data_refuses_an_empty_mura_folder_too(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "MURA-v1.1").mkdir()
+    assert main(["make-data", str(tmp_path), *_SMALL_TREE]) == EXIT_USER_ERROR
+    assert _one_error(capsys).startswith(f"{tmp_path / 'MURA-v1.1'}: already exists; ")
+    assert list((tmp_path / "MURA-v1.1").iterdir()) == []
+
+
+def test_make_data_onto_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "f"
+    file.write_text("keep me")
+    assert main(["make-data", str(file), *_SMALL_TREE]) == EXIT_USER_ERROR
+    assert _one_error(capsys) == f"{file}: is a file, not a folder; name a new or empty folder"
+    assert main(["make-data", str(file / "sub"), *_SMALL_TREE]) == EXIT_USER_ERROR
+    assert _one_error(capsys) == \
+        f"{file / 'sub'}: cannot create the folder (Not a directory); name a writable folder"
+    assert file.read_text() == "keep me"

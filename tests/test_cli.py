@@ -344,3 +344,15 @@ def test_make_data_onto_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert _one_error(capsys) == \
         f"{file / 'sub'}: cannot create the folder (Not a directory); name a writable folder"
     assert file.read_text() == "keep me"
+
+
+def test_evaluation_settings_are_checked_before_any_run(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results"
+    for verb in ("validate", "run"):
+        code = main([verb, str(PAPER), "--set", "evaluation.bootstrap.seed=-5", "--out", str(out)])
+        assert code == EXIT_USER_ERROR
+        assert _one_error(capsys).endswith(
+            "specs/paper.yaml: evaluation.bootstrap.seed: must be an integer seed in "
+            "[0, 4294967295]; got -5 (from --set evaluation.bootstrap.seed=-5)")
+    assert not out.exists()

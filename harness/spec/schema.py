@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, TypeAlias, get_args, get_origin
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -57,6 +58,21 @@ from harness.vocab import (
 BackendName: TypeAlias = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]  # registry names
 PosInt = Annotated[int, Field(gt=0)]
 Pair = tuple[PosInt, PosInt]
+SEED_MAX = 2**32 - 1  # PYTHONHASHSEED and numpy seed sequences take 0 .. 2**32 - 1
+
+
+def _seed(v: Any) -> Any:
+    # one check for every seed of a spec (seeds, data.split.seed, data.synthetic.seed,
+    # evaluation.bootstrap.seed): an integer, never a boolean, a float or a string
+    if isinstance(v, bool) or not isinstance(v, int):
+        shown = str(v).lower() if isinstance(v, bool) else repr(v)
+        raise ValueError(f"must be an integer seed in [0, {SEED_MAX}]; got {shown}")
+    if not 0 <= v <= SEED_MAX:
+        raise ValueError(f"must be an integer seed in [0, {SEED_MAX}]; got {v}")
+    return v
+
+
+Seed = Annotated[int, BeforeValidator(_seed)]
 
 
 class Strict(BaseModel):
@@ -169,7 +185,7 @@ class SplitSpec(Strict):
     strategy: SplitStrategy = "image"
     test_fraction: float = Field(0.2, gt=0, lt=1)
     stratify: bool = False
-    seed: int = 42
+    seed: Seed = 42
 
 
 class ValidationSpec(Strict):
@@ -179,7 +195,7 @@ class ValidationSpec(Strict):
 
 class SyntheticSpec(Strict):
     patients: int = Field(300, ge=4)
-    seed: int = 0
+    seed: Seed = 0
     min_size: int = Field(160, ge=16, le=512)
     max_size: int = Field(512, ge=16, le=512)
     label_noise: float = Field(0.0, ge=0, lt=0.5)
@@ -469,7 +485,7 @@ class Bootstrap(Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     unit: BootstrapUnit = "patient"
     method: BootstrapMethod = "percentile"
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Evaluation(Strict):
@@ -506,7 +522,7 @@ class Spec(Strict):
     augmentation: AugmentationSpec = AugmentationSpec()
     models: tuple[Model, ...]
     evaluation: Evaluation = Evaluation()
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[Seed, ...] = (0,)
     runtime: Runtime = Runtime()
     assumptions: tuple[Assumption, ...] = ()
 
@@ -526,9 +542,6 @@ class Spec(Strict):
     def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v or len(set(v)) != len(v):
             raise ValueError(f"must be a non-empty list of distinct integers; got {list(v)}")
-        bad = [s for s in v if not 0 <= s < 2**32]
-        if bad:  # PYTHONHASHSEED and numpy seed sequences take 0 .. 2**32 - 1
-            raise ValueError(f"seeds must be in [0, 4294967295]; got {bad[0]}")
         return v
 
     _source: str | None = PrivateAttr(default=None)  # set by load_spec, for messages

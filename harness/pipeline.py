@@ -66,7 +66,6 @@ def job_data(data: PreparedData) -> JobData:
 def run(request: RunRequest) -> int:
     """Plan, prepare the data once, run what is not done, write the report."""
     from harness.data import data_record, prepare_data, render_split
-    from harness.report import write_report
     from harness.results import clean_temp_files, results_lock, write_json_atomic, write_plan
     from harness.runner import run_all
 
@@ -116,7 +115,7 @@ def run(request: RunRequest) -> int:
         except KeyboardInterrupt:
             interrupted = True
             outcomes = []
-        report = write_report(results_dir)
+        report, bad_results = _write_report(results_dir, outcomes)
         print(f"\nreport: {report}")
         if interrupted:
             print(
@@ -128,7 +127,30 @@ def run(request: RunRequest) -> int:
     if failed:
         print(f"{len(failed)} run(s) failed; reasons are in the report and logs/", file=sys.stderr)
         return 1
+    if bad_results:  # finished "ok", but the analysis could not use the result
+        print(
+            f"{len(bad_results)} run(s) finished but their results failed analysis "
+            f"({bad_results[0]}); reasons are in the report",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _write_report(results_dir: Path, outcomes: list[Any]) -> tuple[Path, list[str]]:
+    """report.md and metrics.csv (as `report` writes them), and the runs of this invocation
+    that finished ok but that the analysis counts as failed (a result it could not use)."""
+    from harness.analyze import analyze, load_bundle
+    from harness.report import render_metrics_csv, render_report
+    from harness.results import write_text_atomic
+
+    analysis = analyze(load_bundle(results_dir))
+    write_text_atomic(results_dir / "metrics.csv", render_metrics_csv(analysis))
+    report = results_dir / "report.md"
+    write_text_atomic(report, render_report(analysis))
+    ok_now = {o.key.id for o in outcomes if o.status == "ok"}
+    bad = [f"{f.run_id}: {f.message}" for f in analysis.failed if f.run_id in ok_now]
+    return report, bad
 
 
 def _raise_interrupt(*_: Any) -> None:

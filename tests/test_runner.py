@@ -405,3 +405,22 @@ def test_the_result_file_is_json_with_its_schema(tiny):
     assert run["params"] == {"total": 0, "trainable": 0, "non_trainable": 0}
     assert run["resources"]["gpu"]["memory_used_peak"]["value"] is None
     assert run["provenance"]["python"]
+
+
+def test_a_result_the_analysis_cannot_use_is_not_ok(tiny):
+    """A run that finished "ok" but whose result the analysis refuses makes the exit code 1."""
+    from harness.pipeline import _write_report
+    from harness.records import RunKey
+    from harness.runner import RunOutcome
+
+    assert harness(tiny, "--seeds", "0").returncode == 0
+    path = run_file(tiny, 0)
+    obj = json.loads(path.read_text())
+    obj["test"] = {k: [] for k in obj["test"]}
+    path.write_text(json.dumps(obj))
+    outcome = RunOutcome(RunKey("baseline", "reference", 0), "ok")
+    report, bad = _write_report(tiny["out"], [outcome])
+    assert bad == ["baseline__reference__seed0: the result's test set is empty"]
+    assert report == tiny["out"] / "report.md" and report.is_file()
+    skipped = RunOutcome(RunKey("baseline", "reference", 0), "skipped")
+    assert _write_report(tiny["out"], [skipped])[1] == []  # an older result: the report says so

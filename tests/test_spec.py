@@ -836,3 +836,75 @@ def test_cli_shape_error(tmp_path: Path) -> None:
     path = edited(tmp_path, big_pool)
     _assert_user_error(_validate(path), f"{path}: models[1].layers[2] (maxpool2d): maxpool2d pool "
                                         "(300, 300) is larger than its input (224, 224)")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML a reader could misread, or that costs without bound (issue 13)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("name: a\nseeds: [0]\nname: b\n",
+     "(top level): duplicate key 'name' at lines 1 and 3; write each key once (YAML would "
+     "silently keep the last one)"),
+    ("data:\n  split:\n    seed: 1\n    strategy: image\n    seed: 2\n",
+     "data.split: duplicate key 'seed' at lines 3 and 5; write each key once (YAML would "
+     "silently keep the last one)"),
+    ("data: {split: {seed: 1, seed: 2}}\n",
+     "data.split: duplicate key 'seed' twice on line 1; write each key once (YAML would "
+     "silently keep the last one)"),
+    ("models:\n  - name: a\n    kind: random\n  - {name: b, kind: random, kind: sequential}\n",
+     "models[1]: duplicate key 'kind' twice on line 4; write each key once (YAML would "
+     "silently keep the last one)"),
+])
+def test_duplicate_keys_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    assert error_of(path).message == f"{path}: {expected}"
+
+
+def test_a_duplicate_key_in_a_parent_names_the_parent(tmp_path: Path) -> None:
+    parent = write(tmp_path, "runtime:\n  device: cpu\n  device: auto\n", "parent.yaml")
+    child = write(tmp_path, "extends: parent.yaml\nname: child\n", "child.yaml")
+    assert error_of(child).message == (
+        f"{parent}: runtime: duplicate key 'device' at lines 2 and 3; write each key once "
+        "(YAML would silently keep the last one)")
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    message = error_of(path).message
+    assert message.startswith(f"{path}: a")
+    assert message.endswith(
+        ": more than 100,000 values once YAML aliases (*name) are expanded; a spec needs far "
+        "fewer: write the values out or use `extends:`")
+
+
+def test_shared_aliases_within_the_limit_are_fine(tmp_path: Path) -> None:
+    from harness.spec import read_yaml
+
+    path = write(tmp_path, "a: &x [1, 2]\nb: *x\nc: {d: *x}\n")
+    assert read_yaml(path) == {"a": [1, 2], "b": [1, 2], "c": {"d": [1, 2]}}
+
+
+@pytest.mark.parametrize("depth", [65, 2000])
+def test_deep_nesting_is_refused(tmp_path: Path, depth: int) -> None:
+    path = write(tmp_path, "a: " + "[" * depth + "]" * depth + "\n")
+    expected = (f"{path}: line 1, column 68: nested deeper than 64 levels; a spec nests a few "
+                "levels") if depth == 65 else (
+        f"{path}: nested too deeply for a spec (more than 64 levels); a spec nests a few levels")
+    assert error_of(path).message == expected
+
+
+def test_an_oversized_spec_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\n" + "# padding\n" * 100_001)
+    assert error_of(path).message == (
+        f"{path}: larger than 1,000,000 bytes; a spec is a small text file (specs/paper.yaml is "
+        "under 20 KB): name the spec, not a data file")
+
+
+def test_an_endless_file_is_refused() -> None:
+    assert error_of(Path("/dev/zero")).message == (
+        "/dev/zero: larger than 1,000,000 bytes; a spec is a small text file "
+        "(specs/paper.yaml is under 20 KB): name the spec, not a data file")

@@ -28,15 +28,102 @@ def display(path: Path) -> str:
         return str(path)
 
 
+MAX_SPEC_BYTES = 1_000_000  # a spec is a few KB; the paper's is under 20 KB
+MAX_DEPTH = 64  # mappings and lists nested in one another
+MAX_NODES = 100_000  # values once aliases are expanded (an alias bomb expands exponentially)
+
+
+def _read_text(path: Path, shown: str) -> str:
+    """The file's text, reading at most MAX_SPEC_BYTES + 1 bytes (`/dev/zero` ends too)."""
+    try:
+        with path.open("rb") as f:
+            blob = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{shown}: cannot read the spec file: {e.strerror or e}") from None
+    if len(blob) > MAX_SPEC_BYTES:
+        raise UserError(
+            f"{shown}: larger than {MAX_SPEC_BYTES:,} bytes; a spec is a small text file "
+            "(specs/paper.yaml is under 20 KB): name the spec, not a data file"
+        )
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{shown}: not a UTF-8 text file") from None
+
+
+def _check_nodes(root: yaml.Node, shown: str) -> None:
+    """Refuse duplicate keys (at any depth, flow mappings included), nesting deeper than
+    MAX_DEPTH and more than MAX_NODES values once aliases are expanded."""
+    count = 0
+
+    def where(path: str) -> str:
+        return path or "(top level)"
+
+    def walk(node: yaml.Node, path: str, depth: int) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_NODES:
+            raise UserError(
+                f"{shown}: {where(path)}: more than {MAX_NODES:,} values once YAML aliases "
+                "(*name) are expanded; a spec needs far fewer: write the values out or use "
+                "`extends:`"
+            )
+        if depth > MAX_DEPTH:
+            mark = node.start_mark
+            raise UserError(
+                f"{shown}: line {mark.line + 1}, column {mark.column + 1}: nested deeper than "
+                f"{MAX_DEPTH} levels; a spec nests a few levels"
+            )
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if name in first_line:
+                        lines = (f"twice on line {line}" if first_line[name] == line
+                                 else f"at lines {first_line[name]} and {line}")
+                        raise UserError(
+                            f"{shown}: {where(path)}: duplicate key '{name}' {lines}; write "
+                            "each key once (YAML would silently keep the last one)"
+                        )
+                    first_line[name] = line
+                walk(value, join_path(path, str(name)), depth + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, join_path(path, i), depth + 1)
+
+    walk(root, "", 0)
+
+
+def _load(text: str, shown: str) -> Any:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, shown)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise UserError(
+            f"{shown}: nested too deeply for a spec (more than {MAX_DEPTH} levels); "
+            "a spec nests a few levels"
+        ) from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Parse one YAML file safely; errors carry the line and column."""
+    """Parse one YAML file safely; errors carry the line and column. Duplicate keys, an
+    oversized file, deep nesting and alias bombs are refused before anything is built."""
     shown = display(path)
     if not path.exists():
         raise UserError(f"{shown}: spec file not found", "check the path; specs live in specs/")
     if path.is_dir():
         raise UserError(f"{shown}: is a folder, not a spec file", "name a .yaml file inside it")
+    text = _read_text(path, shown)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load(text, shown)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -50,10 +137,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{shown}: invalid YAML at {where}: {e.problem}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{shown}: invalid YAML: {e}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{shown}: not a UTF-8 text file") from None
-    except OSError as e:
-        raise UserError(f"{shown}: cannot read the spec file: {e.strerror or e}") from None
     if data is None:
         raise UserError(f"{shown}: the spec is empty")
     if not isinstance(data, dict):

@@ -617,6 +617,17 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      lambda d: d["paper"]["contradictions"][0]["claims"][1].update(model="vgg"),
      "paper.contradictions[0].claims[1].model: no model named 'vgg'; "
      "models are baseline, cnn, densenet"),
+    ("not-printed-unknown-model",
+     lambda d: d["paper"]["not_printed"][0].update(models=["cnn", "vgg"]),
+     "paper.not_printed[0].models[1]: no model named 'vgg'; models are baseline, cnn, densenet"),
+    ("random-low-above-high", lambda d: d["models"][0].update(low=0.9, high=0.1),
+     "models[0]: low (0.9) must be below high (0.1): p ~ U[low, high)"),
+    ("random-low-equals-high", lambda d: d["models"][0].update(low=0.5, high=0.5),
+     "models[0]: low (0.5) must be below high (0.5): p ~ U[low, high)"),
+    ("random-high-over-1", lambda d: d["models"][0].update(high=2),
+     "models[0].high: must be less than or equal to 1; got 2"),
+    ("random-low-negative", lambda d: d["models"][0].update(low=-1),
+     "models[0].low: must be greater than or equal to 0; got -1"),
     ("assumption-field-typo", lambda d: d["assumptions"][0].update(field="data.chanels"),
      "assumptions[0].field: 'data.chanels' is not a path in this spec"),
     ("assumption-field-model",
@@ -752,6 +763,13 @@ def test_a_model_its_backend_cannot_build_fails_validate(tmp_path: Path) -> None
     _assert_user_error(_validate(path), f"{path}: models[1].backends[1]: backend 'reference' "
                        "does not support model kind 'sequential' (models[1].kind); it supports: "
                        "random")
+
+
+def test_a_random_model_on_a_framework_backend_fails_validate(tmp_path: Path) -> None:
+    path = edited(tmp_path, lambda d: d["models"][0].update(backends=["torch"]))
+    _assert_user_error(_validate(path), f"{path}: models[0].backends[0]: backend 'torch' "
+                       "does not support model kind 'random' (models[0].kind); it supports: "
+                       "sequential, pretrained")
 
 
 # ---------------------------------------------------------------------------------------------

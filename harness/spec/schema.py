@@ -440,8 +440,16 @@ class RandomModel(ModelBase):
 
     kind: Literal["random"]
     backends: tuple[BackendName, ...] = ("reference",)
-    low: float = 0.0
-    high: float = 1.0
+    low: float = Field(0.0, ge=0, le=1)  # probabilities
+    high: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> RandomModel:
+        if not self.low < self.high:
+            raise ValueError(
+                f"low ({self.low:g}) must be below high ({self.high:g}): p ~ U[low, high)"
+            )
+        return self
 
 
 class SequentialModel(ModelBase):
@@ -558,14 +566,19 @@ class Spec(Strict):
         for j, con in enumerate(self.paper.contradictions):
             where = f"paper.contradictions[{j}].claims"
             claims += [(f"{where}[{i}]", c) for i, c in enumerate(con.claims)]
-        for where, claim in claims:
-            if claim.model not in names:
+        refs = [(f"{where}.model", claim.model) for where, claim in claims]
+        refs += [
+            (f"paper.not_printed[{i}].models[{j}]", name)
+            for i, np_ in enumerate(self.paper.not_printed)
+            for j, name in enumerate(np_.models)
+        ]
+        for where, model in refs:
+            if model not in names:
                 # a custom error type carries the path: an after-validator's own location is the top
                 raise PydanticCustomError(
                     "cross_ref",
                     "{path}: no model named '{got}'; models are {allowed}",
-                    {"path": f"{where}.model", "got": claim.model,
-                     "allowed": ", ".join(sorted(names))},
+                    {"path": where, "got": model, "allowed": ", ".join(sorted(names))},
                 )
         return self
 

@@ -66,7 +66,13 @@ def job_data(data: PreparedData) -> JobData:
 def run(request: RunRequest) -> int:
     """Plan, prepare the data once, run what is not done, write the report."""
     from harness.data import data_record, prepare_data, render_split
-    from harness.results import clean_temp_files, results_lock, write_json_atomic, write_plan
+    from harness.results import (
+        check_results_dir,
+        clean_temp_files,
+        results_lock,
+        write_json_atomic,
+        write_plan,
+    )
     from harness.runner import run_all
 
     # SIGTERM before the runner takes over (data generation, cache build) must clean up too
@@ -76,6 +82,7 @@ def run(request: RunRequest) -> int:
     check_counts(problems, f"`python -m harness validate {request.spec}` prints every count")
     plan = make_plan(spec, request.selection)
     results_dir = request.where.results_dir(spec)
+    check_results_dir(results_dir, "--out" if request.where.out is not None else "results folder")
     cache_dir = request.where.cache()
     if request.dry_run:
         print(data_section(spec, cache_dir))

@@ -209,6 +209,38 @@ def clean_temp_files(results_dir: Path) -> int:
     return n
 
 
+# folders the harness never writes into, whatever --out says
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev", "/boot", "/etc", "/bin", "/sbin", "/lib", "/lib32",
+                  "/lib64", "/usr", "/run", "/var/run")
+
+
+def check_results_dir(folder: Path, option: str = "--out") -> None:
+    """Refuse a results folder that cannot or must not be written, before anything starts:
+    the root folder, a system folder, a file, a folder this user cannot write."""
+    resolved = folder.expanduser().resolve()
+    what = None
+    if resolved == Path(resolved.anchor):
+        what = "the root folder"
+    elif any(resolved == Path(s) or Path(s) in resolved.parents for s in SYSTEM_FOLDERS):
+        what = "a system folder"
+    elif resolved.exists() and not resolved.is_dir():
+        what = "a file, not a folder"
+    else:
+        ancestor = resolved
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            what = f"under {ancestor}, which is a file"
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
+            what = ("not writable by this user" if ancestor == resolved
+                    else f"under {ancestor}, which this user cannot write")
+    if what is not None:
+        raise UserError(
+            f"{option}: {folder} is {what}; name a folder of your own for the results "
+            "(default: results/<spec name>)"
+        )
+
+
 @contextmanager
 def results_lock(results_dir: Path) -> Iterator[None]:
     """One harness process per results folder; a second one gets a clear error."""
@@ -217,7 +249,13 @@ def results_lock(results_dir: Path) -> Iterator[None]:
     except OSError as e:
         raise UserError(f"{results_dir}: cannot create the results folder: {e.strerror}") from None
     lock_path = results_dir / ".lock"
-    f = open(lock_path, "a+")
+    try:
+        f = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
+    except OSError as e:
+        raise UserError(
+            f"{results_dir}: cannot write in the results folder ({e.strerror or e}); "
+            "pass --out with a writable folder"
+        ) from None
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,6 +17,7 @@ from tabulate import tabulate
 
 from harness.errors import UserError
 from harness.plan import Plan, Selection, make_plan, run_status
+from harness.results import check_results_dir
 from harness.spec import Spec, load_spec
 
 RESULTS_ROOT = Path("results")
@@ -170,6 +171,8 @@ def plan_table(plan: Plan, results_dir: Path) -> str:
 def validate(request: ValidateRequest) -> int:
     """Print the spec's tables, data and plan; UserError on a count mismatch."""
     spec = load_spec(request.spec, list(request.overrides))
+    results_dir = request.where.results_dir(spec)
+    check_results_dir(results_dir, "--out" if request.where.out is not None else "results folder")
     tables, problems = model_tables(spec)
     print(
         f"{request.spec}: spec '{spec.name}' is valid: {len(spec.models)} models, "
@@ -180,7 +183,7 @@ def validate(request: ValidateRequest) -> int:
     cache_dir = request.where.cache()
     print(data_section(spec, cache_dir))
     plan = make_plan(spec, request.selection).with_data(data_hash_if_cached(spec, cache_dir))
-    print(plan_table(plan, request.where.results_dir(spec)))
+    print(plan_table(plan, results_dir))
     print(
         f"\nAssumptions: {len(spec.assumptions)} (values the paper does not state; see the report)"
     )

@@ -356,3 +356,42 @@ def test_evaluation_settings_are_checked_before_any_run(tmp_path: Path,
             "specs/paper.yaml: evaluation.bootstrap.seed: must be an integer seed in "
             "[0, 4294967295]; got -5 (from --set evaluation.bootstrap.seed=-5)")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("out", "what"), [
+    ("/", "the root folder"),
+    ("/proc/sys", "a system folder"),
+    ("/usr/share/results", "a system folder"),
+    ("{tmp}/f", "a file, not a folder"),
+    ("{tmp}/f/sub", "under {tmp}/f, which is a file"),
+])
+def test_a_results_folder_that_must_not_be_written(out: str, what: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "f").write_text("keep me")
+    out, what = out.format(tmp=tmp_path), what.format(tmp=tmp_path)
+    for verb in (["validate"], ["run"], ["run", "--dry-run"]):
+        assert main([*verb, str(PAPER), "--out", out]) == EXIT_USER_ERROR
+        assert _one_error(capsys) == (
+            f"--out: {out} is {what}; name a folder of your own for the results "
+            "(default: results/<spec name>)")
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_an_unwritable_results_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import harness.results
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    # as for a folder without write permission (tests may run as root, who may write anywhere)
+    monkeypatch.setattr(harness.results.os, "access",
+                        lambda p, mode: Path(p) != locked and real(p, mode))
+    for out in (locked, locked / "results"):
+        assert main(["run", str(PAPER), "--out", str(out)]) == EXIT_USER_ERROR
+        what = ("not writable by this user" if out == locked
+                else f"under {locked}, which this user cannot write")
+        assert _one_error(capsys) == (
+            f"--out: {out} is {what}; name a folder of your own for the results "
+            "(default: results/<spec name>)")
+    assert list(locked.iterdir()) == []

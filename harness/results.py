@@ -7,8 +7,9 @@
 
 This module alone turns the records of harness/records.py into JSON and back: RunResult files,
 job files and the worker's progress lines. A RunResult is only ever read once complete: files are
-written to a temp file, fsynced and renamed; a file that does not parse, or lacks the completion
-marker, is not a result (a killed writer). A complete file of an older schema is migrated on
+written to a temp file, fsynced and renamed, so a run file that does not parse is damaged (a
+truncated copy, a full disk, an edit): RunFileError, reported and kept aside; one that lacks the
+completion marker is not a result. A complete file of an older schema is migrated on
 reading; one this harness cannot read raises RunFileError, naming the file and why.
 """
 
@@ -134,9 +135,17 @@ def read_run(path: Path) -> RunResult | None:
     """The complete RunResult at `path`; None when there is none (missing, or a half-written
     file without the completion marker); RunFileError for a complete file it cannot read."""
     try:
-        obj = read_json(path)
-    except (OSError, ValueError):
+        text = path.read_bytes()
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        raise RunFileError(path, f"cannot be read ({e.strerror or e})") from None
+    try:
+        obj = json.loads(text.decode("utf-8"))
+    except ValueError as e:  # results are renamed into place whole: this is damage, not a writer
+        raise RunFileError(
+            path, f"not valid JSON (truncated or damaged: {e}); kept aside, its run is rerun"
+        ) from None
     if not isinstance(obj, dict) or obj.get("complete") is not True:
         return None
     return run_from_json(obj, path)

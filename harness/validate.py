@@ -8,6 +8,8 @@ count check, the data summary and the plan table. Nothing here decodes an image 
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,10 +143,17 @@ def data_section(spec: Spec, cache_dir: Path) -> str:
         with spec_fields(spec):
             summary = summarize_without_cache(spec.data, cache_dir)
     except UserError as e:
+        if data_root_configured(spec):
+            raise  # a configured root that is broken is an error; only an unset one is skipped
         return f"\nData: not available here: {e.message}"
     return f"\nData ({spec.data.dataset}, {spec.data.split.strategy}-level split)\n" + render_split(
         summary.describe()
     )
+
+
+def data_root_configured(spec: Spec) -> bool:
+    """True when the spec reads MURA from a root it names (data.root or $MURA_ROOT)."""
+    return spec.data.dataset == "mura-v1.1" and bool(spec.data.root or os.environ.get("MURA_ROOT"))
 
 
 def data_hash_if_cached(spec: Spec, cache_dir: Path) -> str | None:

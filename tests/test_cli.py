@@ -395,3 +395,26 @@ def test_an_unwritable_results_folder(tmp_path: Path, monkeypatch: pytest.Monkey
             f"--out: {out} is {what}; name a folder of your own for the results "
             "(default: results/<spec name>)")
     assert list(locked.iterdir()) == []
+
+
+def test_validate_refuses_a_configured_but_broken_data_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["make-data", str(tmp_path), *_SMALL_TREE]) == 0
+    images = sorted((tmp_path / "MURA-v1.1" / "train").rglob("*.png"))
+    for png in images[:4]:
+        png.unlink()
+    capsys.readouterr()
+    monkeypatch.setenv("MURA_ROOT", str(tmp_path))
+    assert main(["validate", str(PAPER)]) == EXIT_USER_ERROR
+    gone = ", ".join(str(p.relative_to(tmp_path)) for p in images[:3])
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'MURA-v1.1'}: 4 image file(s) listed in the CSVs are missing "
+        f"(first: {gone}); restore the files or re-extract the archive"]
+    monkeypatch.setenv("MURA_ROOT", str(tmp_path / "nope"))
+    assert main(["validate", str(PAPER)]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.splitlines()[0] == \
+        f"error: MURA_ROOT: {tmp_path / 'nope'} does not exist or is not a folder"
+    monkeypatch.delenv("MURA_ROOT")  # an unconfigured root is "not checked here"
+    assert main(["validate", str(PAPER)]) == 0
+    assert "Data: not available here: " in capsys.readouterr().out

@@ -242,3 +242,24 @@ def test_an_unreadable_csv(own_tree, monkeypatch):
     assert info.value.message == (
         f"{csv}: permission denied reading the CSV; make it readable by this user "
         "(e.g. chmod a+r)")
+
+
+def test_permission_denied_is_not_missing(own_tree, monkeypatch):
+    table = load_mura_table(own_tree, ["WRIST"])
+    first = sorted(table["path"])[0]
+    folder = str(own_tree / Path(first).parent)
+    real = os.stat
+
+    def stat(path, *args, **kwargs):
+        if str(path).startswith(folder + os.sep):  # as under a folder without x permission
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    denied = sorted(p for p in table["path"] if str(own_tree / p).startswith(folder + os.sep))
+    with pytest.raises(UserError) as info:
+        load_mura_table(own_tree, ["WRIST"])
+    assert info.value.message == (
+        f"{own_tree / DATA}: permission denied for {len(denied)} image file(s) listed in the "
+        f"CSVs (first: {', '.join(denied[:3])}); make the files and their folders readable by "
+        "this user (e.g. chmod -R a+rX)")

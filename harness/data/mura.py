@@ -225,12 +225,31 @@ def _load_split(base: Path, split: str, parts_wanted: set[str]) -> tuple[list[di
 
 
 def _check_files_exist(base: Path, paths: Iterable[str]) -> None:
-    missing = [p for p in paths if not os.path.isfile(base / p)]
+    missing, denied = [], []
+    for p in paths:
+        if not os.path.isfile(base / p):  # isfile() says False for a permission error too
+            (denied if _permission_denied(base / p) else missing).append(p)
+    if denied:
+        raise UserError(
+            f"{base / DATASET_DIR}: permission denied for {len(denied)} image file(s) listed in "
+            f"the CSVs (first: {_first(denied)}); make the files and their folders readable "
+            "by this user (e.g. chmod -R a+rX)"
+        )
     if missing:
         raise UserError(
             f"{base / DATASET_DIR}: {len(missing)} image file(s) listed in the CSVs are missing "
             f"(first: {_first(missing)}); restore the files or re-extract the archive"
         )
+
+
+def _permission_denied(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def load_mura_table(

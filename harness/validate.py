@@ -9,7 +9,6 @@ count check, the data summary and the plan table. Nothing here decodes an image 
 from __future__ import annotations
 
 import os
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass

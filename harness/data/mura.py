@@ -225,7 +225,8 @@ def _load_split(base: Path, split: str, parts_wanted: set[str]) -> tuple[list[di
 
 
 def _check_files_exist(base: Path, paths: Iterable[str]) -> None:
-    missing, denied = [], []
+    missing: list[str] = []
+    denied: list[str] = []
     for p in paths:
         if not os.path.isfile(base / p):  # isfile() says False for a permission error too
             (denied if _permission_denied(base / p) else missing).append(p)

@@ -263,3 +263,36 @@ def test_permission_denied_is_not_missing(own_tree, monkeypatch):
         f"{own_tree / DATA}: permission denied for {len(denied)} image file(s) listed in the "
         f"CSVs (first: {', '.join(denied[:3])}); make the files and their folders readable by "
         "this user (e.g. chmod -R a+rX)")
+
+
+def test_symlinks_leaving_the_data_folder_are_refused_unless_allowed(tree, own_tree, tmp_path):
+    table = load_mura_table(own_tree, ["WRIST"])
+    first = sorted(table["path"])[0]
+    elsewhere = tmp_path / "elsewhere.png"
+    (own_tree / first).rename(elsewhere)
+    (own_tree / first).symlink_to(elsewhere)
+    with pytest.raises(UserError) as info:
+        load_mura_table(own_tree, ["WRIST"])
+    assert info.value.message == (
+        f"{own_tree / DATA}: 1 file(s) are symlinks leading outside the data folder (first: "
+        f"{first} -> {elsewhere}); copy the files in, or set data.follow_symlinks: true to read "
+        "them where they lead")
+    assert load_mura_table(own_tree, ["WRIST"], follow_symlinks=True).equals(table)
+    # a symlink that stays inside the data folder is fine
+    (own_tree / first).unlink()
+    inside = own_tree / DATA / "moved.png"
+    elsewhere.rename(inside)
+    (own_tree / first).symlink_to(inside)
+    assert load_mura_table(own_tree, ["WRIST"]).equals(table)
+
+
+def test_a_csv_symlinked_from_outside_is_refused(own_tree, tmp_path):
+    csv = own_tree / DATA / "valid_labeled_studies.csv"
+    outside = tmp_path / "labels.csv"
+    csv.rename(outside)
+    csv.symlink_to(outside)
+    with pytest.raises(UserError) as info:
+        load_mura_table(own_tree, ["WRIST"])
+    assert info.value.message.startswith(
+        f"{own_tree / DATA}: 1 file(s) are symlinks leading outside the data folder (first: "
+        f"{DATA}/valid_labeled_studies.csv -> {outside}); ")

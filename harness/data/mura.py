@@ -253,10 +253,27 @@ def _permission_denied(path: Path) -> bool:
     return False
 
 
+def _check_inside(base: Path, paths: Iterable[str]) -> None:
+    """Refuse files (CSVs, images) whose real path, symlinks followed, leaves MURA-v1.1/."""
+    inside = os.path.realpath(base / DATASET_DIR) + os.sep
+    outside = []
+    for p in paths:
+        real = os.path.realpath(base / p)
+        if not real.startswith(inside):
+            outside.append(f"{p} -> {real}")
+    if outside:
+        raise UserError(
+            f"{base / DATASET_DIR}: {len(outside)} file(s) are symlinks leading outside the data "
+            f"folder (first: {_first(outside, 1)}); copy the files in, or set "
+            "data.follow_symlinks: true to read them where they lead"
+        )
+
+
 def load_mura_table(
     root: Path | str | None,
     body_parts: Sequence[str],
     splits: Sequence[str] = SPLITS,
+    follow_symlinks: bool = False,
 ) -> pd.DataFrame:
     """Read the image table of the given body parts and splits; `.attrs["base_dir"]` is the root."""
     wanted = {p.upper().removeprefix("XR_") for p in body_parts}
@@ -290,6 +307,10 @@ def load_mura_table(
             f"(first: {_first(dupes)})"
         )
     _check_files_exist(base, table["path"])
+    if not follow_symlinks:
+        csvs = [f"{DATASET_DIR}/{name(s)}" for s in splits for name in (image_csv_name,
+                                                                        study_csv_name)]
+        _check_inside(base, [*csvs, *table["path"]])
     table["label"] = table["label"].astype("int64")
     table.attrs["base_dir"] = str(base)
     return table

@@ -220,6 +220,8 @@ class DataSpec(Strict):
     split: SplitSpec = SplitSpec()
     validation: ValidationSpec = ValidationSpec()
     on_bad_image: OnBadImage = "fail"
+    # a file of the tree that is a symlink leading outside MURA-v1.1/ is refused unless true
+    follow_symlinks: bool = False
     synthetic: SyntheticSpec = SyntheticSpec()
 
     @field_validator("body_parts", mode="before")

@@ -926,3 +926,35 @@ def test_an_endless_file_is_refused() -> None:
     assert error_of(Path("/dev/zero")).message == (
         "/dev/zero: larger than 1,000,000 bytes; a spec is a small text file "
         "(specs/paper.yaml is under 20 KB): name the spec, not a data file")
+
+
+def test_an_error_written_in_a_parent_names_the_parent(tmp_path: Path) -> None:
+    base = write(tmp_path, f"extends: {ROOT / 'specs' / 'demo.yaml'}\n"
+                           "models: [{name: cnn, train: {epochs: 0}}]\n"
+                           "data: {split: {sed: 3}}\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\nname: child\ndata: {split: {sed: null}}\n",
+                  "child.yaml")
+    # the child wrote data.split.sed (null): the child is named
+    assert error_of(child).message.startswith(f"{child}: data.split: unknown key 'sed'")
+    child.write_text("extends: base.yaml\nname: child\n")
+    assert error_of(child).message == (
+        f"{base}: data.split: unknown key 'sed' (did you mean 'seed'?); allowed: seed, strategy, "
+        f"stratify, test_fraction (extended by {child})")
+    base.write_text(f"extends: {ROOT / 'specs' / 'demo.yaml'}\n"
+                    "models: [{name: cnn, train: {epochs: 0}}]\n")
+    assert error_of(child).message == (
+        f"{base}: models[1].train.epochs: must be greater than or equal to 1; got 0 "
+        f"(extended by {child})")
+    child.write_text("extends: base.yaml\nname: child\nmodels: [{name: cnn, train: {epochs: -2}}]\n")
+    assert error_of(child).message == (
+        f"{child}: models[1].train.epochs: must be greater than or equal to 1; got -2")
+    # --set is named as before, whoever wrote the field
+    assert error_of(child, ("models.cnn.train.epochs=-3",)).message == (
+        f"{child}: models[1].train.epochs: must be greater than or equal to 1; got -3 "
+        "(from --set models.cnn.train.epochs=-3)")
+
+
+def test_invalid_yaml_in_a_parent_names_the_parent(tmp_path: Path) -> None:
+    base = write(tmp_path, "name: [x\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\n", "child.yaml")
+    assert error_of(child).message.startswith(f"{base}: invalid YAML at line ")

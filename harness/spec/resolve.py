@@ -181,9 +181,13 @@ def merge(base: Any, over: Any) -> Any:
     return over
 
 
-def resolve_extends(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def resolve_extends(
+    path: Path, _chain: tuple[Path, ...] = (), files: list[tuple[str, Any]] | None = None
+) -> dict[str, Any]:
     """Read a spec and its `extends:` parents (paths relative to the child file), then apply
-    its `overrides:` (a list of `PATH=VALUE`, as for --set) to the merged result."""
+    its `overrides:` (a list of `PATH=VALUE`, as for --set) to the merged result. `files`, when
+    given, receives (file as shown, its own mapping) for each file, the farthest parent first:
+    `origin` tells from it which file wrote a field."""
     path = path.resolve() if path.exists() else path
     if path in _chain:
         cycle = " -> ".join(display(p) for p in (*_chain, path))
@@ -196,10 +200,13 @@ def resolve_extends(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             f"{display(path)}: overrides: must be a list of 'PATH=VALUE' strings "
             f"(as for --set); got {overrides!r}"
         )
+    own = merge({}, raw)  # a copy: merging and overrides write into `merged`
     if parent is None:
         merged = raw
     else:
-        merged = merge(_parent(path, parent, _chain), raw)
+        merged = merge(_parent(path, parent, _chain, files), raw)
+    if files is not None:
+        files.append((display(path), own))
     for i, assignment in enumerate(overrides):
         try:
             apply_override(merged, assignment, display(path))
@@ -210,7 +217,9 @@ def resolve_extends(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     return merged
 
 
-def _parent(path: Path, parent: Any, _chain: tuple[Path, ...]) -> dict[str, Any]:
+def _parent(
+    path: Path, parent: Any, _chain: tuple[Path, ...], files: list[tuple[str, Any]] | None
+) -> dict[str, Any]:
     if not isinstance(parent, str):
         raise UserError(f"{display(path)}: extends: must be a file path; got {parent!r}")
     parent_path = (path.parent / parent).resolve()
@@ -219,7 +228,39 @@ def _parent(path: Path, parent: Any, _chain: tuple[Path, ...]) -> dict[str, Any]
             f"{display(path)}: extends: parent spec '{parent}' not found "
             f"(looked for {display(parent_path)})"
         )
-    return resolve_extends(parent_path, (*_chain, path))
+    return resolve_extends(parent_path, (*_chain, path), files)
+
+
+def origin(files: list[tuple[str, Any]], merged: Any, field: str) -> str | None:
+    """The file (of `files`, from resolve_extends) that wrote `field` of the merged spec, or the
+    closest enclosing field it wrote; None when none did (a default, or --set)."""
+    marks: dict[str, str] = {}
+
+    def mark(own: Any, node: Any, where: str, shown: str) -> None:
+        if where:
+            marks[where] = shown
+        if isinstance(own, dict) and isinstance(node, dict):
+            for k, v in own.items():
+                if k in node:
+                    mark(v, node[k], join_path(where, str(k)), shown)
+        elif isinstance(own, list) and isinstance(node, list):
+            key = _merge_key(own)
+            for i, item in enumerate(own):
+                j = i
+                if key is not None and key == _merge_key(node):
+                    j = next((n for n, x in enumerate(node) if x.get(key) == item[key]), -1)
+                if 0 <= j < len(node):
+                    mark(item, node[j], join_path(where, j), shown)
+
+    for shown, own in files:  # the farthest parent first: a child's mark wins
+        mark(own, merged, "", shown)
+    probe = field
+    while probe:
+        if probe in marks:
+            return marks[probe]
+        probe = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", probe) if re.search(
+            r"[.\[]", probe) else ""
+    return None
 
 
 _SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")

@@ -3,7 +3,7 @@
     backend = registry.create("keras", device="auto")   # or "keras-torch", "keras-jax"
     backend.seed(0, deterministic=True)
     handle = backend.build(spec.model("cnn"), ModelInput(224, 3, "rescale"))
-    history = backend.fit(handle, train, val, spec.model("cnn").train, on_epoch=print)
+    history = backends.loop.fit(backend, handle, spec.model("cnn"), train, val, on_epoch=print)
     probs = backend.predict(handle, test_images)
 
 Model building, counting and prediction are written with keras.layers / keras.ops and run on any
@@ -12,8 +12,9 @@ and does, on the device, augmentation -> normalization -> channel replication ->
 optimizer update, and returns the loss and the training-mode probabilities (for the history
 metrics). On TensorFlow the step is a compiled `tf.function` (GradientTape); on Keras' PyTorch
 backend (`keras-torch`) it runs eagerly with torch autograd on the Keras variables, as Keras' own
-TorchTrainer does (`_train_step_torch`). Forward and loss (`_loss_and_probs`), normalization,
-optimizer and the epoch loop are shared. JAX (`keras-jax`) builds and predicts only.
+TorchTrainer does (`_make_step_torch`). Forward and loss (`_loss_and_probs`), normalization and
+optimizer are shared; the epoch loop is the harness's (backends/loop.py), as for every backend.
+JAX (`keras-jax`) builds and predicts only.
 
 Loss (harness.spec.Loss): with `form: auto` and a model whose last layer ends in a sigmoid, BCE is
 computed from the pre-sigmoid logits, as Keras 3 on TensorFlow does (the sigmoid's output carries
@@ -22,8 +23,8 @@ model itself is unchanged (same layers, counts and probabilities): `build` also 
 model that shares its layers and stops before the last one, and `_logits` applies the last
 layer's pre-activation (Dense: x W + b; Activation: identity) to it. Otherwise (`form:
 probabilities`, or another last layer) BCE is on probabilities clipped to [eps, 1 - eps].
-The validation loss in the history uses the same per-sample function as training (inference
-mode, float32 in the framework, averaged in float64).
+`predict(..., logits=True)` returns those logits in inference mode; the loop computes the
+validation loss from them in float64 (backends/base.py `bce_logits`).
 
 Augmentation (semantics in harness/data/augment.py): flip, rotate counter-clockwise by `angle`
 about the centre, zoom by `scale` about the centre. Each sample's inverse map (output pixel ->
@@ -47,7 +48,6 @@ import math
 import os
 import platform
 import socket
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,14 +61,15 @@ from backends.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Backend,
-    EpochRecord,
-    EvalData,
+    Batch,
     ModelInput,
-    TrainData,
-    bce,
-    epoch_metrics,
+    StepResult,
+    check_weights,
 )
+from backends.loop import last_layer
 from harness.errors import UserError
+from harness.spec import ACTIVATIONS as SPEC_ACTIVATIONS
+from harness.spec import INITIALIZERS as SPEC_INITIALIZERS
 from harness.spec import (
     ActivationLayer,
     BatchNorm,
@@ -96,6 +97,24 @@ else:  # pragma: no cover - exercised only under KERAS_BACKEND=torch|jax
 
 
 # ---------------------------------------------------------------------------------------------
+# Activations and initializers: the spec's names are Keras' own; the tables resolve each one
+# when the module loads, so a name Keras lacks fails here, not in the middle of a build.
+
+ACTIVATIONS: dict[str, Callable[..., Any]] = {a: keras.activations.get(a) for a in SPEC_ACTIVATIONS}
+INITIALIZERS: dict[str, type[keras.initializers.Initializer]] = {
+    i: type(keras.initializers.get(i)) for i in SPEC_INITIALIZERS
+}
+
+
+def _activation_of(layer: Any) -> Callable[..., Any]:
+    return ACTIVATIONS[layer.activation]
+
+
+def _initializer(name: str) -> keras.initializers.Initializer:
+    return INITIALIZERS[name]()  # a fresh instance per variable, as Keras makes from a name
+
+
+# ---------------------------------------------------------------------------------------------
 # Spec layers -> Keras layers: one table. Every parameter comes from the spec.
 
 
@@ -105,10 +124,10 @@ def _conv2d(layer: Conv2D, name: str) -> keras.layers.Layer:
         kernel_size=layer.kernel,
         strides=layer.strides,
         padding=layer.padding,
-        activation=layer.activation,
+        activation=_activation_of(layer),
         use_bias=layer.use_bias,
-        kernel_initializer=layer.kernel_initializer,
-        bias_initializer=layer.bias_initializer,
+        kernel_initializer=_initializer(layer.kernel_initializer),
+        bias_initializer=_initializer(layer.bias_initializer),
         name=name,
     )
 
@@ -151,16 +170,16 @@ def _global_avg_pool(layer: GlobalAvgPool, name: str) -> keras.layers.Layer:
 def _dense(layer: Dense, name: str) -> keras.layers.Layer:
     return keras.layers.Dense(
         units=layer.units,
-        activation=layer.activation,
+        activation=_activation_of(layer),
         use_bias=layer.use_bias,
-        kernel_initializer=layer.kernel_initializer,
-        bias_initializer=layer.bias_initializer,
+        kernel_initializer=_initializer(layer.kernel_initializer),
+        bias_initializer=_initializer(layer.bias_initializer),
         name=name,
     )
 
 
 def _activation(layer: ActivationLayer, name: str) -> keras.layers.Layer:
-    return keras.layers.Activation(layer.activation, name=name)
+    return keras.layers.Activation(_activation_of(layer), name=name)
 
 
 LAYERS: dict[str, Callable[[Any, str], keras.layers.Layer]] = {
@@ -181,7 +200,7 @@ def make_layer(layer: Layer, name: str) -> keras.layers.Layer:
     try:
         maker = LAYERS[layer.type]
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"the keras backend has no layer '{layer.type}'; known: {', '.join(LAYERS)}"
         ) from None
     return maker(layer, name)
@@ -415,13 +434,11 @@ class KerasHandle:
     # `_logits` needs to compute the pre-sigmoid output without changing the model
     features: keras.Model | None = None
     last: keras.layers.Layer | None = None
-    _predict_fn: Any = field(default=None, repr=False)
-    _val_fn: Any = field(default=None, repr=False)
-
-    @property
-    def last_spec_layer(self) -> Layer:
-        spec = self.spec
-        return spec.layers[-1] if isinstance(spec, SequentialModel) else spec.head[-1]  # type: ignore[union-attr]
+    optimizer: keras.optimizers.Optimizer | None = None  # None for a model that does not train
+    on_logits: bool = False  # the loss is computed from the pre-sigmoid logits
+    # compiled functions, made on first use: train steps by `augment`, predict by `logits`
+    _steps: dict[bool, Any] = field(default_factory=dict, repr=False)
+    _forward: dict[bool, Any] = field(default_factory=dict, repr=False)
 
 
 def _logits(handle: KerasHandle, x: Any, training: bool) -> Any:
@@ -469,7 +486,13 @@ OPTIMIZERS: dict[str, Callable[[Any], keras.optimizers.Optimizer]] = {
 }
 
 # The backend's tables by vocabulary category (checked against the vocabulary by the tests).
-TABLES: dict[str, Mapping[str, Any]] = {"layers": LAYERS, "bases": BASES, "optimizers": OPTIMIZERS}
+TABLES: dict[str, Mapping[str, Any]] = {
+    "layers": LAYERS,
+    "bases": BASES,
+    "optimizers": OPTIMIZERS,
+    "activations": ACTIVATIONS,
+    "initializers": INITIALIZERS,
+}
 
 
 def _optimizer(recipe: TrainSpec) -> keras.optimizers.Optimizer:
@@ -668,10 +691,13 @@ class KerasBackend(Backend):
         elif isinstance(model, PretrainedModel):
             handle = self._build_pretrained(model, model_input)
         else:
-            raise ValueError(
-                f"the keras backend builds kind sequential and pretrained models; "
-                f"'{model.name}' is kind {model.kind} (run it with backend 'reference')"
+            raise UserError(
+                f"backend '{self.name}' builds kind: sequential and pretrained models; "
+                f"'{model.name}' is kind: {model.kind} (run it with backend 'reference')"
             )
+        handle.optimizer = _optimizer(model.train)
+        handle.optimizer.build(handle.model.trainable_variables)
+        handle.on_logits = model.train.loss.on_logits(last_layer(model))
         if KERAS_BACKEND == "tensorflow" and self.device == "gpu":
             tf.config.experimental.reset_memory_stats("GPU:0")
         return handle
@@ -731,25 +757,22 @@ class KerasBackend(Backend):
 
     # -- training -----------------------------------------------------------------------------
 
-    def _train_step(
-        self, handle: KerasHandle, recipe: TrainSpec, augment: bool
-    ) -> tuple[Callable[..., Any], keras.optimizers.Optimizer]:
+    def _make_step(self, handle: KerasHandle, augment: bool) -> Callable[..., tuple[Any, Any]]:
         """One training step (images uint8 (B, H, W), labels float32 (B,), matrices (B, 8)) ->
         (mean loss, training-mode probabilities (B,)), as framework tensors."""
         if KERAS_BACKEND == "torch":
-            return self._train_step_torch(handle, recipe, augment)
+            return self._make_step_torch(handle, augment)
         if KERAS_BACKEND != "tensorflow":
             raise UserError(
                 f"backend '{self.name}': training is implemented for Keras on TensorFlow and "
                 f"PyTorch only (build, count_params and predict work on {KERAS_BACKEND})",
                 "use backend 'keras' (TensorFlow), 'keras-torch' or 'torch'",
             )
-        model, model_input = handle.model, handle.model_input
-        optimizer = _optimizer(recipe)
-        variables = model.trainable_variables
-        optimizer.build(variables)
-        eps, smoothing = recipe.loss.epsilon, recipe.loss.label_smoothing
-        on_logits = recipe.loss.on_logits(handle.last_spec_layer)
+        model_input, optimizer = handle.model_input, handle.optimizer
+        assert optimizer is not None
+        variables = handle.model.trainable_variables
+        loss = handle.spec.train.loss  # type: ignore[union-attr]
+        eps, smoothing, on_logits = loss.epsilon, loss.label_smoothing, handle.on_logits
         size = model_input.image_size
 
         @tf.function(
@@ -771,11 +794,11 @@ class KerasBackend(Backend):
             optimizer.apply(grads, variables)
             return loss, probs
 
-        return step, optimizer
+        return step
 
-    def _train_step_torch(
-        self, handle: KerasHandle, recipe: TrainSpec, augment: bool
-    ) -> tuple[Callable[..., Any], keras.optimizers.Optimizer]:
+    def _make_step_torch(
+        self, handle: KerasHandle, augment: bool
+    ) -> Callable[..., tuple[Any, Any]]:
         """The same step on Keras' PyTorch backend: eager keras.ops forward, torch autograd.
 
         Keras Variables wrap torch Parameters (requires_grad = trainable); as Keras' own
@@ -783,12 +806,11 @@ class KerasBackend(Backend):
         """
         import torch
 
-        model, model_input = handle.model, handle.model_input
-        optimizer = _optimizer(recipe)
-        variables = model.trainable_variables
-        optimizer.build(variables)
-        eps, smoothing = recipe.loss.epsilon, recipe.loss.label_smoothing
-        on_logits = recipe.loss.on_logits(handle.last_spec_layer)
+        model_input, optimizer = handle.model_input, handle.optimizer
+        assert optimizer is not None
+        variables = handle.model.trainable_variables
+        loss_spec = handle.spec.train.loss  # type: ignore[union-attr]
+        eps, smoothing, on_logits = loss_spec.epsilon, loss_spec.label_smoothing, handle.on_logits
         ops = keras.ops
 
         def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, Any]:
@@ -808,156 +830,31 @@ class KerasBackend(Backend):
                 optimizer.apply(grads, variables)
             return loss.detach(), probs.detach()
 
-        return step, optimizer
+        return step
 
-    def fit(
-        self,
-        handle: KerasHandle,
-        train: TrainData,
-        val: EvalData | None,
-        recipe: TrainSpec,
-        on_epoch: Callable[[EpochRecord], None] | None = None,
-    ) -> list[EpochRecord]:
+    def train_step(self, handle: KerasHandle, batch: Batch) -> Callable[[], StepResult]:
+        if handle.optimizer is None:
+            raise ValueError(f"model '{handle.spec.name}' has no training recipe")
+        step = handle._steps.get(batch.augment)
+        if step is None:
+            step = handle._steps[batch.augment] = self._make_step(handle, batch.augment)
         size = handle.model_input.image_size
-        if train.images.shape[1:] != (size, size):
-            raise ValueError(
-                f"training images are {train.images.shape[1:]}; the model was built for "
-                f"{(size, size)}"
-            )
-        step, _ = self._train_step(handle, recipe, train.augmentation.enabled)
-        history: list[EpochRecord] = []
-        for epoch in range(1, recipe.epochs + 1):
-            t_epoch = time.perf_counter()
-            first_step: float | None = None
-            losses: list[tuple[Any, int]] = []
-            probs: list[Any] = []
-            labels: list[np.ndarray] = []
-            for i, batch in enumerate(train.batches(epoch, recipe.batch_size)):
-                mats = projective_matrices(
-                    batch.angle, batch.scale, batch.hflip, batch.vflip, size, size
-                )
-                t_step = time.perf_counter()
-                loss, p = step(batch.images, batch.labels.astype(np.float32), mats)
-                if epoch == 1 and i == 0:
-                    float(loss)  # wait for it: this step's time includes tracing
-                    first_step = time.perf_counter() - t_step
-                if i > 0:
-                    # checked one step behind so the device is never idle waiting for the host
-                    self._check_finite(losses[-1][0], epoch, i)
-                losses.append((loss, len(batch.labels)))
-                probs.append(p)
-                labels.append(batch.labels)
-            if losses:
-                self._check_finite(losses[-1][0], epoch, len(losses))
-            train_seconds = time.perf_counter() - t_epoch
-            y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
-            p_all = (
-                np.concatenate([keras.ops.convert_to_numpy(p) for p in probs])
-                if probs
-                else np.zeros(0)
-            )
-            n = len(y)
-            mean_loss = sum(float(l_) * k for l_, k in losses) / n if n else float("nan")
-            metrics = epoch_metrics(y, p_all)
-            v_loss = v_acc = v_rec = v_prec = None
-            if val is not None and len(val.labels):
-                v_loss, v_probs = self.evaluate_loss(
-                    handle, val.images, val.labels, recipe, batch_size=max(recipe.batch_size, 64)
-                )
-                vm = epoch_metrics(val.labels, v_probs)
-                v_acc, v_rec, v_prec = vm["accuracy"], vm["recall"], vm["precision"]
-            record = EpochRecord(
-                epoch=epoch,
-                loss=mean_loss,
-                accuracy=metrics["accuracy"],
-                recall=metrics["recall"],
-                precision=metrics["precision"],
-                val_loss=v_loss,
-                val_accuracy=v_acc,
-                val_recall=v_rec,
-                val_precision=v_prec,
-                seconds=time.perf_counter() - t_epoch,
-                train_seconds=train_seconds,
-                images=n,
-                first_step_seconds=first_step,
-            )
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-        return history
-
-    @staticmethod
-    def _check_finite(loss: Any, epoch: int, step: int) -> None:
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"loss became NaN at epoch {epoch} step {step}")
-
-    def evaluate_loss(
-        self,
-        handle: KerasHandle,
-        images: np.ndarray,
-        labels: np.ndarray,
-        recipe: TrainSpec,
-        batch_size: int = 64,
-    ) -> tuple[float, np.ndarray]:
-        """(mean BCE, probabilities) in inference mode: the validation loss of the history.
-
-        With the logits form, the per-sample loss is `_bce_logits` on the model's logits (the
-        training step's function, float32 in the framework); otherwise the harness's clipped
-        float64 `bce` on the probabilities `predict` returns.
-        """
-        loss = recipe.loss
-        smoothing = loss.label_smoothing
-        if not loss.on_logits(handle.last_spec_layer):
-            probs = self.predict(handle, images, batch_size)
-            y = np.asarray(labels, np.float64) * (1 - smoothing) + 0.5 * smoothing
-            return bce(y, probs, loss.epsilon), probs
-        images = np.asarray(images)
-        size = handle.model_input.image_size
-        if images.ndim != 3 or images.shape[1:] != (size, size):
-            raise ValueError(f"evaluate_loss wants uint8 (N, {size}, {size}); got {images.shape}")
-        forward = self._val_forward(handle)
-        labels32 = np.asarray(labels, np.float32)
-        per_sample: list[np.ndarray] = []
-        probs_out: list[np.ndarray] = []
-        for i in range(0, len(images), batch_size):
-            logits = forward(np.ascontiguousarray(images[i : i + batch_size]))
-            y = keras.ops.convert_to_tensor(labels32[i : i + batch_size])
-            per_sample.append(keras.ops.convert_to_numpy(_bce_logits(y, logits, smoothing)))
-            probs_out.append(keras.ops.convert_to_numpy(keras.ops.sigmoid(logits)))
-        if not per_sample:
-            return float("nan"), np.zeros(0, dtype=np.float64)
-        losses = np.concatenate(per_sample).astype(np.float64)
-        return float(np.mean(losses)), np.concatenate(probs_out).astype(np.float64)
-
-    def _val_forward(self, handle: KerasHandle) -> Callable[[np.ndarray], Any]:
-        if handle._val_fn is not None:
-            return handle._val_fn
-        model_input = handle.model_input
-
-        def forward(images: Any) -> Any:
-            x = keras.ops.cast(images, "float32")[..., None]
-            return _logits(handle, _normalize(x, model_input), training=False)
-
-        if KERAS_BACKEND == "tensorflow":
-            size = model_input.image_size
-            forward = tf.function(
-                forward,
-                jit_compile=False,
-                input_signature=(tf.TensorSpec((None, size, size), tf.uint8),),
-            )
-        handle._val_fn = forward
-        return forward
+        mats = projective_matrices(batch.angle, batch.scale, batch.hflip, batch.vflip, size, size)
+        loss, probs = step(batch.images, np.asarray(batch.labels, np.float32), mats)
+        return lambda: StepResult(float(loss), keras.ops.convert_to_numpy(probs))
 
     # -- inference ----------------------------------------------------------------------------
 
-    def _predictor(self, handle: KerasHandle) -> Callable[[np.ndarray], Any]:
-        if handle._predict_fn is not None:
-            return handle._predict_fn
+    def _forward_fn(self, handle: KerasHandle, logits: bool) -> Callable[[np.ndarray], Any]:
+        """uint8 (B, H, W) -> (B,) in inference mode: the model's output, or its logits."""
+        if logits in handle._forward:
+            return handle._forward[logits]
         model, model_input = handle.model, handle.model_input
 
         def forward(images: Any) -> Any:
-            x = keras.ops.cast(images, "float32")[..., None]
-            x = _normalize(x, model_input)
+            x = _normalize(keras.ops.cast(images, "float32")[..., None], model_input)
+            if logits:
+                return _logits(handle, x, training=False)
             return keras.ops.reshape(model(x, training=False), (-1,))
 
         if KERAS_BACKEND == "tensorflow":
@@ -967,15 +864,17 @@ class KerasBackend(Backend):
                 jit_compile=False,
                 input_signature=(tf.TensorSpec((None, size, size), tf.uint8),),
             )
-        handle._predict_fn = forward
+        handle._forward[logits] = forward
         return forward
 
-    def predict(self, handle: KerasHandle, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def predict(
+        self, handle: KerasHandle, images: np.ndarray, batch_size: int = 64, logits: bool = False
+    ) -> np.ndarray:
         images = np.asarray(images)
         size = handle.model_input.image_size
         if images.ndim != 3 or images.shape[1:] != (size, size):
             raise ValueError(f"predict wants uint8 (N, {size}, {size}); got {images.shape}")
-        forward = self._predictor(handle)
+        forward = self._forward_fn(handle, logits)
         out = [
             keras.ops.convert_to_numpy(forward(np.ascontiguousarray(images[i : i + batch_size])))
             for i in range(0, len(images), batch_size)
@@ -983,6 +882,39 @@ class KerasBackend(Backend):
         if not out:
             return np.zeros(0, dtype=np.float64)
         return np.concatenate(out).astype(np.float64)
+
+    def get_learning_rate(self, handle: KerasHandle) -> float:
+        assert handle.optimizer is not None, "the model has no training recipe"
+        return float(keras.ops.convert_to_numpy(handle.optimizer.learning_rate))
+
+    def set_learning_rate(self, handle: KerasHandle, learning_rate: float) -> None:
+        assert handle.optimizer is not None, "the model has no training recipe"
+        handle.optimizer.learning_rate.assign(learning_rate)
+
+    # -- neutral weights ----------------------------------------------------------------------
+
+    def _variables(self, handle: KerasHandle) -> dict[str, Any]:
+        """Every variable by its neutral name (backends/base.py): Keras' own layout."""
+        out: dict[str, Any] = {}
+        for layer in handle.model.layers:
+            if layer is handle.base:
+                for sub in layer.layers:
+                    for v in sub.weights:
+                        out[f"{handle.spec.base.name}/{sub.name}/{v.name}"] = v  # type: ignore[union-attr]
+            else:
+                for v in layer.weights:
+                    out[f"{layer.name}/{v.name}"] = v
+        return out
+
+    def get_weights(self, handle: KerasHandle) -> dict[str, np.ndarray]:
+        variables = self._variables(handle).items()
+        return {k: np.array(keras.ops.convert_to_numpy(v)) for k, v in variables}
+
+    def set_weights(self, handle: KerasHandle, weights: dict[str, np.ndarray]) -> None:
+        variables = self._variables(handle)
+        check_weights({k: tuple(v.shape) for k, v in variables.items()}, weights, self.name)
+        for k, v in variables.items():
+            v.assign(np.asarray(weights[k], dtype=v.dtype))
 
     def peak_memory(self) -> dict[str, Any]:
         if KERAS_BACKEND == "tensorflow" and self.device == "gpu":

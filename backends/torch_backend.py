@@ -34,8 +34,8 @@ semantics) wins:
   whose last layer ends in a sigmoid, BCE from the pre-sigmoid logits (F.binary_cross_entropy_
   with_logits, `bce_logits_loss`), which is what Keras 3 on TensorFlow computes for a sigmoid
   output; otherwise on the probabilities clipped to [eps, 1 - eps] (`bce_loss`). The model is
-  unchanged: `TorchNet.logits` runs it without its final sigmoid; predictions are probabilities.
-  The history's validation loss uses the same function as training, in eval mode.
+  unchanged: `TorchNet.logits` runs it without its final sigmoid; predictions are probabilities
+  (`predict(..., logits=True)` gives the logits, from which the loop computes the validation loss).
 - Adam: Keras 3 computes `alpha m / (sqrt(v) + eps)` with alpha = lr sqrt(1 - b2^t) / (1 - b1^t);
   torch computes `lr m_hat / (sqrt(v_hat) + eps)`. They are the same update when torch's epsilon
   at step t is eps / sqrt(1 - b2^t); `KerasAdam` sets that before every step, so the two differ
@@ -54,9 +54,8 @@ import os
 import platform
 import random
 import re
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,13 +72,12 @@ from backends.base import (
     IMAGENET_STD,
     Backend,
     BackendInfo,
-    EpochRecord,
-    EvalData,
+    Batch,
     ModelInput,
-    TrainData,
-    bce,
-    epoch_metrics,
+    StepResult,
+    check_weights,
 )
+from backends.loop import last_layer
 from backends.torch_env import PRE_IMPORT_ENV
 from harness.errors import UserError
 from harness.spec import (
@@ -98,7 +96,6 @@ from harness.spec import (
     Pool2D,
     PretrainedModel,
     SequentialModel,
-    TrainSpec,
 )
 
 Shape = tuple[int, ...]  # channels-first, no batch axis: (C, H, W) or (F,)
@@ -567,11 +564,109 @@ class TorchHandle:
     channels_last: bool
     rows: list[tuple[str, Shape]] = field(default_factory=list)  # per layer, Keras shapes
     output_shape: Shape = ()
+    optimizer: torch.optim.Optimizer | None = None  # None for a model that does not train
+    on_logits: bool = False  # the loss is computed from the pre-sigmoid logits
 
-    @property
-    def last_spec_layer(self) -> Any:
-        spec = self.model
-        return spec.layers[-1] if isinstance(spec, SequentialModel) else spec.head[-1]
+
+# ---------------------------------------------------------------------------------------------
+# Neutral weights (backends/base.py): Keras' layout and names
+
+Accessor = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], Any]]
+
+
+def _tensor_access(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> Accessor:
+    """Read `t` in Keras' layout (a permutation of its axes) and write it back from that."""
+    if perm is None:
+        return (lambda: t.detach()), (lambda v: t.copy_(v))
+    inverse = tuple(int(i) for i in np.argsort(perm))
+    return (lambda: t.detach().permute(*perm)), (lambda v: t.copy_(v.permute(*inverse)))
+
+
+def _module_weights(module: nn.Module) -> dict[str, Accessor]:
+    """One module's variables by Keras name: conv kernels OIHW -> HWIO, dense (out, in) -> (in,
+    out), BatchNorm weight/bias/running stats -> gamma/beta/moving_mean/moving_variance."""
+    out: dict[str, Accessor] = {}
+    if isinstance(module, nn.Conv2d):
+        out["kernel"] = _tensor_access(module.weight, (2, 3, 1, 0))
+    elif isinstance(module, nn.Linear):
+        out["kernel"] = _tensor_access(module.weight, (1, 0))
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm | PartialBatchNorm):
+        bn = module.bn if isinstance(module, PartialBatchNorm) else module
+        if module.weight is not None:
+            out["gamma"] = _tensor_access(module.weight)
+        if module.bias is not None:
+            out["beta"] = _tensor_access(module.bias)
+        out["moving_mean"] = _tensor_access(bn.running_mean)  # type: ignore[arg-type]
+        out["moving_variance"] = _tensor_access(bn.running_var)  # type: ignore[arg-type]
+        return out
+    else:
+        return out
+    if module.bias is not None:
+        out["bias"] = _tensor_access(module.bias)
+    return out
+
+
+def _densenet_names(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    """torchvision DenseNet modules under Keras' layer names (keras.applications.densenet)."""
+    rename = {"conv0": "conv1_conv", "norm0": "conv1_bn", "norm5": "bn"}
+    out = []
+    for name, module in base.features.named_modules():  # type: ignore[union-attr]
+        if not isinstance(module, nn.Conv2d | nn.BatchNorm2d):
+            continue
+        parts = name.split(".")
+        if len(parts) == 1:
+            keras_name = rename[name]
+        elif parts[0].startswith("transition"):  # transitionK.{norm,conv} -> pool{K+1}_{bn,conv}
+            k = int(parts[0].removeprefix("transition")) + 1
+            keras_name = f"pool{k}_{'bn' if parts[1] == 'norm' else 'conv'}"
+        else:  # denseblockK.denselayerI.{norm1,conv1,norm2,conv2} -> conv{K+1}_blockI_...
+            k = int(parts[0].removeprefix("denseblock")) + 1
+            i = int(parts[1].removeprefix("denselayer"))
+            suffix = {"norm1": "0_bn", "conv1": "1_conv", "norm2": "1_bn", "conv2": "2_conv"}
+            keras_name = f"conv{k}_block{i}_{suffix[parts[2]]}"
+        out.append((keras_name, module))
+    return out
+
+
+def _vgg_names(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    convs = [m for m in base.modules() if isinstance(m, nn.Conv2d)]
+    per_block = (2, 2, 3, 3, 3)
+    names = [f"block{b + 1}_conv{i + 1}" for b, n in enumerate(per_block) for i in range(n)]
+    return list(zip(names, convs, strict=True))
+
+
+def _no_counterpart(base_name: str) -> Callable[[nn.Module], list[tuple[str, nn.Module]]]:
+    def fail(base: nn.Module) -> list[tuple[str, nn.Module]]:
+        raise ValueError(
+            f"base {base_name}: torchvision's model has no exact counterpart of Keras' "
+            "(its convolutions have no biases), so it has no neutral weight layout"
+        )
+
+    return fail
+
+
+BASE_NAMES: dict[str, Callable[[nn.Module], list[tuple[str, nn.Module]]]] = {
+    "densenet121": _densenet_names,
+    "densenet169": _densenet_names,
+    "densenet201": _densenet_names,
+    "resnet50": _no_counterpart("resnet50"),
+    "vgg16": _vgg_names,
+}
+
+
+def _neutral(handle: TorchHandle) -> dict[str, Accessor]:
+    """Every variable of the model by its neutral name (backends/base.py), in build order."""
+    table: dict[str, Accessor] = {}
+    model = handle.model
+    if handle.net.base is not None:
+        base_name = model.base.name
+        for layer, module in _lookup(BASE_NAMES, base_name, "base")(handle.net.base):
+            for var, access in _module_weights(module).items():
+                table[f"{base_name}/{layer}/{var}"] = access
+    for layer, module in handle.net.head.named_children():
+        for var, access in _module_weights(module).items():
+            table[f"{layer}/{var}"] = access
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,8 +935,14 @@ class TorchBackend(Backend):
         self._last_channels_last = channels_last
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        return TorchHandle(net, model, model_input, self.device, channels_last, rows,
-                           rows[-1][1] if rows else ())
+        handle = TorchHandle(net, model, model_input, self.device, channels_last, rows,
+                             rows[-1][1] if rows else ())
+        recipe = model.train
+        params = [p for p in net.parameters() if p.requires_grad]
+        handle.optimizer = _lookup(OPTIMIZERS, recipe.optimizer.name, "optimizer")(
+            recipe.optimizer, params)
+        handle.on_logits = recipe.loss.on_logits(last_layer(model))
+        return handle
 
     @staticmethod
     def _probe(base: nn.Module, shape: Shape) -> Shape:
@@ -899,131 +1000,69 @@ class TorchBackend(Backend):
                              np.asarray(hflip, bool), np.asarray(vflip, bool))
         return out[:, 0].cpu().numpy().astype(np.float32)
 
-    # -- train and predict -----------------------------------------------------------------------
+    # -- steps: train, predict, learning rate ---------------------------------------------------
 
-    def fit(
-        self,
-        handle: TorchHandle,
-        train: TrainData,
-        val: EvalData | None,
-        recipe: TrainSpec,
-        on_epoch: Callable[[EpochRecord], None] | None = None,
-    ) -> list[EpochRecord]:
-        net = handle.net
-        params = [p for p in net.parameters() if p.requires_grad]
-        make_optimizer = _lookup(OPTIMIZERS, recipe.optimizer.name, "optimizer")
-        optimizer = make_optimizer(recipe.optimizer, params)
-        augment = bool(train.augmentation.enabled)
-        on_logits = recipe.loss.on_logits(handle.last_spec_layer)
-        history: list[EpochRecord] = []
-        for epoch in range(1, recipe.epochs + 1):
-            t0 = time.perf_counter()
-            first_step: float | None = None
+    def train_step(self, handle: TorchHandle, batch: Batch) -> Callable[[], StepResult]:
+        net, optimizer = handle.net, handle.optimizer
+        if optimizer is None:
+            raise ValueError(f"model '{handle.model.name}' has no training recipe")
+        if not net.training:
             net.train()
-            losses: list[torch.Tensor] = []
-            probs: list[torch.Tensor] = []
-            sizes: list[int] = []
-            labels_seen: list[np.ndarray] = []
-            for batch in train.batches(epoch, recipe.batch_size):
-                x = self._to_device(batch.images)
-                if augment:
-                    x = augment_tensor(x, batch.angle, batch.scale, batch.hflip, batch.vflip)
-                x = self._preprocess(x, handle)
-                y = torch.from_numpy(np.asarray(batch.labels, np.float32)).to(self.device)
-                if on_logits:  # Keras 3 on TF: BCE from the sigmoid's logits
-                    z = net.logits(x).reshape(-1)
-                    p = torch.sigmoid(z)
-                    loss = bce_logits_loss(z, y, recipe.loss)
-                else:
-                    p = net(x).reshape(-1)
-                    loss = bce_loss(p, y, recipe.loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
-                probs.append(p.detach())
-                sizes.append(len(batch.labels))
-                labels_seen.append(np.asarray(batch.labels))
-                if first_step is None and epoch == 1:
-                    _sync(self.device)
-                    first_step = time.perf_counter() - t0
-            step_losses = torch.stack(losses).double().cpu().numpy()  # one sync per epoch
-            train_seconds = time.perf_counter() - t0
-            bad = np.flatnonzero(~np.isfinite(step_losses))
-            if len(bad):
-                raise FloatingPointError(f"loss became NaN at epoch {epoch} step {bad[0] + 1}")
-            train_probs = torch.cat(probs).double().cpu().numpy()
-            metrics = epoch_metrics(np.concatenate(labels_seen), train_probs)
-            val_fields: dict[str, float | None] = dict.fromkeys(
-                ("val_loss", "val_accuracy", "val_recall", "val_precision"))
-            if val is not None and len(val.labels):
-                v_loss, vp = self.evaluate_loss(handle, val.images, val.labels, recipe,
-                                                recipe.batch_size)
-                vm = epoch_metrics(val.labels, vp)
-                val_fields = {"val_loss": v_loss,
-                              "val_accuracy": vm["accuracy"], "val_recall": vm["recall"],
-                              "val_precision": vm["precision"]}
-            record = EpochRecord(
-                epoch=epoch,
-                loss=float(np.dot(step_losses, sizes) / max(sum(sizes), 1)),
-                accuracy=metrics["accuracy"],
-                recall=metrics["recall"],
-                precision=metrics["precision"],
-                **val_fields,  # type: ignore[arg-type]
-                seconds=time.perf_counter() - t0,
-                train_seconds=train_seconds,
-                images=sum(sizes),
-                first_step_seconds=first_step,
-            )
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-        return history
+        x = self._to_device(batch.images)
+        if batch.augment:
+            x = augment_tensor(x, batch.angle, batch.scale, batch.hflip, batch.vflip)
+        x = self._preprocess(x, handle)
+        y = torch.from_numpy(np.asarray(batch.labels, np.float32)).to(self.device)
+        loss_spec = handle.model.train.loss
+        if handle.on_logits:  # Keras 3 on TF: BCE from the sigmoid's logits
+            z = net.logits(x).reshape(-1)
+            p = torch.sigmoid(z)
+            loss = bce_logits_loss(z, y, loss_spec)
+        else:
+            p = net(x).reshape(-1)
+            loss = bce_loss(p, y, loss_spec)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss, p = loss.detach(), p.detach()
+        return lambda: StepResult(float(loss), p.double().cpu().numpy())
 
-    def evaluate_loss(self, handle: TorchHandle, images: np.ndarray, labels: np.ndarray,
-                      recipe: TrainSpec, batch_size: int = 64) -> tuple[float, np.ndarray]:
-        """(mean BCE, probabilities) in eval mode: the validation loss of the history.
-
-        With the logits form, the per-sample loss is `bce_logits_loss` on the model's logits
-        (the training function, float32 on the device, averaged in float64); otherwise the
-        harness's clipped float64 `bce` on the probabilities `predict` returns.
-        """
-        loss = recipe.loss
-        if not loss.on_logits(handle.last_spec_layer):
-            probs = self.predict(handle, images, batch_size)
-            smooth = loss.label_smoothing
-            y = np.asarray(labels, np.float64) * (1 - smooth) + 0.5 * smooth
-            return bce(y, probs, loss.epsilon), probs
+    def predict(self, handle: TorchHandle, images: np.ndarray, batch_size: int = 64,
+                logits: bool = False) -> np.ndarray:
+        images = np.asarray(images)
+        size = handle.model_input.image_size
+        if images.ndim != 3 or images.shape[1:] != (size, size):
+            raise ValueError(f"predict wants uint8 (N, {size}, {size}); got {images.shape}")
         net = handle.net
         net.eval()
-        per_sample: list[torch.Tensor] = []
-        probs_out: list[torch.Tensor] = []
-        labels32 = np.asarray(labels, np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                chunk = images[start : start + batch_size]
-                x = self._preprocess(self._to_device(chunk), handle)
-                z = net.logits(x).reshape(-1)
-                y = torch.from_numpy(labels32[start : start + batch_size]).to(self.device)
-                per_sample.append(bce_logits_loss(z, y, loss, reduction="none"))
-                probs_out.append(torch.sigmoid(z))
-        if not per_sample:
-            return float("nan"), np.zeros(0, dtype=np.float64)
-        losses = torch.cat(per_sample).double().cpu().numpy()
-        return float(np.mean(losses)), torch.cat(probs_out).double().cpu().numpy()
-
-    def _batches(self, images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(images), batch_size):
-            yield images[start : start + batch_size]
-
-    def predict(self, handle: TorchHandle, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        net = handle.net
-        net.eval()
+        forward = net.logits if logits else net
         out: list[torch.Tensor] = []
         with torch.inference_mode():
-            for chunk in self._batches(images, batch_size):
-                x = self._preprocess(self._to_device(chunk), handle)
-                out.append(net(x).reshape(-1))
+            for start in range(0, len(images), batch_size):
+                x = self._preprocess(self._to_device(images[start : start + batch_size]), handle)
+                out.append(forward(x).reshape(-1))
         if not out:
             return np.zeros(0, dtype=np.float64)
         return torch.cat(out).double().cpu().numpy()
+
+    def get_learning_rate(self, handle: TorchHandle) -> float:
+        assert handle.optimizer is not None, "the model has no training recipe"
+        return float(handle.optimizer.param_groups[0]["lr"])
+
+    def set_learning_rate(self, handle: TorchHandle, learning_rate: float) -> None:
+        assert handle.optimizer is not None, "the model has no training recipe"
+        for group in handle.optimizer.param_groups:
+            group["lr"] = float(learning_rate)
+
+    # -- neutral weights ---------------------------------------------------------------------------
+
+    def get_weights(self, handle: TorchHandle) -> dict[str, np.ndarray]:
+        return {name: get().cpu().numpy().copy() for name, (get, _) in _neutral(handle).items()}
+
+    def set_weights(self, handle: TorchHandle, weights: dict[str, np.ndarray]) -> None:
+        table = _neutral(handle)
+        check_weights({k: tuple(get().shape) for k, (get, _) in table.items()}, weights,
+                      self.name)
+        with torch.no_grad():
+            for name, (_, put) in table.items():
+                put(torch.from_numpy(np.asarray(weights[name], dtype=np.float32)))

@@ -62,6 +62,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
     # Imported here: the backend registry may set environment variables (KERAS_BACKEND,
     # determinism flags) that must be in place before a framework is imported.
     from backends.base import EvalData, ModelInput, TrainData
+    from backends.loop import PREDICT_BATCH, fit
     from backends.registry import create
     from harness.data import prepare_data
     from harness.monitor import Monitor
@@ -120,7 +121,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                 progress("epoch", epochs=model.train.epochs, **rec.to_dict())
 
             with mon.phase("train"):
-                history = backend.fit(handle, train, val, model.train, on_epoch)
+                history = fit(backend, handle, model, train, val, on_epoch)
             result["history"] = [h.to_dict() for h in history]
             train_s = sum(h.train_seconds for h in history)
             first = history[0].first_step_seconds if history else None
@@ -136,7 +137,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         test_images = np.asarray(images[test_rows])
         with mon.phase("predict"):
             t0 = time.perf_counter()
-            probs = backend.predict(handle, test_images)
+            probs = backend.predict(handle, test_images, PREDICT_BATCH)
             mon.record_throughput(
                 "inference", images=len(test_rows), seconds=time.perf_counter() - t0
             )

@@ -214,7 +214,8 @@ def _stack(x: Any, layers: tuple[Layer, ...]) -> tuple[Any, Any, keras.layers.La
         seen[layer.type] = seen.get(layer.type, 0) + 1
         last = make_layer(layer, f"{layer.type}_{seen[layer.type]}")
         before, x = x, last(x)
-    assert last is not None  # the spec requires at least one layer
+    if last is None:
+        raise UserError("a model needs at least one layer")
     return x, before, last
 
 
@@ -440,6 +441,12 @@ class KerasHandle:
     _steps: dict[bool, Any] = field(default_factory=dict, repr=False)
     _forward: dict[bool, Any] = field(default_factory=dict, repr=False)
 
+    def trainer(self) -> keras.optimizers.Optimizer:
+        """The optimizer, for the steps that need one."""
+        if self.optimizer is None:
+            raise ValueError(f"model '{self.spec.name}' has no training recipe")
+        return self.optimizer
+
 
 def _logits(handle: KerasHandle, x: Any, training: bool) -> Any:
     """The model's output before its final sigmoid, shape (B,); same layers and weights.
@@ -448,7 +455,8 @@ def _logits(handle: KerasHandle, x: Any, training: bool) -> Any:
     sigmoid of this equals the model's output (the same ops in the same order).
     """
     ops = keras.ops
-    assert handle.features is not None, "the handle was not made by KerasBackend.build"
+    if handle.features is None:
+        raise TypeError("the handle was not made by KerasBackend.build")
     h = handle.features(x, training=training)
     last = handle.last
     if isinstance(last, keras.layers.Dense):
@@ -768,8 +776,7 @@ class KerasBackend(Backend):
                 f"PyTorch only (build, count_params and predict work on {KERAS_BACKEND})",
                 "use backend 'keras' (TensorFlow), 'keras-torch' or 'torch'",
             )
-        model_input, optimizer = handle.model_input, handle.optimizer
-        assert optimizer is not None
+        model_input, optimizer = handle.model_input, handle.trainer()
         variables = handle.model.trainable_variables
         loss = handle.spec.train.loss  # type: ignore[union-attr]
         eps, smoothing, on_logits = loss.epsilon, loss.label_smoothing, handle.on_logits
@@ -806,8 +813,7 @@ class KerasBackend(Backend):
         """
         import torch
 
-        model_input, optimizer = handle.model_input, handle.optimizer
-        assert optimizer is not None
+        model_input, optimizer = handle.model_input, handle.trainer()
         variables = handle.model.trainable_variables
         loss_spec = handle.spec.train.loss  # type: ignore[union-attr]
         eps, smoothing, on_logits = loss_spec.epsilon, loss_spec.label_smoothing, handle.on_logits
@@ -833,8 +839,6 @@ class KerasBackend(Backend):
         return step
 
     def train_step(self, handle: KerasHandle, batch: Batch) -> Callable[[], StepResult]:
-        if handle.optimizer is None:
-            raise ValueError(f"model '{handle.spec.name}' has no training recipe")
         step = handle._steps.get(batch.augment)
         if step is None:
             step = handle._steps[batch.augment] = self._make_step(handle, batch.augment)
@@ -884,12 +888,10 @@ class KerasBackend(Backend):
         return np.concatenate(out).astype(np.float64)
 
     def get_learning_rate(self, handle: KerasHandle) -> float:
-        assert handle.optimizer is not None, "the model has no training recipe"
-        return float(keras.ops.convert_to_numpy(handle.optimizer.learning_rate))
+        return float(keras.ops.convert_to_numpy(handle.trainer().learning_rate))
 
     def set_learning_rate(self, handle: KerasHandle, learning_rate: float) -> None:
-        assert handle.optimizer is not None, "the model has no training recipe"
-        handle.optimizer.learning_rate.assign(learning_rate)
+        handle.trainer().learning_rate.assign(learning_rate)
 
     # -- neutral weights ----------------------------------------------------------------------
 

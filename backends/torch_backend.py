@@ -567,6 +567,12 @@ class TorchHandle:
     optimizer: torch.optim.Optimizer | None = None  # None for a model that does not train
     on_logits: bool = False  # the loss is computed from the pre-sigmoid logits
 
+    def trainer(self) -> torch.optim.Optimizer:
+        """The optimizer, for the steps that need one."""
+        if self.optimizer is None:
+            raise ValueError(f"model '{self.model.name}' has no training recipe")
+        return self.optimizer
+
 
 # ---------------------------------------------------------------------------------------------
 # Neutral weights (backends/base.py): Keras' layout and names
@@ -1003,9 +1009,7 @@ class TorchBackend(Backend):
     # -- steps: train, predict, learning rate ---------------------------------------------------
 
     def train_step(self, handle: TorchHandle, batch: Batch) -> Callable[[], StepResult]:
-        net, optimizer = handle.net, handle.optimizer
-        if optimizer is None:
-            raise ValueError(f"model '{handle.model.name}' has no training recipe")
+        net, optimizer = handle.net, handle.trainer()
         if not net.training:
             net.train()
         x = self._to_device(batch.images)
@@ -1046,12 +1050,10 @@ class TorchBackend(Backend):
         return torch.cat(out).double().cpu().numpy()
 
     def get_learning_rate(self, handle: TorchHandle) -> float:
-        assert handle.optimizer is not None, "the model has no training recipe"
-        return float(handle.optimizer.param_groups[0]["lr"])
+        return float(handle.trainer().param_groups[0]["lr"])
 
     def set_learning_rate(self, handle: TorchHandle, learning_rate: float) -> None:
-        assert handle.optimizer is not None, "the model has no training recipe"
-        for group in handle.optimizer.param_groups:
+        for group in handle.trainer().param_groups:
             group["lr"] = float(learning_rate)
 
     # -- neutral weights ---------------------------------------------------------------------------

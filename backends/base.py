@@ -22,6 +22,7 @@ vocabulary to framework classes, one dict per category, exposed as `TABLES`):
     predict(handle, images, logits=)   inference mode, float64 (N,): probabilities or logits
     get_learning_rate / set_learning_rate(handle, lr)
     get_weights(handle) / set_weights(handle, weights)    the neutral layout below
+    get_state(handle) / set_state(handle, state)   weights + optimizer + RNG: resume a run
     peak_memory()                      the framework's own peak memory ({} when not applicable)
 
 Input semantics every backend implements identically (the harness decides, backends apply):
@@ -247,6 +248,15 @@ class Backend(ABC):
     def set_weights(self, handle: Any, weights: dict[str, np.ndarray]) -> None:
         """Load `get_weights`' layout; every name must be present with its exact shape."""
         raise NotImplementedError(f"backend '{self.name}' has no neutral weight layout")
+
+    def get_state(self, handle: Any) -> dict[str, np.ndarray]:
+        """All a resumed run needs to go on bit for bit: every variable, the optimizer's state
+        and the framework's RNG state, as numpy arrays under names of the backend's choosing."""
+        raise NotImplementedError(f"backend '{self.name}' cannot save a training state")
+
+    def set_state(self, handle: Any, state: dict[str, np.ndarray]) -> None:
+        """Restore what `get_state` returned (same model and recipe)."""
+        raise NotImplementedError(f"backend '{self.name}' cannot restore a training state")
 
     def peak_memory(self) -> dict[str, Any]:
         """The framework's own peak memory (keys ending in _bytes); {} when not applicable."""

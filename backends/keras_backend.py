@@ -918,6 +918,39 @@ class KerasBackend(Backend):
         for k, v in variables.items():
             v.assign(np.asarray(weights[k], dtype=v.dtype))
 
+    # -- training state (resume) -------------------------------------------------------------
+
+    @staticmethod
+    def _state_variables(handle: KerasHandle) -> dict[str, Any]:
+        """model.variables (weights, BatchNorm statistics, dropout seed-generator states) and
+        the optimizer's (iterations, learning rate, moments), in their fixed build order."""
+        model = {f"model/{i}/{v.name}": v for i, v in enumerate(handle.model.variables)}
+        opt = {f"optimizer/{i}/{v.name}": v for i, v in enumerate(handle.trainer().variables)}
+        return {**model, **opt}
+
+    def get_state(self, handle: KerasHandle) -> dict[str, np.ndarray]:
+        variables = self._state_variables(handle).items()
+        state = {k: np.array(keras.ops.convert_to_numpy(v)) for k, v in variables}
+        if KERAS_BACKEND == "torch":
+            # Keras' torch dropout without an explicit seed draws from torch's global generator
+            import torch
+
+            state["torch_rng"] = torch.get_rng_state().numpy().copy()
+        return state
+
+    def set_state(self, handle: KerasHandle, state: dict[str, np.ndarray]) -> None:
+        variables = self._state_variables(handle)
+        expected = {k: tuple(v.shape) for k, v in variables.items()}
+        if KERAS_BACKEND == "torch":
+            import torch
+
+            expected["torch_rng"] = tuple(torch.get_rng_state().shape)
+        check_weights(expected, state, self.name)
+        for k, v in variables.items():
+            v.assign(np.asarray(state[k], dtype=v.dtype))
+        if KERAS_BACKEND == "torch":
+            torch.set_rng_state(torch.from_numpy(np.asarray(state["torch_rng"], np.uint8)))
+
     def peak_memory(self) -> dict[str, Any]:
         if KERAS_BACKEND == "tensorflow" and self.device == "gpu":
             return {"tf_peak_bytes": int(tf.config.experimental.get_memory_info("GPU:0")["peak"])}

@@ -6,9 +6,13 @@
 Owns what Keras' `Model.fit` owns, so no backend repeats it: epochs, the harness's batch stream
 (`TrainData.batches`: order and augmentation parameters fixed by the seed), the history records,
 the timing of the first step (tracing/compilation included), NaN-loss detection, validation after
-each epoch and `on_epoch` progress. A backend supplies only its steps (backends/base.py):
-`train_step` and `predict`. The validation loss is computed here, in float64, from what
-`predict` returns (logits when the loss is on logits), so every backend defines it identically.
+each epoch, `on_epoch` progress and the end-of-epoch training state (`on_checkpoint`, `resume`):
+a run killed in epoch k resumes at epoch k from the state saved after epoch k - 1, and in
+deterministic mode ends bit-identical to an uninterrupted run (the batch order and augmentation
+come from (seed, epoch), the rest from `Backend.get_state`). A backend supplies only its steps
+(backends/base.py): `train_step`, `predict`, `get_state`/`set_state`. The validation loss is
+computed here, in float64, from what `predict` returns (logits when the loss is on logits), so
+every backend defines it identically. No I/O here: the worker writes the states.
 """
 
 from __future__ import annotations
@@ -37,6 +41,15 @@ from harness.spec import Layer, Model, PretrainedModel, SequentialModel
 # Inference batch for validation (and, in the worker, the test set): one size for every
 # backend, since a framework may pick other kernels, and so other roundings, per batch size.
 PREDICT_BATCH = 64
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where training stands after `epoch` complete epochs."""
+
+    epoch: int
+    history: tuple[EpochRecord, ...]
+    backend: dict[str, np.ndarray]  # Backend.get_state
 
 
 def last_layer(model: Model) -> Layer:
@@ -93,14 +106,22 @@ def fit(
     val: EvalData | None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    resume: TrainState | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
 ) -> list[EpochRecord]:
     """Train `model.train.epochs` epochs on the harness's stream; validate after each epoch.
 
-    Raises FloatingPointError naming the epoch and step when the loss stops being finite.
+    With `resume`, restores that state and goes on with the next epoch; `on_checkpoint`
+    receives the state after every epoch but the last. Raises FloatingPointError naming the
+    epoch and step when the loss stops being finite.
     """
     recipe = model.train  # type: ignore[union-attr]
     history: list[EpochRecord] = []
-    for epoch in range(1, recipe.epochs + 1):
+    first = 1
+    if resume is not None:
+        backend.set_state(handle, resume.backend)
+        history, first = list(resume.history), resume.epoch + 1
+    for epoch in range(first, recipe.epochs + 1):
         t_epoch = clock()
         first_step: float | None = None
         steps = _Steps(epoch)
@@ -108,7 +129,7 @@ def fit(
         for step, batch in enumerate(train.batches(epoch, recipe.batch_size), start=1):
             t_step = clock()
             done = backend.train_step(handle, batch)
-            if epoch == 1 and step == 1:  # wait for it: its time includes tracing
+            if epoch == first and step == 1:  # wait for it: its time includes tracing
                 steps.add(done(), step, batch.labels)
                 first_step = clock() - t_step
                 continue
@@ -145,4 +166,6 @@ def fit(
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
+        if on_checkpoint is not None and epoch < recipe.epochs:
+            on_checkpoint(TrainState(epoch, tuple(history), backend.get_state(handle)))
     return history

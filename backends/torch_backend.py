@@ -49,6 +49,7 @@ semantics) wins:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import platform
@@ -1055,6 +1056,37 @@ class TorchBackend(Backend):
     def set_learning_rate(self, handle: TorchHandle, learning_rate: float) -> None:
         for group in handle.trainer().param_groups:
             group["lr"] = float(learning_rate)
+
+    # -- training state (resume) --------------------------------------------------------------
+
+    def get_state(self, handle: TorchHandle) -> dict[str, np.ndarray]:
+        """The module's and optimizer's state dicts and torch's RNG states, in torch's own
+        format (torch.save), as one uint8 array."""
+        optimizer = handle.trainer()
+        state = {
+            "net": handle.net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "keras_iterations": getattr(optimizer, "keras_iterations", 0),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return {"torch": np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy()}
+
+    def set_state(self, handle: TorchHandle, state: dict[str, np.ndarray]) -> None:
+        if set(state) != {"torch"}:
+            raise ValueError(f"backend 'torch': not a torch training state (keys {sorted(state)})")
+        saved = torch.load(io.BytesIO(np.asarray(state["torch"], np.uint8).tobytes()),
+                           map_location="cpu", weights_only=True)
+        optimizer = handle.trainer()
+        handle.net.load_state_dict(saved["net"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if isinstance(optimizer, KerasAdam):
+            optimizer.keras_iterations = int(saved["keras_iterations"])
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"]:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
     # -- neutral weights ---------------------------------------------------------------------------
 

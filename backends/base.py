@@ -19,6 +19,7 @@ vocabulary to framework classes, one dict per category, exposed as `TABLES`):
     build(model, model_input)          the spec's model and, if it trains, its optimizer
     count_params(handle)               ParamCounts, the Keras way (BN statistics non-trainable)
     train_step(handle, batch)          one optimizer step; returns a thunk -> StepResult
+    activations(handle, images)        every layer's inference output (parity)
     predict(handle, images, logits=)   inference mode, float64 (N,): probabilities or logits
     get_learning_rate / set_learning_rate(handle, lr)
     get_weights(handle) / set_weights(handle, weights)    the neutral layout below
@@ -181,10 +182,13 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one training step produced: the batch-mean loss and training-mode probabilities."""
+    """What one training step produced: the batch-mean loss and training-mode probabilities,
+    and, when asked for, the gradient of every trainable variable before the update (neutral
+    names and layout, like `get_weights`)."""
 
     loss: float
     probs: np.ndarray  # (B,)
+    gradients: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -230,10 +234,17 @@ class Backend(ABC):
         """Inference mode, no augmentation: float64 (N,) probabilities of the positive class,
         or with `logits` the pre-sigmoid outputs (models whose loss is on logits only)."""
 
-    def train_step(self, handle: Any, batch: Batch) -> Callable[[], StepResult]:
+    def train_step(
+        self, handle: Any, batch: Batch, gradients: bool = False
+    ) -> Callable[[], StepResult]:
         """One optimizer step on `batch` with the spec's loss; returns a thunk that waits for
-        the step and gives its StepResult."""
+        the step and gives its StepResult (with the gradients when `gradients`)."""
         raise NotImplementedError(f"backend '{self.name}' does not train models")
+
+    def activations(self, handle: Any, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Inference-mode output of every spec layer (and of a pretrained base's blocks, as
+        `<base>/<Keras layer name>`), channels last, for weight-port parity."""
+        raise NotImplementedError(f"backend '{self.name}' does not expose activations")
 
     def get_learning_rate(self, handle: Any) -> float:
         raise NotImplementedError(f"backend '{self.name}' has no optimizer")

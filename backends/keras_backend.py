@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import socket
 import warnings
 from collections.abc import Callable, Mapping
@@ -267,6 +268,22 @@ BASES: dict[str, BaseEntry] = {
 }
 
 
+def _base_blocks(base: keras.Model) -> list[str]:
+    """The layers that end a base's blocks: a DenseNet's dense blocks (the last concat of
+    each stage) and transitions, a VGG's pools. The torch backend probes the same tensors."""
+    names = [layer.name for layer in base.layers]
+
+    def stage(name: str) -> str:
+        return name.split("_block")[0]
+
+    out = []
+    for i, name in enumerate(names):
+        ends_stage = i + 1 == len(names) or stage(names[i + 1]) != stage(name)
+        if (name.endswith("_concat") and ends_stage) or re.fullmatch(r"(pool|block)\d+_pool", name):
+            out.append(name)
+    return out
+
+
 def keras_models_dir() -> Path:
     """Where Keras caches application weights: $KERAS_HOME/models (default ~/.keras/models)."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
@@ -437,8 +454,9 @@ class KerasHandle:
     last: keras.layers.Layer | None = None
     optimizer: keras.optimizers.Optimizer | None = None  # None for a model that does not train
     on_logits: bool = False  # the loss is computed from the pre-sigmoid logits
-    # compiled functions, made on first use: train steps by `augment`, predict by `logits`
-    _steps: dict[bool, Any] = field(default_factory=dict, repr=False)
+    # compiled functions, made on first use: train steps by (augment, gradients), predict by
+    # `logits`
+    _steps: dict[tuple[bool, bool], Any] = field(default_factory=dict, repr=False)
     _forward: dict[bool, Any] = field(default_factory=dict, repr=False)
 
     def trainer(self) -> keras.optimizers.Optimizer:
@@ -765,11 +783,13 @@ class KerasBackend(Backend):
 
     # -- training -----------------------------------------------------------------------------
 
-    def _make_step(self, handle: KerasHandle, augment: bool) -> Callable[..., tuple[Any, Any]]:
+    def _make_step(
+        self, handle: KerasHandle, augment: bool, gradients: bool
+    ) -> Callable[..., tuple[Any, ...]]:
         """One training step (images uint8 (B, H, W), labels float32 (B,), matrices (B, 8)) ->
-        (mean loss, training-mode probabilities (B,)), as framework tensors."""
+        (mean loss, training-mode probabilities (B,)[, gradients]), as framework tensors."""
         if KERAS_BACKEND == "torch":
-            return self._make_step_torch(handle, augment)
+            return self._make_step_torch(handle, augment, gradients)
         if KERAS_BACKEND != "tensorflow":
             raise UserError(
                 f"backend '{self.name}': training is implemented for Keras on TensorFlow and "
@@ -790,7 +810,7 @@ class KerasBackend(Backend):
                 tf.TensorSpec((None, 8), tf.float32),
             ),
         )
-        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, Any]:
+        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, ...]:
             x = tf.cast(images, tf.float32)[..., None]
             if augment:
                 x = _transform(x, matrices)
@@ -799,13 +819,14 @@ class KerasBackend(Backend):
                 loss, probs = _loss_and_probs(handle, x, labels, on_logits, eps, smoothing)
             grads = tape.gradient(loss, variables)
             optimizer.apply(grads, variables)
-            return loss, probs
+            # a separate trace: the training step itself stays the same graph without them
+            return (loss, probs, grads) if gradients else (loss, probs)
 
         return step
 
     def _make_step_torch(
-        self, handle: KerasHandle, augment: bool
-    ) -> Callable[..., tuple[Any, Any]]:
+        self, handle: KerasHandle, augment: bool, gradients: bool
+    ) -> Callable[..., tuple[Any, ...]]:
         """The same step on Keras' PyTorch backend: eager keras.ops forward, torch autograd.
 
         Keras Variables wrap torch Parameters (requires_grad = trainable); as Keras' own
@@ -819,7 +840,7 @@ class KerasBackend(Backend):
         eps, smoothing, on_logits = loss_spec.epsilon, loss_spec.label_smoothing, handle.on_logits
         ops = keras.ops
 
-        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, Any]:
+        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, ...]:
             with torch.no_grad():
                 x = ops.cast(ops.convert_to_tensor(images), "float32")[..., None]
                 if augment:
@@ -832,20 +853,33 @@ class KerasBackend(Backend):
             loss, probs = _loss_and_probs(handle, x, y, on_logits, eps, smoothing)
             loss.backward()
             grads = [v.value.grad for v in variables]
+            copies = [g.detach().clone() for g in grads] if gradients else None
             with torch.no_grad():
                 optimizer.apply(grads, variables)
+            if copies is not None:
+                return loss.detach(), probs.detach(), copies
             return loss.detach(), probs.detach()
 
         return step
 
-    def train_step(self, handle: KerasHandle, batch: Batch) -> Callable[[], StepResult]:
-        step = handle._steps.get(batch.augment)
+    def train_step(
+        self, handle: KerasHandle, batch: Batch, gradients: bool = False
+    ) -> Callable[[], StepResult]:
+        key = (batch.augment, gradients)
+        step = handle._steps.get(key)
         if step is None:
-            step = handle._steps[batch.augment] = self._make_step(handle, batch.augment)
+            step = handle._steps[key] = self._make_step(handle, *key)
         size = handle.model_input.image_size
         mats = projective_matrices(batch.angle, batch.scale, batch.hflip, batch.vflip, size, size)
-        loss, probs = step(batch.images, np.asarray(batch.labels, np.float32), mats)
-        return lambda: StepResult(float(loss), keras.ops.convert_to_numpy(probs))
+        out = step(batch.images, np.asarray(batch.labels, np.float32), mats)
+        grads = None
+        if gradients:
+            names = {id(v): k for k, v in self._variables(handle).items()}
+            variables = handle.model.trainable_variables
+            grads = {names[id(v)]: np.array(keras.ops.convert_to_numpy(g))
+                     for v, g in zip(variables, out[2], strict=True)}
+        loss, probs = out[0], out[1]
+        return lambda: StepResult(float(loss), keras.ops.convert_to_numpy(probs), grads)
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -886,6 +920,26 @@ class KerasBackend(Backend):
         if not out:
             return np.zeros(0, dtype=np.float64)
         return np.concatenate(out).astype(np.float64)
+
+    def activations(self, handle: KerasHandle, images: np.ndarray) -> dict[str, np.ndarray]:
+        model = handle.model
+        x = _normalize(
+            keras.ops.cast(keras.ops.convert_to_tensor(np.asarray(images)), "float32")[..., None],
+            handle.model_input,
+        )
+        out: dict[str, np.ndarray] = {}
+        if handle.base is not None:
+            base, base_name = handle.base, handle.spec.base.name  # type: ignore[union-attr]
+            blocks = _base_blocks(base)
+            probe = keras.Model(base.inputs, [base.get_layer(n).output for n in blocks])
+            values = probe(x, training=False)
+            for name, value in zip(blocks, values, strict=True):
+                out[f"{base_name}/{name}"] = value
+        h = x
+        for layer in model.layers[1:]:  # after the input; the model is a linear stack
+            h = layer(h, training=False)
+            out[handle.spec.base.name if layer is handle.base else layer.name] = h  # type: ignore[union-attr]
+        return {k: np.asarray(keras.ops.convert_to_numpy(v), np.float64) for k, v in out.items()}
 
     def get_learning_rate(self, handle: KerasHandle) -> float:
         return float(keras.ops.convert_to_numpy(handle.trainer().learning_rate))

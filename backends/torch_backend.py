@@ -578,38 +578,50 @@ class TorchHandle:
 # ---------------------------------------------------------------------------------------------
 # Neutral weights (backends/base.py): Keras' layout and names
 
-Accessor = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], Any]]
+@dataclass(frozen=True)
+class Slot:
+    """One variable seen in Keras' layout: its axes permuted by `perm` (None: as it is)."""
+
+    tensor: torch.Tensor
+    perm: tuple[int, ...] | None = None
+
+    def _keras(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.perm is None else t.permute(*self.perm)
+
+    def get(self) -> torch.Tensor:
+        return self._keras(self.tensor.detach())
+
+    def grad(self) -> torch.Tensor | None:
+        g = self.tensor.grad
+        return None if g is None else self._keras(g)
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.perm is not None:
+            value = value.permute(*(int(i) for i in np.argsort(self.perm)))
+        self.tensor.copy_(value)
 
 
-def _tensor_access(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> Accessor:
-    """Read `t` in Keras' layout (a permutation of its axes) and write it back from that."""
-    if perm is None:
-        return (lambda: t.detach()), (lambda v: t.copy_(v))
-    inverse = tuple(int(i) for i in np.argsort(perm))
-    return (lambda: t.detach().permute(*perm)), (lambda v: t.copy_(v.permute(*inverse)))
-
-
-def _module_weights(module: nn.Module) -> dict[str, Accessor]:
+def _module_weights(module: nn.Module) -> dict[str, Slot]:
     """One module's variables by Keras name: conv kernels OIHW -> HWIO, dense (out, in) -> (in,
     out), BatchNorm weight/bias/running stats -> gamma/beta/moving_mean/moving_variance."""
-    out: dict[str, Accessor] = {}
+    out: dict[str, Slot] = {}
     if isinstance(module, nn.Conv2d):
-        out["kernel"] = _tensor_access(module.weight, (2, 3, 1, 0))
+        out["kernel"] = Slot(module.weight, (2, 3, 1, 0))
     elif isinstance(module, nn.Linear):
-        out["kernel"] = _tensor_access(module.weight, (1, 0))
+        out["kernel"] = Slot(module.weight, (1, 0))
     elif isinstance(module, nn.modules.batchnorm._BatchNorm | PartialBatchNorm):
         bn = module.bn if isinstance(module, PartialBatchNorm) else module
         if module.weight is not None:
-            out["gamma"] = _tensor_access(module.weight)
+            out["gamma"] = Slot(module.weight)
         if module.bias is not None:
-            out["beta"] = _tensor_access(module.bias)
-        out["moving_mean"] = _tensor_access(bn.running_mean)  # type: ignore[arg-type]
-        out["moving_variance"] = _tensor_access(bn.running_var)  # type: ignore[arg-type]
+            out["beta"] = Slot(module.bias)
+        out["moving_mean"] = Slot(bn.running_mean)  # type: ignore[arg-type]
+        out["moving_variance"] = Slot(bn.running_var)  # type: ignore[arg-type]
         return out
     else:
         return out
     if module.bias is not None:
-        out["bias"] = _tensor_access(module.bias)
+        out["bias"] = Slot(module.bias)
     return out
 
 
@@ -661,9 +673,35 @@ BASE_NAMES: dict[str, Callable[[nn.Module], list[tuple[str, nn.Module]]]] = {
 }
 
 
-def _neutral(handle: TorchHandle) -> dict[str, Accessor]:
+def _densenet_blocks(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Each dense block's and transition's output under Keras' name for the same tensor."""
+    out = []
+    for name, m in base.features.named_children():  # type: ignore[union-attr]
+        if name.startswith("denseblock"):
+            k = int(name.removeprefix("denseblock")) + 1
+            out.append((f"conv{k}_block{len(list(m.children()))}_concat", m))
+        elif name.startswith("transition"):
+            out.append((f"pool{int(name.removeprefix('transition')) + 1}_pool", m))
+    return out
+
+
+def _vgg_blocks(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    pools = [m for m in base.modules() if isinstance(m, nn.MaxPool2d)]
+    return [(f"block{i + 1}_pool", m) for i, m in enumerate(pools)]
+
+
+BASE_BLOCKS: dict[str, Callable[[nn.Module], list[tuple[str, nn.Module]]]] = {
+    "densenet121": _densenet_blocks,
+    "densenet169": _densenet_blocks,
+    "densenet201": _densenet_blocks,
+    "resnet50": lambda base: [],
+    "vgg16": _vgg_blocks,
+}
+
+
+def _neutral(handle: TorchHandle) -> dict[str, Slot]:
     """Every variable of the model by its neutral name (backends/base.py), in build order."""
-    table: dict[str, Accessor] = {}
+    table: dict[str, Slot] = {}
     model = handle.model
     if handle.net.base is not None:
         base_name = model.base.name
@@ -1009,7 +1047,8 @@ class TorchBackend(Backend):
 
     # -- steps: train, predict, learning rate ---------------------------------------------------
 
-    def train_step(self, handle: TorchHandle, batch: Batch) -> Callable[[], StepResult]:
+    def train_step(self, handle: TorchHandle, batch: Batch, gradients: bool = False
+                   ) -> Callable[[], StepResult]:
         net, optimizer = handle.net, handle.trainer()
         if not net.training:
             net.train()
@@ -1028,9 +1067,35 @@ class TorchBackend(Backend):
             loss = bce_loss(p, y, loss_spec)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = None
+        if gradients:  # before the update; the next step clears them
+            grads = {name: g.cpu().numpy().copy() for name, slot in _neutral(handle).items()
+                     if (g := slot.grad()) is not None}
         optimizer.step()
         loss, p = loss.detach(), p.detach()
-        return lambda: StepResult(float(loss), p.double().cpu().numpy())
+        return lambda: StepResult(float(loss), p.double().cpu().numpy(), grads)
+
+    def activations(self, handle: TorchHandle, images: np.ndarray) -> dict[str, np.ndarray]:
+        net, model = handle.net, handle.model
+        probes: list[tuple[str, nn.Module]] = []
+        if net.base is not None:
+            probes += [(f"{model.base.name}/{name}", m)
+                       for name, m in _lookup(BASE_BLOCKS, model.base.name, "base")(net.base)]
+            probes.append((model.base.name, net.base))
+        probes += list(net.head.named_children())
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
+                 for name, m in probes]
+        try:
+            net.eval()
+            with torch.inference_mode():
+                net(self._preprocess(self._to_device(np.asarray(images)), handle))
+        finally:
+            for h in hooks:
+                h.remove()
+        # channels last, as Keras lays them out
+        return {name: (seen[name].permute(0, 2, 3, 1) if seen[name].dim() == 4 else seen[name])
+                .double().cpu().numpy() for name, _ in probes}
 
     def predict(self, handle: TorchHandle, images: np.ndarray, batch_size: int = 64,
                 logits: bool = False) -> np.ndarray:
@@ -1091,12 +1156,12 @@ class TorchBackend(Backend):
     # -- neutral weights ---------------------------------------------------------------------------
 
     def get_weights(self, handle: TorchHandle) -> dict[str, np.ndarray]:
-        return {name: get().cpu().numpy().copy() for name, (get, _) in _neutral(handle).items()}
+        return {name: slot.get().cpu().numpy().copy() for name, slot in _neutral(handle).items()}
 
     def set_weights(self, handle: TorchHandle, weights: dict[str, np.ndarray]) -> None:
         table = _neutral(handle)
-        check_weights({k: tuple(get().shape) for k, (get, _) in table.items()}, weights,
+        check_weights({k: tuple(slot.get().shape) for k, slot in table.items()}, weights,
                       self.name)
         with torch.no_grad():
-            for name, (_, put) in table.items():
-                put(torch.from_numpy(np.asarray(weights[name], dtype=np.float32)))
+            for name, slot in table.items():
+                slot.put(torch.from_numpy(np.asarray(weights[name], dtype=np.float32)))

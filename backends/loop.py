@@ -43,6 +43,14 @@ from harness.spec import Layer, Model, PretrainedModel, SequentialModel
 PREDICT_BATCH = 64
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The loss stopped being finite; `history` holds the epochs completed before."""
+
+    def __init__(self, message: str, history: tuple[EpochRecord, ...] = ()) -> None:
+        super().__init__(message)
+        self.history = history
+
+
 @dataclass(frozen=True)
 class TrainState:
     """Where training stands after `epoch` complete epochs."""
@@ -86,7 +94,7 @@ class _Steps:
 
     def add(self, result: StepResult, step: int, labels: np.ndarray) -> None:
         if not math.isfinite(result.loss):
-            raise FloatingPointError(f"loss became NaN at epoch {self.epoch} step {step}")
+            raise NonFiniteLoss(f"loss became NaN at epoch {self.epoch} step {step}")
         self.losses.append(result.loss)
         self.sizes.append(len(labels))
         self.probs.append(np.asarray(result.probs, dtype=np.float64).reshape(-1))
@@ -112,8 +120,9 @@ def fit(
     """Train `model.train.epochs` epochs on the harness's stream; validate after each epoch.
 
     With `resume`, restores that state and goes on with the next epoch; `on_checkpoint`
-    receives the state after every epoch but the last. Raises FloatingPointError naming the
-    epoch and step when the loss stops being finite.
+    receives the state after every epoch but the last. Raises NonFiniteLoss (a
+    FloatingPointError) naming the epoch and step when the loss stops being finite; it carries
+    the history of the epochs before.
     """
     recipe = model.train  # type: ignore[union-attr]
     history: list[EpochRecord] = []
@@ -126,18 +135,21 @@ def fit(
         first_step: float | None = None
         steps = _Steps(epoch)
         pending: tuple[Callable[[], StepResult], int, np.ndarray] | None = None
-        for step, batch in enumerate(train.batches(epoch, recipe.batch_size), start=1):
-            t_step = clock()
-            done = backend.train_step(handle, batch)
-            if epoch == first and step == 1:  # wait for it: its time includes tracing
-                steps.add(done(), step, batch.labels)
-                first_step = clock() - t_step
-                continue
-            if pending is not None:  # fetched one step behind: the device never idles
+        try:
+            for step, batch in enumerate(train.batches(epoch, recipe.batch_size), start=1):
+                t_step = clock()
+                done = backend.train_step(handle, batch)
+                if epoch == first and step == 1:  # wait for it: its time includes tracing
+                    steps.add(done(), step, batch.labels)
+                    first_step = clock() - t_step
+                    continue
+                if pending is not None:  # fetched one step behind: the device never idles
+                    steps.add(pending[0](), pending[1], pending[2])
+                pending = (done, step, batch.labels)
+            if pending is not None:
                 steps.add(pending[0](), pending[1], pending[2])
-            pending = (done, step, batch.labels)
-        if pending is not None:
-            steps.add(pending[0](), pending[1], pending[2])
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(str(e), tuple(history)) from None
         train_seconds = clock() - t_epoch
 
         losses, sizes = steps.losses, steps.sizes

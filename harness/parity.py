@@ -155,7 +155,8 @@ def compare(source: dict[str, np.ndarray], target: dict[str, np.ndarray], model:
             (_max_abs(source[key], target[key]) for key in source if key.startswith(prefix)),
             default=0.0,
         )
-        step_diffs.append(StepDiff(k + 1, float(source["loss"][k]), float(target["loss"][k]), worst))
+        losses = float(source["loss"][k]), float(target["loss"][k])
+        step_diffs.append(StepDiff(k + 1, *losses, worst))
     forward_pass = output <= FORWARD_TOL
     worst_grad = max(grads, key=lambda g: g.rel) if grads else None
     training_pass = worst_grad is None or worst_grad.rel <= GRAD_TOL

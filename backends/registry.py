@@ -23,9 +23,10 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from harness.errors import UserError
+from harness.vocab import PAPER_MODELS, Supports
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class BackendEntry:
     # the framework reads at import (oneDNN, CUBLAS workspace); users may override them
     env_module: str | None = None
     plugin: bool = False  # registered through the entry point group, not built in
+    # the vocabulary it builds and trains (harness.vocab); None: not declared, not checked
+    supports: Supports | None = None
 
 
 ENTRY_POINT_GROUP = "repro_harness.backends"
@@ -53,6 +56,7 @@ REGISTRY: dict[str, BackendEntry] = {
             ("numpy",),
             "",
             description="numpy; the paper's random baseline",
+            supports=Supports(kinds=("random",)),
         ),
         BackendEntry(
             "keras",
@@ -62,6 +66,7 @@ REGISTRY: dict[str, BackendEntry] = {
             {"KERAS_BACKEND": "tensorflow"},
             "Keras 3 on TensorFlow",
             "backends.keras_env",
+            supports=PAPER_MODELS,
         ),
         BackendEntry(
             "keras-torch",
@@ -71,6 +76,7 @@ REGISTRY: dict[str, BackendEntry] = {
             {"KERAS_BACKEND": "torch"},
             "the same Keras code on Keras 3's PyTorch backend (eager torch-autograd train step)",
             "backends.torch_env",
+            supports=PAPER_MODELS,
         ),
         BackendEntry(
             "keras-jax",
@@ -79,6 +85,7 @@ REGISTRY: dict[str, BackendEntry] = {
             "jax",
             {"KERAS_BACKEND": "jax"},
             "the same Keras code on Keras 3's JAX backend (build/predict only, no training)",
+            supports=replace(PAPER_MODELS, optimizers=(), trains=False),
         ),
         BackendEntry(
             "torch",
@@ -87,6 +94,7 @@ REGISTRY: dict[str, BackendEntry] = {
             "torch",
             description="PyTorch + torchvision, Keras semantics made explicit",
             env_module="backends.torch_env",
+            supports=PAPER_MODELS,
         ),
     )
 }

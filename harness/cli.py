@@ -207,8 +207,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from backends.registry import REGISTRY, missing_modules
-    from harness.shapes import BASE_TABLE
-    from harness.spec import ACTIVATIONS, INITIALIZERS, LAYER_TYPES, METRIC_NAMES, OPTIMIZERS
+    from harness.listing import render_listing
 
     if args.spec:
         spec = load_spec(args.spec, args.overrides)
@@ -218,19 +217,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             + tabulate(models, headers=["model", "kind", "backends", "description"])
         )
         print()
-    rows = []
-    for e in REGISTRY.values():
-        missing = missing_modules(e.name)
-        rows.append(
-            (e.name, e.description, "yes" if not missing else f"no (needs {', '.join(missing)})")
-        )
-    print("Backends:\n" + tabulate(rows, headers=["backend", "what", "installed"]))
-    print("\nLayer types: " + ", ".join(LAYER_TYPES))
-    print("Pretrained bases: " + ", ".join(BASE_TABLE))
-    print("Activations: " + ", ".join(ACTIVATIONS))
-    print("Initializers: " + ", ".join(INITIALIZERS))
-    print("Optimizers: " + ", ".join(OPTIMIZERS) + "; loss: binary_crossentropy")
-    print("Metrics: " + ", ".join(METRIC_NAMES))
+    print(render_listing(REGISTRY.values(), missing_modules))
     return 0
 
 

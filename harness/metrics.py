@@ -20,15 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-METRICS: tuple[str, ...] = (
-    "accuracy",
-    "recall",
-    "precision",
-    "specificity",
-    "f1",
-    "auroc",
-    "kappa",
-)
+from harness.vocab import METRICS
 
 
 def check_metric_names(metrics: Sequence[str]) -> tuple[str, ...]:

@@ -47,6 +47,11 @@ A value that could not be measured is never 0. Units: MiB (1 MiB = 1048576 bytes
 
 Without a GPU every "gpu" entry (name and index included) is a not-measured measure with the
 same reason; `framework_memory` is {"peak": <not measured>} when the backend reports nothing.
+
+Where the readings come from is injectable, so tests compute exact expected values: `clock`
+(wall time, time.perf_counter), `thread_clock` (the sampler's CPU time, time.thread_time) and
+`process` (cpu_times, memory_info, cpu_percent: a psutil.Process of this process by default).
+NVML is the `pynvml` module, imported when the monitor is entered.
 """
 
 from __future__ import annotations
@@ -55,10 +60,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -67,6 +72,15 @@ SCHEMA_VERSION = 1
 UTILIZATION_BUSY_PERCENT = 80.0
 
 Measure = dict[str, Any]
+Clock = Callable[[], float]
+
+
+class ProcessReadings(Protocol):
+    """What the monitor reads of its process (the part of psutil.Process it uses)."""
+
+    def cpu_times(self) -> Any: ...  # .user and .system, in seconds
+    def memory_info(self) -> Any: ...  # .rss, in bytes
+    def cpu_percent(self, interval: float | None = None) -> float: ...
 
 
 def measured(value: float, unit: str, method: str | None = None) -> Measure:
@@ -307,13 +321,23 @@ def _ru_maxrss_mib() -> Measure:
 class Monitor:
     """Phase timer plus a background sampler of host and GPU resources for one run."""
 
-    def __init__(self, gpu_index: int | None = None, interval_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        gpu_index: int | None = None,
+        interval_s: float = 0.2,
+        *,
+        clock: Clock = time.perf_counter,
+        thread_clock: Clock = time.thread_time,
+        process: ProcessReadings | None = None,
+    ) -> None:
         if interval_s <= 0:
             raise ValueError(f"Monitor interval_s must be > 0; got {interval_s!r}")
         self.gpu_index = gpu_index
         self.interval_s = float(interval_s)
+        self._clock = clock
+        self._thread_clock = thread_clock
         self._pid = os.getpid()
-        self._proc = psutil.Process(self._pid)
+        self._proc: ProcessReadings = process if process is not None else psutil.Process(self._pid)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -346,7 +370,7 @@ class Monitor:
         if self._t_start is not None:
             raise RuntimeError("a Monitor measures one span; create a new one per run")
         self._open_gpu()
-        self._t_start = time.perf_counter()
+        self._t_start = self._clock()
         self._cpu_start = self._cpu_seconds()
         if self._gpu is not None:
             self._gpu.energy_start_mj = self._gpu.read_energy()
@@ -365,7 +389,7 @@ class Monitor:
         if self._thread is not None:
             self._thread.join()
         self.sample()
-        self._t_end = time.perf_counter()
+        self._t_end = self._clock()
         self._cpu_end = self._cpu_seconds()
         self._rusage = _ru_maxrss_mib()
         if self._gpu is not None:
@@ -423,8 +447,8 @@ class Monitor:
 
     def sample(self) -> None:
         """Take one sample now (the sampler thread calls this every interval_s)."""
-        t0 = time.perf_counter()
-        c0 = time.thread_time()
+        t0 = self._clock()
+        c0 = self._thread_clock()
         rss = self._proc.memory_info().rss / MIB
         cpu = self._proc.cpu_percent(None)
         with self._lock:
@@ -436,8 +460,8 @@ class Monitor:
             if self._gpu is not None:
                 self._gpu.sample(t0, self._pid)
             self._samples += 1
-            self._sampling_s += time.perf_counter() - t0
-            self._sampling_cpu_s += time.thread_time() - c0
+            self._sampling_s += self._clock() - t0
+            self._sampling_cpu_s += self._thread_clock() - c0
 
     # -- recording -------------------------------------------------------------------------
 
@@ -445,11 +469,11 @@ class Monitor:
     def phase(self, name: str) -> Iterator[None]:
         """Time a named phase; repeated names add up, nested phases count once in unphased_s."""
         self._depth += 1
-        t0 = time.perf_counter()
+        t0 = self._clock()
         try:
             yield
         finally:
-            dt = time.perf_counter() - t0
+            dt = self._clock() - t0
             self._depth -= 1
             self._phases[name] = self._phases.get(name, 0.0) + dt
             if self._depth == 0:
@@ -508,7 +532,7 @@ class Monitor:
         """Everything measured so far, JSON-serializable (see the module docstring)."""
         if self._t_start is None:
             raise RuntimeError("Monitor.summary() before the monitor was entered (use `with`)")
-        end = self._t_end if self._t_end is not None else time.perf_counter()
+        end = self._t_end if self._t_end is not None else self._clock()
         wall = end - self._t_start
         cpu_end = self._cpu_end if self._cpu_end is not None else self._cpu_seconds()
         assert self._cpu_start is not None

@@ -25,7 +25,7 @@ from pathlib import Path
 from harness.errors import UserError
 from harness.records import RunKey
 from harness.results import RunFileError, read_run, run_path
-from harness.spec import Spec, spec_digest
+from harness.spec import Spec, check_backends, spec_digest
 
 __all__ = ["Plan", "RunKey", "Selection", "make_plan", "plan_runs", "run_hash", "run_status",
            "training_code_version"]
@@ -38,7 +38,8 @@ TRAINING_CODE = (
     "backends/registry.py",
     "harness/data",
     "harness/worker.py",
-    "harness/spec.py",
+    "harness/spec",
+    "harness/vocab.py",
 )
 # Fields of a model that name or describe it without changing what is trained.
 NOT_TRAINING = ("name", "description", "printed_params", "backends")
@@ -79,7 +80,10 @@ class Plan:
 
 def make_plan(spec: Spec, selection: Selection = Selection()) -> Plan:
     """The spec's runs and the selected ones; --models/--backends/--seeds errors are raised here,
-    before any data is prepared."""
+    before any data is prepared, and so are models a backend does not claim to support."""
+    from backends.registry import REGISTRY  # framework-free: names and claims, imports none
+
+    check_backends(spec, {e.name: e.supports for e in REGISTRY.values()})
     runs = tuple(plan_runs(spec))
     selected = tuple(plan_runs(spec, selection.models, selection.backends, selection.seeds))
     return Plan(

@@ -1,16 +1,22 @@
-"""Monitor: phase times, host memory, NVML values through a stand-in pynvml, the schema."""
+"""Monitor: phase times, host memory and CPU, NVML values, the schema; no wall-clock bounds.
+
+Time and the process's readings come from stand-ins (a clock that moves only when the test moves
+it, a process with scripted readings, a stand-in pynvml), so every value is computed exactly from
+them; one test reads the real process to check an allocation shows in the RSS.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
+import threading
 import types
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from harness.monitor import MIB, Monitor, fmt_measure, is_measured, measured, not_measured
@@ -27,6 +33,66 @@ class _Seq:
         v = self.values[min(self.i, len(self.values) - 1)]
         self.i += 1
         return v
+
+
+class FakeClock:
+    """A clock (wall or CPU time) that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class FakeProcess:
+    """psutil.Process stand-in: scripted RSS (MiB) and cpu_percent readings, one per sample; CPU
+    seconds as the test sets `cpu_s`. Each memory reading costs `read_s` of wall time and
+    `read_cpu_s` of the sampler's CPU time (a sample's own cost); `after` runs on reading n."""
+
+    def __init__(
+        self,
+        clock: FakeClock,
+        thread_clock: FakeClock | None = None,
+        rss_mib: Iterable[float] = (100.0,),
+        cpu_percent: Iterable[float] = (0.0,),
+        read_s: float = 0.0,
+        read_cpu_s: float = 0.0,
+        after: dict[int, Any] | None = None,
+    ) -> None:
+        self.clock, self.thread_clock = clock, thread_clock
+        self.rss, self.percent = _Seq(rss_mib), _Seq(cpu_percent)
+        self.read_s, self.read_cpu_s = read_s, read_cpu_s
+        self.after = after or {}
+        self.cpu_s = 0.0
+        self.reads = 0
+
+    def cpu_times(self) -> Any:
+        return types.SimpleNamespace(user=self.cpu_s, system=0.0)
+
+    def memory_info(self) -> Any:
+        self.reads += 1
+        self.clock.advance(self.read_s)
+        if self.thread_clock is not None:
+            self.thread_clock.advance(self.read_cpu_s)
+        if self.reads in self.after:
+            self.after[self.reads]()
+        return types.SimpleNamespace(rss=int(self.rss() * MIB))
+
+    def cpu_percent(self, interval: float | None = None) -> float:
+        return float(self.percent())
+
+
+def fake_monitor(**process: Any) -> tuple[Monitor, FakeClock, FakeProcess]:
+    """A Monitor on a fake clock and process; its sampler thread never samples (1 h interval):
+    the samples are the one at enter, the one at exit and those the test takes."""
+    clock, thread_clock = FakeClock(), FakeClock()
+    proc = FakeProcess(clock, thread_clock, **process)
+    mon = Monitor(interval_s=3600, clock=clock, thread_clock=thread_clock, process=proc)
+    return mon, clock, proc
 
 
 def make_fake_nvml(
@@ -106,46 +172,48 @@ def _nvml_works() -> bool:
 
 
 def test_phase_times_add_up_to_total() -> None:
-    mon = Monitor(interval_s=0.05)
+    mon, clock, _ = fake_monitor()
     with mon:
-        for name, seconds in (("data", 0.10), ("build", 0.05), ("train", 0.20), ("predict", 0.08)):
+        clock.advance(0.125)  # before the first phase: unphased
+        for name, seconds in (("data", 0.5), ("build", 0.25), ("train", 2.0), ("predict", 0.375)):
             with mon.phase(name):
-                time.sleep(seconds)
+                clock.advance(seconds)
+        clock.advance(0.0625)
     s = mon.summary()
-    phases = s["phases_s"]
-    assert list(phases) == ["data", "build", "train", "predict"]
-    for name, seconds in (("data", 0.10), ("build", 0.05), ("train", 0.20), ("predict", 0.08)):
-        assert seconds <= phases[name] < seconds + 0.05
-    total = sum(phases.values())
-    assert abs(s["wall_s"] - total) <= max(0.05 * s["wall_s"], 0.02)
-    assert s["unphased_s"] == pytest.approx(s["wall_s"] - total)
+    assert s["phases_s"] == {"data": 0.5, "build": 0.25, "train": 2.0, "predict": 0.375}
+    assert list(s["phases_s"]) == ["data", "build", "train", "predict"]
+    assert s["wall_s"] == 3.3125
+    assert s["unphased_s"] == 0.1875
 
 
 def test_repeated_phases_add_and_nested_phases_count_once() -> None:
-    mon = Monitor(interval_s=1.0)
+    mon, clock, _ = fake_monitor()
     with mon:
         for _ in range(3):
             with mon.phase("train"):
-                time.sleep(0.02)
+                clock.advance(0.25)
+        mon.record_subphase("first_step", 0.0625)  # timed inside "train" by the backend
         with mon.phase("predict"):
+            clock.advance(0.125)
             with mon.phase("predict_batch"):
-                time.sleep(0.03)
+                clock.advance(0.5)
+        clock.advance(0.125)
     s = mon.summary()
-    assert 0.06 <= s["phases_s"]["train"] < 0.1
-    assert s["phases_s"]["predict_batch"] <= s["phases_s"]["predict"]
-    top = s["phases_s"]["train"] + s["phases_s"]["predict"]
-    assert s["unphased_s"] == pytest.approx(s["wall_s"] - top)
-    assert 0 <= s["unphased_s"] < 0.02
+    assert s["phases_s"] == {"train": 0.75, "first_step": 0.0625, "predict": 0.625,
+                             "predict_batch": 0.5}
+    assert s["wall_s"] == 1.5
+    assert s["unphased_s"] == 0.125  # wall minus the top-level phases train and predict
 
 
 def test_phase_time_recorded_when_the_body_raises() -> None:
-    mon = Monitor(interval_s=1.0)
-    with pytest.raises(ValueError):
+    mon, clock, _ = fake_monitor()
+    with pytest.raises(ValueError, match="boom"):
         with mon:
             with mon.phase("train"):
-                time.sleep(0.01)
+                clock.advance(0.25)
                 raise ValueError("boom")
-    assert mon.summary()["phases_s"]["train"] >= 0.01
+    s = mon.summary()
+    assert (s["phases_s"], s["wall_s"], s["unphased_s"]) == ({"train": 0.25}, 0.25, 0.0)
 
 
 def test_epochs_and_throughput() -> None:
@@ -190,51 +258,104 @@ def test_monitor_is_single_use_and_summary_needs_a_span() -> None:
 
 
 def _rss_peak(allocate_bytes: int) -> float:
-    mon = Monitor(interval_s=0.01)
+    """Peak RSS of this (real) process over a span, sampled once while `allocate_bytes` live."""
+    mon = Monitor(interval_s=3600)
     with mon:
-        if allocate_bytes:
-            a = np.ones(allocate_bytes // 8, dtype=np.float64)  # ones() touches every page
-            time.sleep(0.1)
-            del a
-        else:
-            time.sleep(0.1)
+        a = np.ones(allocate_bytes // 8, dtype=np.float64)  # ones() touches every page
+        mon.sample()
+        del a
     s = mon.summary()
-    assert s["monitor"]["samples"] >= 5
+    assert s["monitor"]["samples"] == 3  # enter, the one above, exit
+    assert s["host"]["rss_peak"]["unit"] == "MiB"
     return float(s["host"]["rss_peak"]["value"])
 
 
 def test_rss_peak_rises_by_a_known_allocation() -> None:
     size = 200 * 1000 * 1000
-    base = _rss_peak(0)
+    base = _rss_peak(8)
     peak = _rss_peak(size)
     assert peak - base >= 0.8 * size / MIB
 
 
-def test_host_entries_are_measured() -> None:
-    mon = Monitor(interval_s=0.02)
+def test_host_values_are_computed_from_the_readings() -> None:
+    mon, clock, proc = fake_monitor(rss_mib=[100, 300, 200], cpu_percent=[0.0, 50.0, 150.0])
+    with mon:  # enter: rss 100 MiB; psutil's first cpu_percent only sets its reference point
+        clock.advance(0.5)
+        proc.cpu_s = 0.25
+        mon.sample()  # rss 300, cpu 50%
+        clock.advance(0.5)
+        proc.cpu_s = 0.75
+    host = mon.summary()["host"]  # exit: rss 200, cpu 150%
+    assert host["rss_peak"] == {"value": 300.0, "unit": "MiB"}
+    assert host["rss_mean"] == {"value": 200.0, "unit": "MiB"}
+    assert host["cpu_percent_mean"] == {  # 0.75 s of CPU in 1 s of wall time
+        "value": 75.0, "unit": "%", "method": "process CPU time / wall time; 100 = 1 core"}
+    assert host["cpu_percent_peak"] == {
+        "value": 150.0, "unit": "%", "method": "peak over sampler intervals; 100 = 1 core"}
+    assert host["cpu_count_logical"] == psutil.cpu_count(logical=True)
+    rusage = host["rss_peak_getrusage"]  # the real process's, from getrusage
+    assert (rusage["unit"], rusage["method"]) == (
+        "MiB", "getrusage ru_maxrss: peak since process start")
+    assert rusage["value"] > 0
+
+
+def test_host_values_before_a_second_sample_and_without_wall_time() -> None:
+    mon, _, _ = fake_monitor()
     with mon:
-        t = time.perf_counter()
-        while time.perf_counter() - t < 0.2:  # busy: CPU percent should be near one core
-            pass
-    host = mon.summary()["host"]
-    assert host["rss_peak"]["unit"] == "MiB"
-    assert host["rss_peak"]["value"] >= host["rss_mean"]["value"] > 0
-    assert host["rss_peak_getrusage"]["value"] >= host["rss_peak"]["value"] * 0.9
-    assert 50 < host["cpu_percent_mean"]["value"] <= 100 * host["cpu_count_logical"]
-    assert host["cpu_percent_peak"]["value"] > 0
+        s = mon.summary()  # only the sample at enter, and the clock has not moved
+    assert s["host"]["cpu_percent_peak"] == {"value": None, "reason": "fewer than 2 samples"}
+    assert s["host"]["cpu_percent_mean"] == {"value": None, "reason": "zero wall time"}
+    assert s["host"]["rss_peak"] == {"value": 100.0, "unit": "MiB"}
+    assert (s["wall_s"], s["monitor"]["samples"], s["monitor"]["overhead_share"]) == (0.0, 1, None)
 
 
 def test_summary_reports_its_own_sampling_cost() -> None:
-    mon = Monitor(interval_s=0.02)
+    mon, clock, _ = fake_monitor(read_s=0.0625, read_cpu_s=0.03125)
     with mon:
-        time.sleep(0.2)
-    m = mon.summary()["monitor"]
-    # A sample at enter, one at exit, and about one per interval in between.
-    assert 6 <= m["samples"] <= 13
-    assert 0 < m["sampling_time_s"] < 0.05
-    assert m["mean_sample_ms"] == pytest.approx(1000 * m["sampling_time_s"] / m["samples"])
-    assert m["overhead_share"] < 0.05
-    assert m["interval_s"] == 0.02
+        for _ in range(3):
+            clock.advance(1.0)
+            mon.sample()
+    s = mon.summary()
+    assert s["wall_s"] == 3.3125  # 3 s of work and 5 samples of 0.0625 s
+    assert s["monitor"] == {
+        "interval_s": 3600.0,
+        "samples": 5,  # enter, 3 taken, exit
+        "sampling_time_s": 0.3125,
+        "sampling_cpu_s": 0.15625,
+        "mean_sample_ms": 62.5,
+        "overhead_share": 0.3125 / 3.3125,
+    }
+
+
+def test_sampler_thread_samples_until_exit() -> None:
+    clock = FakeClock()
+    third = threading.Event()
+    proc = FakeProcess(clock, rss_mib=[100, 200, 300, 400], after={3: third.set})
+    mon = Monitor(interval_s=0.001, clock=clock, process=proc)
+    with mon:
+        assert third.wait(timeout=60)  # the thread took samples 2 and 3 (a guard against hangs)
+    s = mon.summary()
+    assert s["monitor"]["samples"] == proc.reads >= 4  # every reading is one sample, exit too
+    assert s["host"]["rss_peak"] == {"value": 400.0, "unit": "MiB"}
+    assert "sampler_error" not in s["monitor"]
+
+
+def test_a_failing_sampler_stops_and_the_run_goes_on() -> None:
+    clock = FakeClock()
+    failed = threading.Event()
+
+    def fail() -> None:
+        failed.set()
+        raise RuntimeError("no /proc")
+
+    proc = FakeProcess(clock, after={2: fail})  # the thread's first sample
+    mon = Monitor(interval_s=0.001, clock=clock, process=proc)
+    with mon:
+        assert failed.wait(timeout=60)
+    s = mon.summary()
+    assert s["monitor"]["sampler_error"] == "RuntimeError: no /proc"
+    assert s["monitor"]["samples"] == 2  # enter and exit; the failed one is not counted
+    assert proc.reads == 3
 
 
 # -- GPU -------------------------------------------------------------------------------------
@@ -242,9 +363,9 @@ def test_summary_reports_its_own_sampling_cost() -> None:
 
 @pytest.mark.skipif(_nvml_works(), reason="this machine has a working NVML")
 def test_gpu_not_measured_without_nvidia_driver() -> None:
-    mon = Monitor(interval_s=0.05)
+    mon, clock, _ = fake_monitor()
     with mon:
-        time.sleep(0.06)
+        clock.advance(0.5)
     s = mon.summary()
     assert set(s["gpu"]) >= {"memory_used_peak", "utilization_mean", "power_mean", "energy"}
     for key, m in s["gpu"].items():
@@ -281,13 +402,16 @@ def test_nvml_values_are_converted_exactly(fake_nvml) -> None:
 
 def test_nvml_constant_power_reads_exact_watts(fake_nvml) -> None:
     fake_nvml(power_mw=[150000])
-    mon = Monitor(interval_s=0.01)
+    mon, clock, _ = fake_monitor()
     with mon:
-        time.sleep(0.05)
+        for _ in range(4):
+            clock.advance(0.25)
+            mon.sample()
     gpu = mon.summary()["gpu"]
-    assert gpu["power_mean"]["value"] == 150.0
-    assert gpu["power_peak"]["value"] == 150.0
-    assert gpu["utilization_above_80_share"]["value"] == 0.0
+    assert gpu["power_mean"] == {"value": 150.0, "unit": "W"}
+    assert gpu["power_peak"] == {"value": 150.0, "unit": "W"}
+    assert gpu["utilization_above_80_share"] == {
+        "value": 0.0, "unit": "fraction", "method": "share of samples > 80%"}
 
 
 def test_nvml_pid_mismatch_is_not_measured(fake_nvml) -> None:
@@ -315,17 +439,19 @@ def test_nvml_no_processes_and_unavailable_process_memory(fake_nvml) -> None:
 
 
 def test_energy_integrated_from_power_when_counter_unsupported(fake_nvml) -> None:
-    fake_nvml(energy_mj=None, power_mw=[150000])
-    mon = Monitor(interval_s=0.02)
-    with mon:
-        time.sleep(0.3)
-    s = mon.summary()
-    energy = s["gpu"]["energy"]
-    assert energy["unit"] == "J"
-    assert "integrated" in energy["method"]
-    assert "NVMLError_NotSupported" in energy["method"]
-    # Constant 150 W over the span between the first and last sample (about wall_s).
-    assert energy["value"] == pytest.approx(150.0 * s["wall_s"], rel=0.05)
+    fake_nvml(energy_mj=None, power_mw=[100000, 200000, 100000])
+    mon, clock, _ = fake_monitor()
+    with mon:  # samples at t = 0, 0.5 and 1.0 s: 100, 200 and 100 W
+        clock.advance(0.5)
+        mon.sample()
+        clock.advance(0.5)
+    energy = mon.summary()["gpu"]["energy"]
+    assert energy == {  # trapezoids: (100 + 200) / 2 * 0.5 + (200 + 100) / 2 * 0.5
+        "value": 150.0,
+        "unit": "J",
+        "method": "integrated from power samples (trapezoid rule); energy counter: "
+                  "nvmlDeviceGetTotalEnergyConsumption: NVMLError_NotSupported",
+    }
 
 
 def test_gpu_index_out_of_range_and_hidden_gpus(fake_nvml, monkeypatch) -> None:
@@ -409,11 +535,12 @@ def test_fmt_measure_renders_both_cases() -> None:
 
 def test_summary_is_json_serializable(fake_nvml) -> None:
     fake_nvml(procs=[(os.getpid(), MIB)])
-    mon = Monitor(interval_s=0.01)
+    mon, clock, _ = fake_monitor()
     with mon:
         with mon.phase("train"):
-            time.sleep(0.03)
-        mon.record_epoch(1, 0.03, images=10)
+            clock.advance(0.25)
+        mon.sample()
+        mon.record_epoch(1, 0.25, images=10)
         mon.set_framework_memory({"tf_peak_bytes": 10 * MIB})
     s = mon.summary()
     assert json.loads(json.dumps(s, allow_nan=False)) == s

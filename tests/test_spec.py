@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from backends.registry import REGISTRY
 from harness.errors import EXIT_USER_ERROR, UserError
 from harness.shapes import infer_model
 from harness.spec import (
@@ -34,10 +36,12 @@ from harness.spec import (
     RandomModel,
     SequentialModel,
     Spec,
+    check_backends,
     load_spec,
     merge,
     split_path,
 )
+from harness.vocab import PAPER_MODELS, Supports
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "specs" / "paper.yaml"
@@ -652,6 +656,86 @@ def test_shape_errors_name_the_file(tmp_path: Path) -> None:
     assert info.value.message == (f"{path}: models[1].layers[0] (dense): dense needs a flat "
                                   "input; got shape (224, 224, 3)")
     assert info.value.hint == "add a flatten or global_avg_pool before it"
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends at plan time: each model against what its backends claim to support
+
+ALL_BUT = {  # the paper's vocabulary with one name taken out of one category
+    "kinds": replace(PAPER_MODELS, kinds=("sequential",)),
+    "layers": replace(PAPER_MODELS, layers=tuple(t for t in LAYER_TYPES if t != "dropout")),
+    "activations": replace(PAPER_MODELS, activations=("linear", "relu")),
+    "initializers": replace(PAPER_MODELS, initializers=("glorot_uniform",)),
+    "bases": replace(PAPER_MODELS, bases=("resnet50",)),
+    "optimizers": replace(PAPER_MODELS, optimizers=("sgd",)),
+}
+
+
+def _claims() -> dict[str, Supports | None]:
+    return {e.name: e.supports for e in REGISTRY.values()}
+
+
+def test_the_paper_fits_the_registry(paper: Spec) -> None:
+    check_backends(paper, _claims())  # raises on any mismatch
+    assert {m.name: m.backends for m in paper.models} == {
+        "baseline": ("reference",), "cnn": ("keras", "torch"), "densenet": ("keras", "torch")}
+
+
+@pytest.mark.parametrize(("model", "backend", "expected"), [
+    (CNN, "reference", "backend 'reference' does not support model kind 'sequential' "
+                       "(models[1].kind); it supports: random"),
+    (BASELINE, "torch", "backend 'torch' does not support model kind 'random' (models[0].kind); "
+                        "it supports: sequential, pretrained"),
+    (CNN, "keras-jax", "backend 'keras-jax' builds and predicts only; model 'cnn' trains "
+                       "(models[1].train)"),
+])
+def test_plan_time_backend_errors(paper: Spec, model: int, backend: str, expected: str) -> None:
+    raw = paper_raw()
+    raw["models"][model]["backends"] = [backend]
+    spec = Spec.model_validate(raw)
+    with pytest.raises(UserError) as info:
+        check_backends(spec, _claims())
+    assert info.value.message == f"spec 'paper': models[{model}].backends[0]: {expected}"
+
+
+@pytest.mark.parametrize(("category", "model", "expected"), [
+    ("kinds", DENSENET, "model kind 'pretrained' (models[0].kind); it supports: sequential"),
+    ("layers", CNN, "layer type 'dropout' (models[0].layers[3]); it supports: conv2d, batchnorm, "
+                    "maxpool2d, avgpool2d, flatten, dense, global_avg_pool, activation"),
+    ("activations", CNN, "activation 'sigmoid' (models[0].layers[18].activation); it supports: "
+                         "linear, relu"),
+    ("initializers", CNN, "initializer 'zeros' (models[0].layers[0].bias_initializer); it "
+                          "supports: glorot_uniform"),
+    ("bases", DENSENET, "base 'densenet169' (models[0].base.name); it supports: resnet50"),
+    ("optimizers", CNN, "optimizer 'adam' (models[0].train.optimizer.name); it supports: sgd"),
+])
+def test_a_model_needs_every_name_it_uses_claimed(category: str, model: int,
+                                                  expected: str) -> None:
+    """A spec of one paper model, on a 'keras' that claims all but one name of one category."""
+    raw = {**paper_raw(), "paper": {"title": "t", "reference": "r"}, "assumptions": []}
+    only = Spec.model_validate({**raw, "models": [raw["models"][model]]})
+    with pytest.raises(UserError) as info:
+        check_backends(only, {"keras": ALL_BUT[category]})
+    assert info.value.message == (
+        f"spec 'paper': models[0].backends[0]: backend 'keras' does not support {expected}")
+
+
+def test_backends_without_claims_are_not_checked(paper: Spec) -> None:
+    raw = paper_raw()
+    raw["models"][CNN]["backends"] = ["reference"]
+    spec = Spec.model_validate(raw)
+    check_backends(spec, {"reference": None, "keras": PAPER_MODELS})  # no claims: not checked
+    check_backends(spec, {"keras": PAPER_MODELS})  # not in the claims: not checked either
+    with pytest.raises(UserError, match="backend 'reference' does not support model kind"):
+        check_backends(spec, {"reference": Supports(kinds=("random",))})
+
+
+def test_a_model_its_backend_cannot_build_fails_validate(tmp_path: Path) -> None:
+    path = edited(tmp_path, lambda d: cnn(d).update(backends=["keras", "reference"]))
+    assert load_spec(path).models[CNN].backends == ("keras", "reference")  # a valid spec
+    _assert_user_error(_validate(path), f"{path}: models[1].backends[1]: backend 'reference' "
+                       "does not support model kind 'sequential' (models[1].kind); it supports: "
+                       "random")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from harness.data.mura import load_mura_table, resolve_mura_root
 from harness.data.split import Leakage, Split, describe_split, split_indices
 from harness.data.synthetic import ensure_synthetic, make_mura_tree
 from harness.errors import UserError
+from harness.vocab import DATASETS
 
 __all__ = [
     "DataSummary",
@@ -56,8 +57,6 @@ __all__ = [
     "split_indices",
     "summarize_without_cache",
 ]
-
-DATASETS = ("mura-v1.1", "synthetic")
 
 
 def load_table(data_spec: Any, cache_dir: Path | str) -> tuple[pd.DataFrame, Path]:

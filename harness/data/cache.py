@@ -40,6 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from harness.errors import UserError
+from harness.vocab import ON_BAD_IMAGE
 
 CACHE_FORMAT_VERSION = 2
 COMPLETE_MARKER = "COMPLETE"
@@ -236,8 +237,10 @@ def build_cache(
     """Open the cache for these images and settings, building it first if needed."""
     if resize not in RESAMPLE:
         raise UserError(f"data.resize: got {resize!r}; allowed: {', '.join(RESAMPLE)}")
-    if on_bad_image not in ("fail", "skip"):
-        raise UserError(f"data.on_bad_image: got {on_bad_image!r}; allowed: fail, skip")
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise UserError(
+            f"data.on_bad_image: got {on_bad_image!r}; allowed: {', '.join(ON_BAD_IMAGE)}"
+        )
     base = Path(base_dir)
     parent = Path(cache_dir) / "images"
     ensure_writable(parent)

@@ -18,9 +18,9 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from harness.errors import UserError
+from harness.vocab import BODY_PARTS
 
 DATASET_DIR = "MURA-v1.1"
-BODY_PARTS = ("ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST")
 SPLITS = ("train", "valid")
 MURA_URL = "https://stanfordaimi.azurewebsites.net/datasets/3e00d84b-d86e-4fed-b2a4-bfe3effd661b"
 LAYOUT = (

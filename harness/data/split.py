@@ -22,9 +22,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import UserError
-
-STRATEGIES = ("image", "study", "patient")
-VALIDATION_SOURCES = ("official", "train")
+from harness.vocab import SPLIT_STRATEGIES, VALIDATION_SOURCES
 
 
 @dataclass(frozen=True)
@@ -116,8 +114,10 @@ def split_indices(
     validation_fraction: float,
 ) -> Split:
     """Split the table's official train rows into train/test (+ val); see the module docstring."""
-    if strategy not in STRATEGIES:
-        raise UserError(f"data.split.strategy: got {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if strategy not in SPLIT_STRATEGIES:
+        raise UserError(
+            f"data.split.strategy: got {strategy!r}; allowed: {', '.join(SPLIT_STRATEGIES)}"
+        )
     if validation_source not in VALIDATION_SOURCES:
         raise UserError(
             f"data.validation.source: got {validation_source!r}; allowed: "

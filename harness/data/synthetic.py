@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from harness.data.mura import BODY_PARTS, DATASET_DIR, image_csv_name, study_csv_name
+from harness.data.mura import DATASET_DIR, image_csv_name, study_csv_name
 from harness.errors import UserError
+from harness.vocab import BODY_PARTS
 
 # Bump when the images or the tree change for the same parameters (invalidates cached trees).
 GENERATOR_VERSION = 2

@@ -1,0 +1,203 @@
+"""The spec language: a paper's data, models, training recipes, claims and assumptions.
+
+    python -m harness validate specs/paper.yaml
+
+`load_spec(path, overrides)` reads YAML once (safe loader), resolves `extends:`, applies
+`--set a.b=value` overrides and returns a frozen, fully defaulted `Spec`. Bad input raises
+`UserError` with one line: file, field path, what was found, what is allowed.
+
+One module per job: `schema` (the typed, frozen models), `resolve` (YAML, `extends:`,
+`overrides:` and `--set` on plain dicts), `messages` (a validation error as one line),
+`support` (a spec's backends against the registry's claims, at plan time); the closed sets
+themselves are harness.vocab's. Everything is importable from here, as before the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from harness.errors import UserError
+from harness.spec.messages import from_override, validation_message
+from harness.spec.resolve import (
+    MERGE_KEYS,
+    apply_override,
+    display,
+    join_path,
+    merge,
+    read_yaml,
+    resolve_extends,
+    split_path,
+)
+from harness.spec.schema import (
+    SGD,
+    ActivationLayer,
+    Adam,
+    Assumption,
+    AugmentationSpec,
+    BackendName,
+    BaseNet,
+    BatchNorm,
+    Bootstrap,
+    Claim,
+    Contradiction,
+    Conv2D,
+    Counts,
+    DataSpec,
+    Dense,
+    Dropout,
+    Evaluation,
+    Flatten,
+    GlobalAvgPool,
+    Layer,
+    Loss,
+    Model,
+    ModelBase,
+    NotPrinted,
+    Optimizer,
+    Pair,
+    Paper,
+    ParamCounts,
+    Pool2D,
+    PosInt,
+    PretrainedModel,
+    RandomModel,
+    Runtime,
+    SequentialModel,
+    Spec,
+    SplitSpec,
+    Strict,
+    SyntheticSpec,
+    TrainSpec,
+    ValidationSpec,
+    spec_digest,
+)
+from harness.spec.support import check_backends
+
+# The vocabulary, importable from here as before it moved to harness.vocab (new code: harness.vocab)
+from harness.vocab import (
+    ACTIVATIONS,
+    BACKENDS,
+    BASES,
+    BODY_PARTS,
+    INITIALIZERS,
+    LAYER_TYPES,
+    MODEL_KINDS,
+    OPTIMIZERS,
+    Activation,
+    Initializer,
+    Metric,
+)
+from harness.vocab import METRICS as METRIC_NAMES
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "BASES",
+    "BODY_PARTS",
+    "INITIALIZERS",
+    "LAYER_TYPES",
+    "MERGE_KEYS",
+    "METRIC_NAMES",
+    "MODEL_KINDS",
+    "OPTIMIZERS",
+    "SGD",
+    "Activation",
+    "ActivationLayer",
+    "Adam",
+    "Assumption",
+    "AugmentationSpec",
+    "BackendName",
+    "BaseNet",
+    "BatchNorm",
+    "Bootstrap",
+    "Claim",
+    "Contradiction",
+    "Conv2D",
+    "Counts",
+    "DataSpec",
+    "Dense",
+    "Dropout",
+    "Evaluation",
+    "Flatten",
+    "GlobalAvgPool",
+    "Initializer",
+    "Layer",
+    "Loss",
+    "Metric",
+    "Model",
+    "ModelBase",
+    "NotPrinted",
+    "Optimizer",
+    "Pair",
+    "Paper",
+    "ParamCounts",
+    "Pool2D",
+    "PosInt",
+    "PretrainedModel",
+    "RandomModel",
+    "Runtime",
+    "SequentialModel",
+    "Spec",
+    "SplitSpec",
+    "Strict",
+    "SyntheticSpec",
+    "TrainSpec",
+    "ValidationSpec",
+    "apply_override",
+    "check_backends",
+    "join_path",
+    "load_spec",
+    "merge",
+    "read_yaml",
+    "resolve_extends",
+    "spec_digest",
+    "split_path",
+    "validation_message",
+]
+
+
+def _check_assumption_fields(spec: Spec, raw: dict[str, Any], source: str) -> None:
+    missing = object()  # a field whose value is None (data.root) is still a path
+    for i, a in enumerate(spec.assumptions):
+        if a.field is None:
+            continue
+        node: Any = spec
+        for seg in split_path(a.field):
+            if isinstance(seg, str) and isinstance(node, tuple):
+                node = next((x for x in node if getattr(x, "name", None) == seg), missing)
+            elif isinstance(seg, int) and isinstance(node, tuple):
+                node = node[seg] if seg < len(node) else missing
+            elif isinstance(seg, str) and isinstance(node, BaseModel):
+                node = getattr(node, seg) if seg in type(node).model_fields else missing
+            else:
+                node = missing
+            if node is missing:
+                raise UserError(
+                    f"{source}: assumptions[{i}].field: '{a.field}' is not a path in this spec"
+                )
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
+    """Load, resolve `extends`, apply `--set` overrides and validate a spec file."""
+    path = Path(path)
+    source = display(path)
+    raw = resolve_extends(path)
+    raw.setdefault("name", path.stem)
+    set_paths: dict[str, str] = {}
+    for assignment in overrides:
+        set_paths[apply_override(raw, assignment, source)] = assignment
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as e:
+        message = validation_message(e, raw, source)
+        culprit = from_override(dict(e.errors(include_url=False)[0]), raw, set_paths)
+        if culprit is not None:
+            message += f" (from --set {culprit})"
+        raise UserError(message) from None
+    _check_assumption_fields(spec, raw, source)
+    spec._source = source
+    return spec

@@ -1,0 +1,576 @@
+"""The spec's schema: typed, frozen, fully defaulted pydantic models, one per section.
+
+    spec = Spec.model_validate(raw)      # harness.spec.load_spec reads the YAML and calls this
+
+Keras defaults are the reference semantics: every value on which frameworks differ (BatchNorm
+epsilon and momentum, Adam epsilon, initializers) is written out here, so backends never fall back
+on their own defaults. Every closed set a field accepts is a type of harness.vocab. Validation
+errors are pydantic's (or this module's custom ones: unknown keys, booleans for numbers, cross
+references); harness.spec.messages turns them into one line per error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from typing import Annotated, Any, Literal, TypeAlias, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from backends.registry import REGISTRY
+from harness.vocab import (
+    BODY_PARTS,
+    Activation,
+    BaseName,
+    BodyPart,
+    BootstrapMethod,
+    BootstrapUnit,
+    Channels,
+    ClaimRelation,
+    Dataset,
+    Device,
+    Initializer,
+    Level,
+    LossForm,
+    LossName,
+    Metric,
+    Normalization,
+    OnBadImage,
+    Padding,
+    ResizeFilter,
+    SplitStrategy,
+    ValidationSource,
+)
+
+# The registry is the authority on backend names: built-in ones (harness.vocab.BACKENDS) and
+# those installed through its entry point group. It is framework-free: it names modules, imports
+# none of them.
+BackendName: TypeAlias = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]  # registry names
+PosInt = Annotated[int, Field(gt=0)]
+Pair = tuple[PosInt, PosInt]
+
+
+class Strict(BaseModel):
+    """Frozen, strict base: unknown keys are errors with a did-you-mean."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = set(cls.model_fields)
+            for key in data:
+                if key not in allowed:
+                    close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key '{key}'{hint}; allowed: {allowed}",
+                        {"key": key, "hint": hint, "allowed": ", ".join(sorted(allowed))},
+                    )
+            for key, value in data.items():
+                # pydantic's lax mode reads `epochs: true` as 1; in a spec that is a mistake
+                if isinstance(value, bool) and _is_number(cls.model_fields[key].annotation):
+                    raise PydanticCustomError(
+                        "bool_for_number",
+                        "must be a number, not a boolean; got {got}",
+                        {"field": key, "got": str(value).lower()},
+                    )
+        return data
+
+
+def _is_number(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return all(type(a) is int for a in args)
+    return bool(args) and type(None) in args and all(a in (int, float, type(None)) for a in args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paper: claims, what is named but not printed, internal contradictions
+
+
+class Counts(Strict):
+    k: int = Field(ge=0)
+    n: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> Counts:
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
+        return self
+
+
+class Claim(Strict):
+    """A number the paper printed, as a fraction in [0, 1]."""
+
+    model: str
+    metric: Metric
+    value: float = Field(ge=0, le=1)
+    printed: str | None = None  # the text as printed, e.g. "75.09%"
+    where: str  # section / figure / table
+    counts: Counts | None = None
+    relation: ClaimRelation = "eq"
+    primary: bool = True  # compared against in the headline table
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _counts_match_value(self) -> Claim:
+        if self.counts is not None and abs(self.counts.k / self.counts.n - self.value) > 5e-5:
+            raise ValueError(
+                f"counts {self.counts.k}/{self.counts.n} = {self.counts.k / self.counts.n:.6f} "
+                f"do not round to value {self.value}"
+            )
+        return self
+
+
+class NotPrinted(Strict):
+    metric: Metric
+    models: tuple[str, ...] = ()  # empty = every model
+    where: str
+    note: str | None = None
+
+
+class Contradiction(Strict):
+    where: str
+    text: str
+    conflicts_with: str
+    claims: tuple[Claim, ...] = ()  # the contradicting numbers (primary: false)
+    resolution: str
+
+
+class Paper(Strict):
+    title: str
+    authors: str | None = None
+    reference: str
+    url: str | None = None
+    claims: tuple[Claim, ...] = ()
+    not_printed: tuple[NotPrinted, ...] = ()
+    contradictions: tuple[Contradiction, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and augmentation
+
+
+class SplitSpec(Strict):
+    strategy: SplitStrategy = "image"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    stratify: bool = False
+    seed: int = 42
+
+
+class ValidationSpec(Strict):
+    source: ValidationSource = "official"
+    fraction: float = Field(0.1, gt=0, lt=1)  # of the training part, when source is train
+
+
+class SyntheticSpec(Strict):
+    patients: int = Field(300, ge=4)
+    seed: int = 0
+    min_size: int = Field(160, ge=16, le=512)
+    max_size: int = Field(512, ge=16, le=512)
+    label_noise: float = Field(0.0, ge=0, lt=0.5)
+    valid_fraction: float = Field(0.15, gt=0, lt=1)
+    difficulty: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SyntheticSpec:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) exceeds max_size ({self.max_size})")
+        return self
+
+
+class DataSpec(Strict):
+    dataset: Dataset
+    root: str | None = None  # None: $MURA_ROOT
+    body_parts: tuple[BodyPart, ...] = ("WRIST",)
+    image_size: int = Field(224, ge=8, le=1024)
+    channels: Channels = 3  # grayscale is replicated when a model wants 3
+    resize: ResizeFilter = "bilinear"
+    normalization: Normalization = "rescale"
+    split: SplitSpec = SplitSpec()
+    validation: ValidationSpec = ValidationSpec()
+    on_bad_image: OnBadImage = "fail"
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+    @field_validator("body_parts", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list | tuple):
+            return tuple(str(p).upper().removeprefix("XR_") for p in v)
+        return v
+
+    @field_validator("body_parts")
+    @classmethod
+    def _nonempty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"must name at least one body part of {', '.join(BODY_PARTS)}")
+        return v
+
+
+class AugmentationSpec(Strict):
+    enabled: bool = True
+    rotation: float = Field(0.0, ge=0, le=180)  # max degrees; angle ~ U[-r, r]
+    scale: tuple[float, float] = (1.0, 1.0)  # zoom factor ~ U[lo, hi]; > 1 zooms in
+    hflip: bool = False
+    vflip: bool = False
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be [low, high] with 0 < low <= high; got {list(v)}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers (Keras semantics; every default written out)
+
+
+def _pair(v: Any) -> Any:
+    return (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class Conv2D(Strict):
+    type: Literal["conv2d"]
+    filters: PosInt
+    kernel: Pair
+    strides: Pair = (1, 1)
+    padding: Padding = "valid"
+    activation: Activation = "linear"
+    use_bias: bool = True
+    kernel_initializer: Initializer = "glorot_uniform"
+    bias_initializer: Initializer = "zeros"
+
+    @field_validator("kernel", "strides", mode="before")
+    @classmethod
+    def _pairs(cls, v: Any) -> Any:
+        return _pair(v)
+
+
+class BatchNorm(Strict):
+    type: Literal["batchnorm"]
+    epsilon: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.99, ge=0, lt=1)  # Keras convention: moving = m*moving + (1-m)*batch
+    center: bool = True
+    scale: bool = True
+
+
+class Pool2D(Strict):
+    type: Literal["maxpool2d", "avgpool2d"]
+    pool: Pair = (2, 2)
+    strides: Pair | None = None  # None: equal to pool (Keras)
+    padding: Padding = "valid"
+
+    @field_validator("pool", "strides", mode="before")
+    @classmethod
+    def _pairs(cls, v: Any) -> Any:
+        return _pair(v)
+
+
+class Dropout(Strict):
+    type: Literal["dropout"]
+    rate: float = Field(ge=0, lt=1)
+
+
+class Flatten(Strict):
+    type: Literal["flatten"]
+
+
+class GlobalAvgPool(Strict):
+    type: Literal["global_avg_pool"]
+
+
+class Dense(Strict):
+    type: Literal["dense"]
+    units: PosInt
+    activation: Activation = "linear"
+    use_bias: bool = True
+    kernel_initializer: Initializer = "glorot_uniform"
+    bias_initializer: Initializer = "zeros"
+
+
+class ActivationLayer(Strict):
+    type: Literal["activation"]
+    activation: Activation
+
+
+Layer = Annotated[
+    Conv2D | BatchNorm | Pool2D | Dropout | Flatten | GlobalAvgPool | Dense | ActivationLayer,
+    Field(discriminator="type"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training recipe
+
+
+class Adam(Strict):
+    name: Literal["adam"]
+    learning_rate: float = Field(1e-3, gt=0)
+    beta_1: float = Field(0.9, ge=0, lt=1)
+    beta_2: float = Field(0.999, ge=0, lt=1)
+    epsilon: float = Field(1e-7, gt=0)  # Keras; torch's default is 1e-8
+    amsgrad: bool = False
+
+
+class SGD(Strict):
+    name: Literal["sgd"]
+    learning_rate: float = Field(1e-2, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+
+
+Optimizer = Annotated[Adam | SGD, Field(discriminator="name")]
+
+
+class Loss(Strict):
+    """Binary cross-entropy, batch mean, labels smoothed as y (1 - ls) + ls / 2 in both forms.
+
+    `form` says what the loss is computed from:
+    - auto: as Keras 3 on TensorFlow: when the model's last layer ends in a sigmoid activation
+      (a dense layer with activation sigmoid, or an activation layer sigmoid), BCE is computed
+      from the pre-sigmoid logits x (stable, no clipping: max(x, 0) - x y + log(1 + exp(-|x|)),
+      so its gradient does not vanish at saturation); otherwise on the probabilities clipped to
+      [epsilon, 1 - epsilon].
+    - probabilities: always on the probabilities clipped to [epsilon, 1 - epsilon].
+    """
+
+    name: LossName = "binary_crossentropy"
+    form: LossForm = "auto"
+    epsilon: float = Field(1e-7, gt=0, lt=0.5)  # the clip, where probabilities are used
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    def on_logits(self, last_layer: Any) -> bool:
+        """True when the loss is computed from logits for a model ending in `last_layer`."""
+        return (
+            self.form == "auto"
+            and getattr(last_layer, "type", None) in ("dense", "activation")
+            and getattr(last_layer, "activation", None) == "sigmoid"
+        )
+
+
+class TrainSpec(Strict):
+    optimizer: Optimizer
+    loss: Loss = Loss()
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    shuffle: bool = True
+
+
+class ParamCounts(Strict):
+    """Parameter counts, Keras' way (BatchNorm moving statistics are non-trainable): what the
+    paper printed, what harness.shapes infers, and what a backend's built model holds."""
+
+    total: int = Field(ge=0)
+    trainable: int = Field(ge=0)
+    non_trainable: int = Field(ge=0)
+
+    def __add__(self, other: ParamCounts) -> ParamCounts:
+        return ParamCounts(
+            total=self.total + other.total,
+            trainable=self.trainable + other.trainable,
+            non_trainable=self.non_trainable + other.non_trainable,
+        )
+
+    @model_validator(mode="after")
+    def _sum(self) -> ParamCounts:
+        if self.trainable + self.non_trainable != self.total:
+            raise ValueError(
+                f"trainable ({self.trainable}) + non_trainable ({self.non_trainable}) "
+                f"!= total ({self.total})"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class ModelBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
+    description: str | None = None
+    backends: tuple[BackendName, ...]
+    printed_params: ParamCounts | None = None  # as printed in the paper
+    normalization: Normalization | None = None  # None: data's
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must name at least one backend")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a backend twice: {list(v)}")
+        return v
+
+
+class RandomModel(ModelBase):
+    """The paper's baseline: p ~ U[low, high), label 1 when p >= threshold."""
+
+    kind: Literal["random"]
+    backends: tuple[BackendName, ...] = ("reference",)
+    low: float = 0.0
+    high: float = 1.0
+
+
+class SequentialModel(ModelBase):
+    kind: Literal["sequential"]
+    backends: tuple[BackendName, ...] = ("keras", "torch")
+    layers: tuple[Layer, ...] = Field(min_length=1)
+    train: TrainSpec
+
+
+class BaseNet(Strict):
+    name: BaseName
+    weights: str = "imagenet"  # imagenet | none | a local file path
+    frozen: bool = True  # frozen = weights fixed AND BatchNorm in inference mode
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be imagenet, none or a local file path; got ''")
+        return v
+
+
+class PretrainedModel(ModelBase):
+    kind: Literal["pretrained"]
+    backends: tuple[BackendName, ...] = ("keras", "torch")
+    base: BaseNet
+    head: tuple[Layer, ...] = Field(min_length=1)
+    train: TrainSpec
+    normalization: Normalization | None = "imagenet"
+
+
+Model = Annotated[RandomModel | SequentialModel | PretrainedModel, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, runtime, assumptions, the whole spec
+
+
+class Bootstrap(Strict):
+    resamples: int = Field(2000, ge=100, le=1_000_000)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    unit: BootstrapUnit = "patient"
+    method: BootstrapMethod = "percentile"
+    seed: int = 0
+
+
+class Evaluation(Strict):
+    metrics: tuple[Metric, ...] = ("accuracy", "recall", "precision")
+    threshold: float = Field(0.5, gt=0, lt=1)
+    bootstrap: Bootstrap = Bootstrap()
+    levels: tuple[Level, ...] = ("image", "study")
+
+    @field_validator("metrics", "levels")
+    @classmethod
+    def _nonempty_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"must be a non-empty list without repeats; got {list(v)}")
+        return v
+
+
+class Runtime(Strict):
+    device: Device = "auto"
+    deterministic: bool = True
+    timeout_s: float = Field(6 * 3600, gt=0)  # per run
+
+
+class Assumption(Strict):
+    what: str
+    value: Any
+    reason: str
+    field: str | None = None  # the spec path that carries the value, checked to exist
+
+
+class Spec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    paper: Paper
+    data: DataSpec
+    augmentation: AugmentationSpec = AugmentationSpec()
+    models: tuple[Model, ...]
+    evaluation: Evaluation = Evaluation()
+    seeds: tuple[int, ...] = (0,)
+    runtime: Runtime = Runtime()
+    assumptions: tuple[Assumption, ...] = ()
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not v:
+            raise ValueError("must list at least one model")
+        names = [m.name for m in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; '{dupes[0]}' appears twice")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"must be a non-empty list of distinct integers; got {list(v)}")
+        bad = [s for s in v if not 0 <= s < 2**32]
+        if bad:  # PYTHONHASHSEED and numpy seed sequences take 0 .. 2**32 - 1
+            raise ValueError(f"seeds must be in [0, 4294967295]; got {bad[0]}")
+        return v
+
+    _source: str | None = PrivateAttr(default=None)  # set by load_spec, for messages
+
+    @property
+    def source(self) -> str:
+        """The spec file as messages show it (the spec's name when it was not loaded from one)."""
+        return self._source or f"spec '{self.name}'"
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> Spec:
+        names = {m.name for m in self.models}
+        claims = [(f"paper.claims[{i}]", c) for i, c in enumerate(self.paper.claims)]
+        for j, con in enumerate(self.paper.contradictions):
+            where = f"paper.contradictions[{j}].claims"
+            claims += [(f"{where}[{i}]", c) for i, c in enumerate(con.claims)]
+        for where, claim in claims:
+            if claim.model not in names:
+                # a custom error type carries the path: an after-validator's own location is the top
+                raise PydanticCustomError(
+                    "cross_ref",
+                    "{path}: no model named '{got}'; models are {allowed}",
+                    {"path": f"{where}.model", "got": claim.model,
+                     "allowed": ", ".join(sorted(names))},
+                )
+        return self
+
+    def model(self, name: str) -> Model:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def normalization(self, model: Model) -> str:
+        return model.normalization or self.data.normalization
+
+
+
+
+def spec_digest(obj: Any) -> str:
+    """Stable sha256 of any pydantic object or JSON-able value."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

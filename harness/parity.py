@@ -115,6 +115,10 @@ class ParityResult:
         return all(p.status in ("pass", "not portable") for p in self.pairs)
 
 
+def _savez(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
+
+
 def without_dropout(model: Model) -> Model:
     """The model with every dropout rate 0: the check compares arithmetic, not random masks."""
 
@@ -223,7 +227,7 @@ def probe(job: dict[str, Any]) -> None:
 
     handle = fresh()
     if not job["weights_in"]:
-        np.savez(job["weights_out"], **backend.get_weights(handle))
+        _savez(job["weights_out"], backend.get_weights(handle))
     inputs = np.load(job["inputs"])
     out: dict[str, np.ndarray] = {
         f"act/{k}": v for k, v in backend.activations(handle, inputs["probe"]).items()
@@ -231,8 +235,11 @@ def probe(job: dict[str, Any]) -> None:
     out["probs"] = backend.predict(handle, inputs["probe"])
 
     def batch(prefix: str, augment: bool) -> Batch:
-        fields = ("images", "labels", "angle", "scale", "hflip", "vflip")
-        return Batch(*(inputs[f"{prefix}/{f}"] for f in fields), augment=augment)
+        def field(name: str) -> np.ndarray:
+            return np.asarray(inputs[f"{prefix}/{name}"])
+
+        return Batch(field("images"), field("labels"), field("angle"), field("scale"),
+                     field("hflip"), field("vflip"), augment=augment)
 
     # the asserted check: one step on seeded noise images (no exact ties for max pooling to
     # break differently, no augmentation), from the ported weights
@@ -260,7 +267,7 @@ def probe(job: dict[str, Any]) -> None:
         weights = backend.get_weights(handle)
         out.update({f"step{k + 1}/{name}": weights[name] for name in check.gradients or {}})
     out["loss"] = np.asarray(losses, np.float64)
-    np.savez(job["out"], **out)
+    _savez(job["out"], out)
 
 
 def _run_probe(job: dict[str, Any], work: Path, log: Path) -> str | None:
@@ -333,7 +340,7 @@ def run_parity(spec: Spec, data: Any, models: list[str] | None, backends: list[s
                 for f in ("images", "labels", "angle", "scale", "hflip", "vflip"):
                     inputs[f"b{k}/{f}"] = getattr(batch, f)
             inputs.update(_check_batch(CHECK_IMAGES, spec.data.image_size, seed))
-            np.savez(work / f"{model.name}.inputs.npz", **inputs)
+            _savez(work / f"{model.name}.inputs.npz", inputs)
             base = {"spec": spec.model_dump(mode="json"), "model": model.name, "seed": seed,
                     "inputs": str(work / f"{model.name}.inputs.npz"), "steps": steps,
                     "weights_in": None, "weights_out": str(work / f"{model.name}.weights.npz")}

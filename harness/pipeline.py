@@ -87,7 +87,8 @@ def run(request: RunRequest) -> int:
         clean_temp_files(results_dir)
         with spec_fields(spec):
             data = prepare_data(spec.data, cache_dir, progress=not request.quiet)
-        assert data is not None  # build=True always returns the data
+        if data is None:  # build=True always returns the data
+            raise RuntimeError("prepare_data(build=True) returned no data")
         if not request.quiet:
             print(f"Data ({spec.data.dataset}): cache {data.cache.folder}")
             print(render_split(data.describe()))

@@ -189,7 +189,8 @@ def run_one(
         )
 
         def pump() -> None:
-            assert proc.stdout is not None
+            if proc.stdout is None:  # Popen(stdout=PIPE) always sets it
+                return
             for line in proc.stdout:
                 try:  # never stop draining the pipe, or the worker blocks on a full pipe
                     event = parse_progress(line)
@@ -304,7 +305,8 @@ def run_all(
 ) -> list[RunOutcome]:
     """Run every selected run of the plan not already done; Ctrl-C/SIGTERM raises
     KeyboardInterrupt after cleanup."""
-    assert plan.data_hash is not None, "run_all needs a plan with its data (Plan.with_data)"
+    if plan.data_hash is None:
+        raise ValueError("run_all needs a plan with its data (Plan.with_data)")
     status = run_status(plan, results_dir)
     todo = []
     outcomes = []

@@ -35,7 +35,7 @@ from backends.base import (
     sigmoid,
     smooth_labels,
 )
-from harness.records import EpochRecord
+from harness.records import EpochRecord, TrainState
 from harness.spec import Layer, Model, PretrainedModel, SequentialModel
 
 # Inference batch for validation (and, in the worker, the test set): one size for every
@@ -49,15 +49,6 @@ class NonFiniteLoss(FloatingPointError):
     def __init__(self, message: str, history: tuple[EpochRecord, ...] = ()) -> None:
         super().__init__(message)
         self.history = history
-
-
-@dataclass(frozen=True)
-class TrainState:
-    """Where training stands after `epoch` complete epochs."""
-
-    epoch: int
-    history: tuple[EpochRecord, ...]
-    backend: dict[str, np.ndarray]  # Backend.get_state
 
 
 def last_layer(model: Model) -> Layer:

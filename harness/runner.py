@@ -27,7 +27,15 @@ from pathlib import Path
 
 from harness.plan import Plan, run_status
 from harness.records import BuiltEvent, EpochEvent, Job, JobData, RunKey, RunResult
-from harness.results import RunFileError, parse_progress, read_run, run_path, write_job, write_run
+from harness.results import (
+    RunFileError,
+    checkpoint_path,
+    parse_progress,
+    read_run,
+    run_path,
+    write_job,
+    write_run,
+)
 from harness.spec import Spec
 
 STDERR_TAIL_LINES = 25
@@ -216,6 +224,8 @@ def run_one(
             job_path.unlink(missing_ok=True)
             # a result this attempt finished just before the signal is complete and kept
             finished = _own_result(job)
+            if finished is not None and job.checkpoint is not None:
+                job.checkpoint.unlink(missing_ok=True)
             status = finished.status if finished else "interrupted"
             return RunOutcome(key, status, time.time() - t0, None)
         finally:
@@ -225,6 +235,8 @@ def run_one(
     seconds = time.time() - t0
     result = _own_result(job)
     if result is not None:  # written by this attempt, even if it then overran at exit
+        if job.checkpoint is not None:  # done with it; a worker that died keeps its own
+            job.checkpoint.unlink(missing_ok=True)
         if result.error is None:
             return RunOutcome(key, result.status, seconds, None)
         write_run(job.out, result.with_stderr_tail(_tail(log)))
@@ -339,7 +351,12 @@ def run_all(
                 data=data,
                 out=run_path(results_dir, key.id),
                 command=command,
+                checkpoint=checkpoint_path(results_dir, key.id)
+                if plan.spec.runtime.checkpoint_every
+                else None,
             )
+            if fresh and job.checkpoint is not None:
+                job.checkpoint.unlink(missing_ok=True)  # --fresh redoes the whole run
             env = worker_env(plan.spec, key, cache_dir)
             outcome = run_one(job, results_dir, env, reporter, stop)
             if outcome.status == "interrupted":

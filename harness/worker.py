@@ -24,8 +24,22 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import EXIT_USER_ERROR, UserError
-from harness.records import BuiltEvent, EpochEvent, EpochRecord, Job, RunResult, TestPredictions
-from harness.results import progress_line, read_job, write_run
+from harness.records import (
+    BuiltEvent,
+    EpochEvent,
+    EpochRecord,
+    Job,
+    RunResult,
+    TestPredictions,
+    TrainState,
+)
+from harness.results import (
+    progress_line,
+    read_checkpoint,
+    read_job,
+    write_checkpoint,
+    write_run,
+)
 from harness.spec import RandomModel
 
 
@@ -105,9 +119,20 @@ def execute(job: Job, started: float) -> RunResult:
                 mon.record_epoch(epoch=rec.epoch, seconds=rec.seconds, images=rec.images)
                 emit(EpochEvent(epochs=model.train.epochs, record=rec))
 
+            every, path = spec.runtime.checkpoint_every, job.checkpoint
+            resume = read_checkpoint(path, job.run_hash) if path is not None else None
+            if resume is not None:
+                print(f"resuming after epoch {resume.epoch} from {path}", file=sys.stderr)
+
+            def on_checkpoint(state: TrainState) -> None:
+                if path is not None and state.epoch % every == 0:
+                    write_checkpoint(path, job.run_hash, state)
+
             with mon.phase("train"):
                 try:
-                    history = fit(backend, handle, model, train, val, on_epoch)
+                    history = fit(backend, handle, model, train, val, on_epoch,
+                                  resume=resume,
+                                  on_checkpoint=on_checkpoint if path and every else None)
                 except NonFiniteLoss as e:  # a result of its own: the epochs before are kept
                     return RunResult.failed(
                         job, str(e), "FloatingPointError", started=started, history=e.history

@@ -490,6 +490,8 @@ class Runtime(Strict):
     device: Device = "auto"
     deterministic: bool = True
     timeout_s: float = Field(6 * 3600, gt=0)  # per run
+    # write the training state every N epochs so a killed run resumes there; 0: never
+    checkpoint_every: int = Field(1, ge=0)
 
 
 class Assumption(Strict):

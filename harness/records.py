@@ -99,6 +99,9 @@ class Job(Record):
     out: Path  # where the RunResult goes
     command: tuple[str, ...] = ()  # the harness command line, for provenance
     checkpoint: Path | None = None  # where the training state goes after each epoch; None: off
+    # runtime.init shared: the first backend's run writes its initial weights here, the others
+    # of the same model and seed read them (None: each draws its own)
+    init_weights: Path | None = None
 
     @property
     def run_id(self) -> str:

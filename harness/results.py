@@ -5,6 +5,7 @@
         runs/<model>__<backend>__seed<k>.json       one RunResult each
         logs/<run id>.log                            the worker's stderr
         checkpoints/<run id>.npz                     a running run's last epoch (removed after)
+        init/<model>__seed<k>.npz                    runtime.init shared: the initial weights
 
 This module alone turns the records of harness/records.py into JSON and back: RunResult files,
 job files and the worker's progress lines. A RunResult is only ever read once complete: files are
@@ -212,17 +213,17 @@ def checkpoint_path(results_dir: Path, run_id: str) -> Path:
     return results_dir / "checkpoints" / f"{run_id}.npz"
 
 
-def write_checkpoint(path: Path, run_hash: str, state: TrainState) -> None:
-    """The training state after `state.epoch` epochs, atomically (temp file + fsync + rename):
-    a kill at any moment leaves the previous checkpoint or this one, never half of one."""
+def init_path(results_dir: Path, model: str, seed: int) -> Path:
+    return results_dir / "init" / f"{model}__seed{seed}.npz"
+
+
+def write_arrays_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """An .npz of `arrays`, atomically (temp file + fsync + rename): a kill at any moment
+    leaves the previous file or this one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"backend/{k}": v for k, v in state.backend.items()}
-    meta = {"run_hash": run_hash, "epoch": state.epoch,
-            "history": [h.to_dict() for h in state.history]}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            arrays["meta"] = np.array(json.dumps(meta, allow_nan=True))
             np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
             f.flush()
             os.fsync(f.fileno())
@@ -232,17 +233,34 @@ def write_checkpoint(path: Path, run_hash: str, state: TrainState) -> None:
         raise
 
 
+def read_arrays(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of an .npz written by write_arrays_atomic; None when missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def write_checkpoint(path: Path, run_hash: str, state: TrainState) -> None:
+    """The training state after `state.epoch` epochs (one file per run, replaced each time)."""
+    meta = {"run_hash": run_hash, "epoch": state.epoch,
+            "history": [h.to_dict() for h in state.history]}
+    arrays = {f"backend/{k}": v for k, v in state.backend.items()}
+    write_arrays_atomic(path, {**arrays, "meta": np.array(json.dumps(meta, allow_nan=True))})
+
+
 def read_checkpoint(path: Path, run_hash: str) -> TrainState | None:
     """The state a checkpoint holds when it belongs to this very run (same run hash); None
     when there is none, or it is of another configuration or unreadable (the run starts over)."""
+    arrays = read_arrays(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            if meta.get("run_hash") != run_hash:
-                return None
-            backend = {k.removeprefix("backend/"): z[k] for k in z.files if k != "meta"}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, cut, not ours
+        meta = json.loads(str(arrays["meta"])) if arrays is not None else {}
+    except (KeyError, ValueError):  # not one of ours
         return None
+    if arrays is None or meta.get("run_hash") != run_hash:
+        return None
+    backend = {k.removeprefix("backend/"): v for k, v in arrays.items() if k != "meta"}
     history = tuple(EpochRecord(**h) for h in meta["history"])
     return TrainState(int(meta["epoch"]), history, backend)
 

@@ -25,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.plan import Plan, run_status
+from harness.plan import Plan, init_source, run_status
 from harness.records import BuiltEvent, EpochEvent, Job, JobData, RunKey, RunResult
 from harness.results import (
     RunFileError,
     checkpoint_path,
+    init_path,
     parse_progress,
     read_run,
     run_path,
@@ -353,6 +354,9 @@ def run_all(
                 command=command,
                 checkpoint=checkpoint_path(results_dir, key.id)
                 if plan.spec.runtime.checkpoint_every
+                else None,
+                init_weights=init_path(results_dir, key.model, key.seed)
+                if init_source(plan.spec, key)
                 else None,
             )
             if fresh and job.checkpoint is not None:

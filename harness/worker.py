@@ -14,16 +14,19 @@ Exit codes: 0 ok, 1 the run failed (a failed RunResult was written), 2 user erro
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from harness.errors import EXIT_USER_ERROR, UserError
+from harness.plan import init_source
 from harness.records import (
     BuiltEvent,
     EpochEvent,
@@ -35,8 +38,10 @@ from harness.records import (
 )
 from harness.results import (
     progress_line,
+    read_arrays,
     read_checkpoint,
     read_job,
+    write_arrays_atomic,
     write_checkpoint,
     write_run,
 )
@@ -68,6 +73,34 @@ def open_images(job: Job) -> np.ndarray:
             f"(content {content} != {job.data.cache_content}); rerun the harness"
         )
     return cache.images
+
+
+def share_initial_weights(job: Job, backend: Any, handle: Any) -> str:
+    """runtime.init shared: the model's first backend writes its seeded initial weights, the
+    others start from them (neutral layout). Returns what the result records."""
+    source = init_source(job.spec, job.key)
+    path = job.init_weights
+    if source is None or path is None:
+        return "per_backend (each framework draws its own initial weights)"
+    if job.key.backend == source:
+        weights = backend.get_weights(handle)
+        write_arrays_atomic(path, weights)
+    else:
+        found = read_arrays(path)
+        if found is None:
+            first = f"{job.key.model}__{source}__seed{job.key.seed}"
+            raise UserError(
+                f"runtime.init: shared: {job.run_id} starts from the initial weights of {first}, "
+                f"which are not in {path}",
+                f"run the model's first backend ({source}) too, e.g. drop --backends",
+            )
+        backend.set_weights(handle, found)
+        weights = found
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(weights[name], dtype=np.float32).tobytes())
+    return f"shared from {source} (sha256 {digest.hexdigest()[:16]} of the neutral weights)"
 
 
 def execute(job: Job, started: float) -> RunResult:
@@ -102,6 +135,7 @@ def execute(job: Job, started: float) -> RunResult:
             )
             handle = backend.build(model, model_input)
             counts = backend.count_params(handle)
+            init = share_initial_weights(job, backend, handle)
         emit(BuiltEvent(params=counts))
 
         if not isinstance(model, RandomModel):
@@ -175,7 +209,7 @@ def execute(job: Job, started: float) -> RunResult:
         params=counts,
         environment=backend.environment(),
         resources=mon.summary(),
-        provenance=collect_provenance({"harness_command": list(job.command)}),
+        provenance=collect_provenance({"harness_command": list(job.command), "init": init}),
         skipped_images=rows.skipped,
         started=started,
     )

@@ -3,7 +3,6 @@ a one-pixel linear model whose logits are known by hand, BCE by hand, smooth tes
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -36,67 +35,6 @@ def spec_with(tmp_path: Path, body: str, size: int, channels: int = 3) -> Spec:
         f"models:\n{body}"
     )
     return load_spec(path)
-
-
-# Sequential models using every layer type and option (counts, shapes, layouts, parameters)
-ODD_LAYERS = {
-    "odd": [
-        {"type": "conv2d", "filters": 6, "kernel": [3, 5], "strides": 2, "padding": "valid",
-         "use_bias": False, "kernel_initializer": "he_normal"},
-        {"type": "batchnorm", "center": False, "scale": False, "epsilon": 0.01, "momentum": 0.9},
-        {"type": "conv2d", "filters": 5, "kernel": 3, "strides": [2, 1], "padding": "same",
-         "activation": "tanh", "kernel_initializer": "lecun_uniform", "bias_initializer": "ones"},
-        {"type": "batchnorm", "center": True, "scale": False},
-        {"type": "avgpool2d", "pool": 3, "strides": 2, "padding": "same"},
-        {"type": "maxpool2d", "pool": [2, 3], "padding": "valid"},
-        {"type": "activation", "activation": "elu"},
-        {"type": "dropout", "rate": 0.5},
-        {"type": "flatten"},
-        {"type": "dense", "units": 7, "use_bias": False, "activation": "gelu"},
-        {"type": "dense", "units": 1, "activation": "sigmoid"},
-    ],
-    "gap": [
-        {"type": "conv2d", "filters": 4, "kernel": 1},
-        {"type": "global_avg_pool"},
-        {"type": "dense", "units": 1, "activation": "sigmoid", "kernel_initializer": "zeros"},
-    ],
-    "valid_strided": [
-        {"type": "conv2d", "filters": 4, "kernel": 3, "strides": 2, "padding": "valid"},
-        {"type": "maxpool2d", "pool": 3, "strides": 2, "padding": "valid"},
-        {"type": "conv2d", "filters": 6, "kernel": [2, 3], "strides": [2, 1], "use_bias": False},
-        {"type": "flatten"},
-        {"type": "dense", "units": 1, "activation": "sigmoid"},
-    ],
-    "same_asymmetric": [
-        {"type": "conv2d", "filters": 4, "kernel": 4, "strides": 2, "padding": "same",
-         "activation": "gelu"},
-        {"type": "maxpool2d", "pool": 2, "strides": 2, "padding": "same"},
-        {"type": "conv2d", "filters": 5, "kernel": 2, "padding": "same", "activation": "swish"},
-        {"type": "avgpool2d", "pool": 3, "strides": 2, "padding": "same"},
-        {"type": "global_avg_pool"},
-        {"type": "dense", "units": 1, "activation": "sigmoid"},
-    ],
-    "avgpool_bn_variants": [
-        {"type": "conv2d", "filters": 8, "kernel": 3, "padding": "same", "use_bias": False},
-        {"type": "batchnorm", "center": False},
-        {"type": "activation", "activation": "elu"},
-        {"type": "avgpool2d", "pool": 2, "padding": "valid"},
-        {"type": "batchnorm", "scale": False, "center": False, "epsilon": 0.01},
-        {"type": "dropout", "rate": 0.5},
-        {"type": "flatten"},
-        {"type": "dense", "units": 3, "activation": "selu", "kernel_initializer": "lecun_normal"},
-        {"type": "batchnorm", "scale": False, "momentum": 0.9},
-        {"type": "dense", "units": 1, "activation": "sigmoid", "use_bias": False},
-    ],
-}
-
-
-def odd_spec(tmp_path: Path, name: str, size: int) -> Spec:
-    """A spec holding ODD_LAYERS[name] as a one-channel sequential model at `size` px."""
-    body = (f"  - name: {name}\n    kind: sequential\n    layers: {json.dumps(ODD_LAYERS[name])}\n"
-            "    train: {optimizer: {name: sgd, learning_rate: 0.1, momentum: 0.9, nesterov: "
-            "true}, epochs: 1, batch_size: 4}\n")
-    return spec_with(tmp_path, body, size, channels=1)
 
 
 def sequential(layers: list[dict[str, Any]], optimizer: str = "adam", lr: float = 1e-3,

@@ -21,7 +21,8 @@ if "torch" not in available_backends():
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
-from backend_fixtures import ODD_LAYERS, paper, sequential  # noqa: E402
+from backend_fixtures import paper, sequential  # noqa: E402
+from tools.make_cross_framework_reference import ODD_LAYERS  # noqa: E402
 
 from backends.base import ModelInput  # noqa: E402
 from backends.torch_backend import (  # noqa: E402

@@ -5,17 +5,20 @@
     tox -e keras-torch   keras-torch   (the Keras code on Keras 3's PyTorch backend)
 
 Every test runs for each framework backend installed in the env (conftest `available_backends`),
-and for `reference` where it applies, through the interface of backends/base.py only: build,
-count_params, train_step, predict, learning rate, neutral weights, environment. What differs
-between backends only by name (a weights file, a framework's version key, a message's wording)
-is one row of `EXPECT`; the one thing the interface has no method for, the per-layer output
-shapes, is read by `LAYER_ROWS`. Framework-specific checks stay in test_keras_backend.py and
-test_torch_backend.py.
+and for `reference` where it applies, through the interface of backends/base.py (build,
+count_params, train_step, predict, learning rate, neutral weights, environment) and `augment`,
+the on-device augmentation both framework backends expose for tests. What differs between
+backends only by name (a weights file, a framework's version key, a message's wording) or by a
+documented framework choice (the learning rate's precision, BatchNorm's variance estimate) is
+one row of `EXPECT`; the one thing the interface has no method for, the per-layer output shapes,
+is read by `LAYER_ROWS`. Framework-specific checks stay in test_keras_backend.py and
+test_torch_backend.py; the loop itself is tested with a scripted backend in test_loop.py.
 
 Cross-framework without two frameworks in one process: tests/data/cross_framework_reference.npz
 holds Keras' (TensorFlow's) outputs for weights drawn from a seeded generator in the neutral layout
-(tests/tools/make_cross_framework_reference.py); every env sets the same weights into its backend
-and must match within 1e-5.
+(tests/tools/make_cross_framework_reference.py: the paper CNN, DenseNet169 with a random base, and
+every layer type in ODD_LAYERS); every env sets the same weights into its backend and must match
+within 1e-5, and a deliberately wrong port must miss by far more.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ import os
 import platform
 import re
 import socket
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -151,9 +152,47 @@ def _maxpool2d(layer: Pool2D, name: str) -> keras.layers.Layer:
 
 
 def _avgpool2d(layer: Pool2D, name: str) -> keras.layers.Layer:
+    strides = layer.strides or layer.pool
+    if KERAS_BACKEND != "tensorflow" and layer.padding == "same":
+        return SameAveragePooling2D(layer.pool, strides, name=name)
     return keras.layers.AveragePooling2D(
-        pool_size=layer.pool, strides=layer.strides or layer.pool, padding=layer.padding, name=name
+        pool_size=layer.pool, strides=strides, padding=layer.padding, name=name
     )
+
+
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's 'same' padding along one axis (the odd pixel after)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameAveragePooling2D(keras.layers.Layer):
+    """'same' average pooling as TensorFlow computes it: the padding is left out of each mean.
+
+    Keras 3.15's torch backend pads by repeating edge values and counts them when the padding is
+    uneven (keras-team/keras#19721); this pads with zeros and divides by the pooled count of
+    real pixels instead. No weights: parameter counts are unchanged.
+    """
+
+    def __init__(self, pool: tuple[int, int], strides: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pool, self.strides = tuple(pool), tuple(strides)
+
+    def call(self, x: Any) -> Any:
+        ops = keras.ops
+        (kh, kw), (sh, sw) = self.pool, self.strides
+        pads = [(0, 0), _same_pads(x.shape[1], kh, sh), _same_pads(x.shape[2], kw, sw), (0, 0)]
+        ones = ops.ones_like(x[..., :1])
+
+        def pooled_sum(t: Any) -> Any:
+            return ops.average_pool(ops.pad(t, pads), self.pool, self.strides, "valid") * (kh * kw)
+
+        return pooled_sum(x) / pooled_sum(ones)
+
+    def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        n, h, w, c = input_shape
+        (sh, sw) = self.strides
+        return (n, None if h is None else -(-h // sh), None if w is None else -(-w // sw), c)
 
 
 def _dropout(layer: Dropout, name: str) -> keras.layers.Layer:
@@ -688,7 +727,16 @@ class KerasBackend(Backend):
             if deterministic:
                 torch.backends.cuda.matmul.allow_tf32 = False
                 torch.backends.cudnn.allow_tf32 = False
-        keras.utils.set_random_seed(seed)
+        if KERAS_BACKEND != "tensorflow" and "tensorflow" not in sys.modules:
+            # set_random_seed also seeds TensorFlow whenever it is importable: on Keras' other
+            # backends that would load TensorFlow beside torch (the segfault REFERENCE.md notes)
+            sys.modules["tensorflow"] = None  # type: ignore[assignment]
+            try:
+                keras.utils.set_random_seed(seed)
+            finally:
+                del sys.modules["tensorflow"]
+        else:
+            keras.utils.set_random_seed(seed)
 
     def _single_thread(self) -> None:
         try:

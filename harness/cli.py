@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the plan and what is done; run nothing"
     )
     p.add_argument("--fresh", action="store_true", help="rerun runs that are already done")
+    p.add_argument(
+        "--check-determinism",
+        action="store_true",
+        help="then rerun one seed per model x backend in a fresh process and grade it "
+        "(bit-identical / max abs difference / nondeterministic); writes determinism.json",
+    )
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser(
@@ -180,6 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             quiet=args.quiet,
             verbose=args.verbose,
+            check_determinism=args.check_determinism,
         )
     )
 

@@ -9,6 +9,7 @@ prepared; plan.json, the skip-if-done check and every job take them from that on
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class RunRequest:
     dry_run: bool = False
     quiet: bool = False
     verbose: bool = False
+    check_determinism: bool = False
 
 
 def job_data(data: PreparedData) -> JobData:
@@ -68,7 +70,7 @@ def run(request: RunRequest) -> int:
     from harness.data import data_record, prepare_data, render_split
     from harness.report import write_report
     from harness.results import clean_temp_files, results_lock, write_json_atomic, write_plan
-    from harness.runner import run_all
+    from harness.runner import check_determinism, run_all
 
     # SIGTERM before the runner takes over (data generation, cache build) must clean up too
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -114,6 +116,12 @@ def run(request: RunRequest) -> int:
                 quiet=request.quiet,
                 verbose=request.verbose,
             )
+            if request.check_determinism:
+                grades = check_determinism(plan, job_data(data), results_dir, cache_dir,
+                                           request.quiet)
+                write_json_atomic(results_dir / "determinism.json",
+                                  {"grades": [dataclasses.asdict(g) for g in grades]})
+                print(render_grades(grades))
         except KeyboardInterrupt:
             interrupted = True
             outcomes = []
@@ -130,6 +138,15 @@ def run(request: RunRequest) -> int:
         print(f"{len(failed)} run(s) failed; reasons are in the report and logs/", file=sys.stderr)
         return 1
     return 0
+
+
+def render_grades(grades: list[Any]) -> str:
+    """The determinism grades as a table (also in the report)."""
+    from tabulate import tabulate
+
+    rows = [(g.model, g.backend, g.seed, g.grade) for g in grades]
+    return "\nDeterminism (a fresh-process rerun of one seed, test probabilities compared bit " \
+        "for bit):\n" + tabulate(rows, headers=["model", "backend", "seed", "grade"])
 
 
 def _raise_interrupt(*_: Any) -> None:

@@ -8,7 +8,8 @@ its workers, the way a user's backend would be installed. Nothing in harness/ kn
 
 Faults: raise (predict raises), nan-probs (predict returns NaN for every 7th image), nan-loss
 (the training loss turns NaN in epoch 2), hang (sleeps for an hour), kill (SIGKILLs its
-own process), slow (sleeps FAULTY_BACKEND_SLOW_S seconds, then behaves). Otherwise it
+own process), slow (sleeps FAULTY_BACKEND_SLOW_S seconds, then behaves), jitter / flip
+(predictions with noise from the OS: tiny / label-changing). Otherwise it
 predicts p ~ U[0, 1) from the seed, like the reference backend; its training steps report
 loss 0.5 and the labels as probabilities, and change nothing.
 """
@@ -77,6 +78,11 @@ class FaultyBackend(Backend):
         if fault == "slow":
             time.sleep(float(os.environ.get("FAULTY_BACKEND_SLOW_S", "2")))
         probs = self._rng.uniform(0.0, 1.0, size=len(images))
+        if fault == "jitter":  # a nondeterministic backend: noise from the OS, not the seed
+            probs = np.clip(probs + np.frombuffer(os.urandom(8 * len(probs)), np.uint64)
+                            / 2.0**64 * 1e-9, 0.0, 1.0)
+        if fault == "flip":  # nondeterministic enough to change labels
+            probs = np.frombuffer(os.urandom(8 * len(probs)), np.uint64) / 2.0**64
         if fault == "nan-probs":
             probs[::7] = np.nan
         return probs

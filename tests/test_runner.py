@@ -410,3 +410,23 @@ def test_the_result_file_is_json_with_its_schema(tiny):
     assert run["params"] == {"total": 0, "trainable": 0, "non_trainable": 0}
     assert run["resources"]["gpu"]["memory_used_peak"]["value"] is None
     assert run["provenance"]["python"]
+
+
+@pytest.mark.parametrize(
+    "faults, grades",
+    [
+        ("", {0: "bit-identical"}),
+        ("0:jitter", {0: r"max abs difference \d\.\de-\d\d"}),
+        ("0:flip", {0: r"nondeterministic \(max abs difference \d\.\de-\d\d; \d+ labels change\)"}),
+    ],
+)
+def test_check_determinism_grades_a_fresh_rerun_of_one_seed(tiny, faults, grades):
+    r = harness(tiny, "--check-determinism", faults=faults, backend="faulty")
+    assert r.returncode == 0, r.stderr
+    graded = json.loads((tiny["out"] / "determinism.json").read_text())["grades"]
+    assert [(g["model"], g["backend"], g["seed"]) for g in graded] == [("baseline", "faulty", 0)]
+    assert re.fullmatch(grades[0], graded[0]["grade"]), graded[0]["grade"]
+    assert "Determinism (a fresh-process rerun of one seed" in r.stdout
+    # the rerun never replaces the result the report uses
+    assert (tiny["out"] / "runs" / "determinism" / "baseline__faulty__seed0.json").exists()
+    assert read_run(run_file(tiny, 0, "faulty")).status == "ok"

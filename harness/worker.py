@@ -75,6 +75,14 @@ def open_images(job: Job) -> np.ndarray:
     return cache.images
 
 
+def can_checkpoint(backend: Any) -> bool:
+    """Whether the backend implements get_state/set_state (third-party ones may not)."""
+    from backends.base import Backend
+
+    return all(getattr(type(backend), m) is not getattr(Backend, m)
+               for m in ("get_state", "set_state"))
+
+
 def share_initial_weights(job: Job, backend: Any, handle: Any) -> str:
     """runtime.init shared: the model's first backend writes its seeded initial weights, the
     others start from them (neutral layout). Returns what the result records."""
@@ -154,6 +162,10 @@ def execute(job: Job, started: float) -> RunResult:
                 emit(EpochEvent(epochs=model.train.epochs, record=rec))
 
             every, path = spec.runtime.checkpoint_every, job.checkpoint
+            if path is not None and not can_checkpoint(backend):
+                print(f"backend '{key.backend}' cannot save a training state: no checkpoints, a "
+                      "killed run starts over", file=sys.stderr)
+                path = None
             resume = read_checkpoint(path, job.run_hash) if path is not None else None
             if resume is not None:
                 print(f"resuming after epoch {resume.epoch} from {path}", file=sys.stderr)

@@ -39,6 +39,7 @@ from harness.vocab import (
     Dataset,
     Device,
     Initializer,
+    InitMode,
     Level,
     LossForm,
     LossName,
@@ -494,7 +495,7 @@ class Runtime(Strict):
     checkpoint_every: int = Field(1, ge=0)
     # initial weights: each framework draws its own (per_backend), or every backend of a model
     # starts seed s from the first backend's seeded weights, ported (shared)
-    init: Literal["per_backend", "shared"] = "per_backend"
+    init: InitMode = "per_backend"
 
 
 class Assumption(Strict):

@@ -1,14 +1,30 @@
-"""The backend interface: few methods, numpy in and out. No framework import here.
+"""The backend interface: a few small steps, numpy in and out. No framework import here.
 
-The harness worker (harness/worker.py) drives a backend like this:
+One training loop (backends/loop.py, framework-free) drives every backend, as Keras 3's one
+`Trainer` drives per-backend steps. The harness worker (harness/worker.py) does:
 
     backend = registry.create("torch", device="auto")
     backend.seed(seed, deterministic=True)
-    handle = backend.build(model_spec, ModelInput(224, 3, "rescale"))
+    handle = backend.build(model_spec, ModelInput(224, 3, "rescale"))   # model + optimizer
     counts = backend.count_params(handle)
-    history = backend.fit(handle, train_data, val_data, model_spec.train, on_epoch)
-    probs = backend.predict(handle, test_images, batch_size)
-    backend.peak_memory()
+    history = loop.fit(backend, handle, model_spec, train_data, val_data, on_epoch)
+    probs = backend.predict(handle, test_images)
+
+and the loop calls only `train_step`, `predict`, `get/set_learning_rate` and
+`get/set_weights`. What a backend implements (each method is small; tables map the spec's
+vocabulary to framework classes, one dict per category, exposed as `TABLES`):
+
+    environment()                      versions, device, determinism flags in force (JSON-able)
+    seed(seed, deterministic)          seed every RNG; enforce determinism when asked
+    build(model, model_input)          the spec's model and, if it trains, its optimizer
+    count_params(handle)               ParamCounts, the Keras way (BN statistics non-trainable)
+    train_step(handle, batch)          one optimizer step; returns a thunk -> StepResult
+    activations(handle, images)        every layer's inference output (parity)
+    predict(handle, images, logits=)   inference mode, float64 (N,): probabilities or logits
+    get_learning_rate / set_learning_rate(handle, lr)
+    get_weights(handle) / set_weights(handle, weights)    the neutral layout below
+    get_state(handle) / set_state(handle, state)   weights + optimizer + RNG: resume a run
+    peak_memory()                      the framework's own peak memory ({} when not applicable)
 
 Input semantics every backend implements identically (the harness decides, backends apply):
 - Images arrive as uint8 (N, H, W), one channel, already resized by the shared cache.
@@ -16,15 +32,29 @@ Input semantics every backend implements identically (the harness decides, backe
   and the per-sample augmentation parameters from (seed, epoch); see harness/data/augment.py for
   the exact geometry (flip, then rotate counter-clockwise about the centre, then zoom; bilinear;
   constant fill 0; pixel centres at integer indices). `apply_augmentation_numpy` there is the
-  oracle the backend tests compare against.
+  oracle the backend tests compare against. `Batch.augment` is False when the spec turns
+  augmentation off: the step then applies nothing.
 - Per sample, in this order: uint8 -> float32 in [0, 255] -> augmentation (train only) ->
   normalization -> replicate the channel to `ModelInput.channels`.
   Normalization: "rescale" x/255; "imagenet" x/255 then (x - mean) / std per RGB channel with
   mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225) (keras.applications "torch" mode);
   "none" leaves 0..255.
-- The last, partial batch of an epoch is kept (as Keras does).
-- History metrics are computed with `epoch_metrics` below from the probabilities the model
-  produced, so both backends define "accuracy" the same way (threshold 0.5).
+- The loss is the spec's (harness.spec.Loss): with `form: auto` and a model ending in a sigmoid,
+  binary cross-entropy from the pre-sigmoid logits (what Keras 3 on TensorFlow computes);
+  otherwise on probabilities clipped to [eps, 1 - eps]; labels smoothed as y (1 - ls) + ls / 2.
+  `train_step` returns the batch-mean loss and the training-mode probabilities; the loop
+  computes the validation loss itself from `predict(..., logits=True)` (or the probabilities)
+  with `bce_logits` / `bce` below, in float64, so both backends define it identically.
+
+`train_step` returns a thunk rather than numbers so that the loop can fetch step i's loss after
+step i + 1 is dispatched: an accelerator is never idle while the host waits for a result.
+
+Neutral weights (`get_weights`/`set_weights`): one dict of numpy arrays in Keras' layout, named
+`<spec layer>/<variable>` with the layer names of harness.shapes (`conv2d_1`, `batchnorm_2`,
+`dense_1`, ...) and Keras' variable names: `kernel` (conv HWIO, dense (in, out); the flatten
+order is NHWC), `bias`, `gamma`, `beta`, `moving_mean`, `moving_variance`. A pretrained base's
+variables are `<base>/<Keras layer name>/<variable>` (e.g. `densenet169/conv1_conv/kernel`).
+They serve best-epoch restore, shared initial weights and weight-port parity.
 """
 
 from __future__ import annotations
@@ -37,8 +67,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from harness.data.augment import EpochPlan, epoch_plan
-from harness.records import EpochRecord
-from harness.spec import AugmentationSpec, Model, ParamCounts, TrainSpec
+from harness.spec import AugmentationSpec, Model, ParamCounts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,12 +82,15 @@ class ModelInput:
 
 @dataclass(frozen=True)
 class Batch:
+    """One training batch in the harness's order, with each sample's augmentation parameters."""
+
     images: np.ndarray  # uint8 (B, H, W)
     labels: np.ndarray  # float32 (B,)
     angle: np.ndarray  # float32 degrees (B,)
     scale: np.ndarray  # float32 (B,)
     hflip: np.ndarray  # bool (B,)
     vflip: np.ndarray  # bool (B,)
+    augment: bool = True  # False: the spec's augmentation is off; apply nothing
 
 
 @dataclass(frozen=True)
@@ -102,6 +134,7 @@ class TrainData:
                 p.scale[sl],
                 p.hflip[sl],
                 p.vflip[sl],
+                bool(self.augmentation.enabled),
             )
 
 
@@ -118,11 +151,44 @@ def epoch_metrics(
     return {"accuracy": acc, "recall": float(recall), "precision": float(precision)}
 
 
+def smooth_labels(labels: np.ndarray, label_smoothing: float) -> np.ndarray:
+    """Keras' label smoothing for binary cross-entropy: y (1 - ls) + ls / 2, float64."""
+    return np.asarray(labels, dtype=np.float64) * (1 - label_smoothing) + 0.5 * label_smoothing
+
+
 def bce(labels: np.ndarray, probs: np.ndarray, epsilon: float = 1e-7) -> float:
     """Keras binary cross-entropy on probabilities clipped to [eps, 1 - eps] (mean)."""
     p = np.clip(np.asarray(probs, dtype=np.float64), epsilon, 1 - epsilon)
     y = np.asarray(labels, dtype=np.float64)
     return float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+
+
+def bce_logits(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Binary cross-entropy from logits x (mean): max(x, 0) - x y + log(1 + exp(-|x|)).
+
+    tf.nn.sigmoid_cross_entropy_with_logits' formula, in float64: stable at saturation.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """float64 logistic function, without overflow for large |x|."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one training step produced: the batch-mean loss and training-mode probabilities,
+    and, when asked for, the gradient of every trainable variable before the update (neutral
+    names and layout, like `get_weights`)."""
+
+    loss: float
+    probs: np.ndarray  # (B,)
+    gradients: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -138,7 +204,7 @@ class BackendInfo:
 
 
 class Backend(ABC):
-    """One framework behind the harness. Numpy in, numpy out."""
+    """One framework behind the harness: small steps, numpy in and out (see the module doc)."""
 
     name: ClassVar[str]
 
@@ -155,26 +221,78 @@ class Backend(ABC):
 
     @abstractmethod
     def build(self, model: Model, model_input: ModelInput) -> Any:
-        """Build the spec's model; returns an opaque handle."""
+        """Build the spec's model (and, for a model that trains, the optimizer of
+        `model.train`); returns an opaque handle."""
 
     @abstractmethod
     def count_params(self, handle: Any) -> ParamCounts: ...
 
     @abstractmethod
-    def fit(
-        self,
-        handle: Any,
-        train: TrainData,
-        val: EvalData | None,
-        recipe: TrainSpec,
-        on_epoch: Callable[[EpochRecord], None] | None = None,
-    ) -> list[EpochRecord]:
-        """Train per the recipe on the harness's data stream; validate after each epoch."""
+    def predict(
+        self, handle: Any, images: np.ndarray, batch_size: int = 64, logits: bool = False
+    ) -> np.ndarray:
+        """Inference mode, no augmentation: float64 (N,) probabilities of the positive class,
+        or with `logits` the pre-sigmoid outputs (models whose loss is on logits only)."""
 
-    @abstractmethod
-    def predict(self, handle: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Probabilities of the positive class, float64 (N,), inference mode, no augmentation."""
+    def train_step(
+        self, handle: Any, batch: Batch, gradients: bool = False
+    ) -> Callable[[], StepResult]:
+        """One optimizer step on `batch` with the spec's loss; returns a thunk that waits for
+        the step and gives its StepResult (with the gradients when `gradients`)."""
+        raise NotImplementedError(f"backend '{self.name}' does not train models")
+
+    def activations(self, handle: Any, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Inference-mode output of every spec layer (and of a pretrained base's blocks, as
+        `<base>/<Keras layer name>`), channels last, for weight-port parity."""
+        raise NotImplementedError(f"backend '{self.name}' does not expose activations")
+
+    def get_learning_rate(self, handle: Any) -> float:
+        raise NotImplementedError(f"backend '{self.name}' has no optimizer")
+
+    def set_learning_rate(self, handle: Any, learning_rate: float) -> None:
+        raise NotImplementedError(f"backend '{self.name}' has no optimizer")
+
+    def get_weights(self, handle: Any) -> dict[str, np.ndarray]:
+        """Every variable of the model (trainable or not) in the neutral layout."""
+        raise NotImplementedError(f"backend '{self.name}' has no neutral weight layout")
+
+    def set_weights(self, handle: Any, weights: dict[str, np.ndarray]) -> None:
+        """Load `get_weights`' layout; every name must be present with its exact shape."""
+        raise NotImplementedError(f"backend '{self.name}' has no neutral weight layout")
+
+    def get_state(self, handle: Any) -> dict[str, np.ndarray]:
+        """All a resumed run needs to go on bit for bit: every variable, the optimizer's state
+        and the framework's RNG state, as numpy arrays under names of the backend's choosing."""
+        raise NotImplementedError(f"backend '{self.name}' cannot save a training state")
+
+    def set_state(self, handle: Any, state: dict[str, np.ndarray]) -> None:
+        """Restore what `get_state` returned (same model and recipe)."""
+        raise NotImplementedError(f"backend '{self.name}' cannot restore a training state")
 
     def peak_memory(self) -> dict[str, Any]:
         """The framework's own peak memory (keys ending in _bytes); {} when not applicable."""
         return {}
+
+
+def check_weights(
+    expected: dict[str, tuple[int, ...]], weights: dict[str, np.ndarray], backend: str
+) -> None:
+    """The shared check of `set_weights`: same names, same shapes, or one error naming them."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(
+        k for k in set(expected) & set(weights) if tuple(np.shape(weights[k])) != expected[k]
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} with another shape (e.g. {k}: {tuple(np.shape(weights[k]))}, "
+                f"the model has {expected[k]})"
+            )
+        raise ValueError(f"backend '{backend}': weights do not fit the model: {'; '.join(parts)}")

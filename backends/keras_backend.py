@@ -3,7 +3,7 @@
     backend = registry.create("keras", device="auto")   # or "keras-torch", "keras-jax"
     backend.seed(0, deterministic=True)
     handle = backend.build(spec.model("cnn"), ModelInput(224, 3, "rescale"))
-    history = backend.fit(handle, train, val, spec.model("cnn").train, on_epoch=print)
+    history = backends.loop.fit(backend, handle, spec.model("cnn"), train, val, on_epoch=print)
     probs = backend.predict(handle, test_images)
 
 Model building, counting and prediction are written with keras.layers / keras.ops and run on any
@@ -12,8 +12,9 @@ and does, on the device, augmentation -> normalization -> channel replication ->
 optimizer update, and returns the loss and the training-mode probabilities (for the history
 metrics). On TensorFlow the step is a compiled `tf.function` (GradientTape); on Keras' PyTorch
 backend (`keras-torch`) it runs eagerly with torch autograd on the Keras variables, as Keras' own
-TorchTrainer does (`_train_step_torch`). Forward and loss (`_loss_and_probs`), normalization,
-optimizer and the epoch loop are shared. JAX (`keras-jax`) builds and predicts only.
+TorchTrainer does (`_make_step_torch`). Forward and loss (`_loss_and_probs`), normalization and
+optimizer are shared; the epoch loop is the harness's (backends/loop.py), as for every backend.
+JAX (`keras-jax`) builds and predicts only.
 
 Loss (harness.spec.Loss): with `form: auto` and a model whose last layer ends in a sigmoid, BCE is
 computed from the pre-sigmoid logits, as Keras 3 on TensorFlow does (the sigmoid's output carries
@@ -22,8 +23,8 @@ model itself is unchanged (same layers, counts and probabilities): `build` also 
 model that shares its layers and stops before the last one, and `_logits` applies the last
 layer's pre-activation (Dense: x W + b; Activation: identity) to it. Otherwise (`form:
 probabilities`, or another last layer) BCE is on probabilities clipped to [eps, 1 - eps].
-The validation loss in the history uses the same per-sample function as training (inference
-mode, float32 in the framework, averaged in float64).
+`predict(..., logits=True)` returns those logits in inference mode; the loop computes the
+validation loss from them in float64 (backends/base.py `bce_logits`).
 
 Augmentation (semantics in harness/data/augment.py): flip, rotate counter-clockwise by `angle`
 about the centre, zoom by `scale` about the centre. Each sample's inverse map (output pixel ->
@@ -46,8 +47,9 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import socket
-import time
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,14 +63,15 @@ from backends.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Backend,
-    EpochRecord,
-    EvalData,
+    Batch,
     ModelInput,
-    TrainData,
-    bce,
-    epoch_metrics,
+    StepResult,
+    check_weights,
 )
+from backends.loop import last_layer
 from harness.errors import UserError
+from harness.spec import ACTIVATIONS as SPEC_ACTIVATIONS
+from harness.spec import INITIALIZERS as SPEC_INITIALIZERS
 from harness.spec import (
     ActivationLayer,
     BatchNorm,
@@ -96,6 +99,24 @@ else:  # pragma: no cover - exercised only under KERAS_BACKEND=torch|jax
 
 
 # ---------------------------------------------------------------------------------------------
+# Activations and initializers: the spec's names are Keras' own; the tables resolve each one
+# when the module loads, so a name Keras lacks fails here, not in the middle of a build.
+
+ACTIVATIONS: dict[str, Callable[..., Any]] = {a: keras.activations.get(a) for a in SPEC_ACTIVATIONS}
+INITIALIZERS: dict[str, type[keras.initializers.Initializer]] = {
+    i: type(keras.initializers.get(i)) for i in SPEC_INITIALIZERS
+}
+
+
+def _activation_of(layer: Any) -> Callable[..., Any]:
+    return ACTIVATIONS[layer.activation]
+
+
+def _initializer(name: str) -> keras.initializers.Initializer:
+    return INITIALIZERS[name]()  # a fresh instance per variable, as Keras makes from a name
+
+
+# ---------------------------------------------------------------------------------------------
 # Spec layers -> Keras layers: one table. Every parameter comes from the spec.
 
 
@@ -105,10 +126,10 @@ def _conv2d(layer: Conv2D, name: str) -> keras.layers.Layer:
         kernel_size=layer.kernel,
         strides=layer.strides,
         padding=layer.padding,
-        activation=layer.activation,
+        activation=_activation_of(layer),
         use_bias=layer.use_bias,
-        kernel_initializer=layer.kernel_initializer,
-        bias_initializer=layer.bias_initializer,
+        kernel_initializer=_initializer(layer.kernel_initializer),
+        bias_initializer=_initializer(layer.bias_initializer),
         name=name,
     )
 
@@ -131,9 +152,47 @@ def _maxpool2d(layer: Pool2D, name: str) -> keras.layers.Layer:
 
 
 def _avgpool2d(layer: Pool2D, name: str) -> keras.layers.Layer:
+    strides = layer.strides or layer.pool
+    if KERAS_BACKEND != "tensorflow" and layer.padding == "same":
+        return SameAveragePooling2D(layer.pool, strides, name=name)
     return keras.layers.AveragePooling2D(
-        pool_size=layer.pool, strides=layer.strides or layer.pool, padding=layer.padding, name=name
+        pool_size=layer.pool, strides=strides, padding=layer.padding, name=name
     )
+
+
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's 'same' padding along one axis (the odd pixel after)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameAveragePooling2D(keras.layers.Layer):
+    """'same' average pooling as TensorFlow computes it: the padding is left out of each mean.
+
+    Keras 3.15's torch backend pads by repeating edge values and counts them when the padding is
+    uneven (keras-team/keras#19721); this pads with zeros and divides by the pooled count of
+    real pixels instead. No weights: parameter counts are unchanged.
+    """
+
+    def __init__(self, pool: tuple[int, int], strides: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pool, self.strides = tuple(pool), tuple(strides)
+
+    def call(self, x: Any) -> Any:
+        ops = keras.ops
+        (kh, kw), (sh, sw) = self.pool, self.strides
+        pads = [(0, 0), _same_pads(x.shape[1], kh, sh), _same_pads(x.shape[2], kw, sw), (0, 0)]
+        ones = ops.ones_like(x[..., :1])
+
+        def pooled_sum(t: Any) -> Any:
+            return ops.average_pool(ops.pad(t, pads), self.pool, self.strides, "valid") * (kh * kw)
+
+        return pooled_sum(x) / pooled_sum(ones)
+
+    def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        n, h, w, c = input_shape
+        (sh, sw) = self.strides
+        return (n, None if h is None else -(-h // sh), None if w is None else -(-w // sw), c)
 
 
 def _dropout(layer: Dropout, name: str) -> keras.layers.Layer:
@@ -151,16 +210,16 @@ def _global_avg_pool(layer: GlobalAvgPool, name: str) -> keras.layers.Layer:
 def _dense(layer: Dense, name: str) -> keras.layers.Layer:
     return keras.layers.Dense(
         units=layer.units,
-        activation=layer.activation,
+        activation=_activation_of(layer),
         use_bias=layer.use_bias,
-        kernel_initializer=layer.kernel_initializer,
-        bias_initializer=layer.bias_initializer,
+        kernel_initializer=_initializer(layer.kernel_initializer),
+        bias_initializer=_initializer(layer.bias_initializer),
         name=name,
     )
 
 
 def _activation(layer: ActivationLayer, name: str) -> keras.layers.Layer:
-    return keras.layers.Activation(layer.activation, name=name)
+    return keras.layers.Activation(_activation_of(layer), name=name)
 
 
 LAYERS: dict[str, Callable[[Any, str], keras.layers.Layer]] = {
@@ -181,7 +240,7 @@ def make_layer(layer: Layer, name: str) -> keras.layers.Layer:
     try:
         maker = LAYERS[layer.type]
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"the keras backend has no layer '{layer.type}'; known: {', '.join(LAYERS)}"
         ) from None
     return maker(layer, name)
@@ -195,7 +254,8 @@ def _stack(x: Any, layers: tuple[Layer, ...]) -> tuple[Any, Any, keras.layers.La
         seen[layer.type] = seen.get(layer.type, 0) + 1
         last = make_layer(layer, f"{layer.type}_{seen[layer.type]}")
         before, x = x, last(x)
-    assert last is not None  # the spec requires at least one layer
+    if last is None:
+        raise UserError("a model needs at least one layer")
     return x, before, last
 
 
@@ -245,6 +305,22 @@ BASES: dict[str, BaseEntry] = {
         "6d6bbae143d832006294945121d1f1fc",
     ),
 }
+
+
+def _base_blocks(base: keras.Model) -> list[str]:
+    """The layers that end a base's blocks: a DenseNet's dense blocks (the last concat of
+    each stage) and transitions, a VGG's pools. The torch backend probes the same tensors."""
+    names = [layer.name for layer in base.layers]
+
+    def stage(name: str) -> str:
+        return name.split("_block")[0]
+
+    out = []
+    for i, name in enumerate(names):
+        ends_stage = i + 1 == len(names) or stage(names[i + 1]) != stage(name)
+        if (name.endswith("_concat") and ends_stage) or re.fullmatch(r"(pool|block)\d+_pool", name):
+            out.append(name)
+    return out
 
 
 def keras_models_dir() -> Path:
@@ -415,13 +491,18 @@ class KerasHandle:
     # `_logits` needs to compute the pre-sigmoid output without changing the model
     features: keras.Model | None = None
     last: keras.layers.Layer | None = None
-    _predict_fn: Any = field(default=None, repr=False)
-    _val_fn: Any = field(default=None, repr=False)
+    optimizer: keras.optimizers.Optimizer | None = None  # None for a model that does not train
+    on_logits: bool = False  # the loss is computed from the pre-sigmoid logits
+    # compiled functions, made on first use: train steps by (augment, gradients), predict by
+    # `logits`
+    _steps: dict[tuple[bool, bool], Any] = field(default_factory=dict, repr=False)
+    _forward: dict[bool, Any] = field(default_factory=dict, repr=False)
 
-    @property
-    def last_spec_layer(self) -> Layer:
-        spec = self.spec
-        return spec.layers[-1] if isinstance(spec, SequentialModel) else spec.head[-1]  # type: ignore[union-attr]
+    def trainer(self) -> keras.optimizers.Optimizer:
+        """The optimizer, for the steps that need one."""
+        if self.optimizer is None:
+            raise ValueError(f"model '{self.spec.name}' has no training recipe")
+        return self.optimizer
 
 
 def _logits(handle: KerasHandle, x: Any, training: bool) -> Any:
@@ -431,7 +512,8 @@ def _logits(handle: KerasHandle, x: Any, training: bool) -> Any:
     sigmoid of this equals the model's output (the same ops in the same order).
     """
     ops = keras.ops
-    assert handle.features is not None, "the handle was not made by KerasBackend.build"
+    if handle.features is None:
+        raise TypeError("the handle was not made by KerasBackend.build")
     h = handle.features(x, training=training)
     last = handle.last
     if isinstance(last, keras.layers.Dense):
@@ -469,7 +551,13 @@ OPTIMIZERS: dict[str, Callable[[Any], keras.optimizers.Optimizer]] = {
 }
 
 # The backend's tables by vocabulary category (checked against the vocabulary by the tests).
-TABLES: dict[str, Mapping[str, Any]] = {"layers": LAYERS, "bases": BASES, "optimizers": OPTIMIZERS}
+TABLES: dict[str, Mapping[str, Any]] = {
+    "layers": LAYERS,
+    "bases": BASES,
+    "optimizers": OPTIMIZERS,
+    "activations": ACTIVATIONS,
+    "initializers": INITIALIZERS,
+}
 
 
 def _optimizer(recipe: TrainSpec) -> keras.optimizers.Optimizer:
@@ -639,7 +727,16 @@ class KerasBackend(Backend):
             if deterministic:
                 torch.backends.cuda.matmul.allow_tf32 = False
                 torch.backends.cudnn.allow_tf32 = False
-        keras.utils.set_random_seed(seed)
+        if KERAS_BACKEND != "tensorflow" and "tensorflow" not in sys.modules:
+            # set_random_seed also seeds TensorFlow whenever it is importable: on Keras' other
+            # backends that would load TensorFlow beside torch (the segfault REFERENCE.md notes)
+            sys.modules["tensorflow"] = None  # type: ignore[assignment]
+            try:
+                keras.utils.set_random_seed(seed)
+            finally:
+                del sys.modules["tensorflow"]
+        else:
+            keras.utils.set_random_seed(seed)
 
     def _single_thread(self) -> None:
         try:
@@ -668,10 +765,13 @@ class KerasBackend(Backend):
         elif isinstance(model, PretrainedModel):
             handle = self._build_pretrained(model, model_input)
         else:
-            raise ValueError(
-                f"the keras backend builds kind sequential and pretrained models; "
-                f"'{model.name}' is kind {model.kind} (run it with backend 'reference')"
+            raise UserError(
+                f"backend '{self.name}' builds kind: sequential and pretrained models; "
+                f"'{model.name}' is kind: {model.kind} (run it with backend 'reference')"
             )
+        handle.optimizer = _optimizer(model.train)
+        handle.optimizer.build(handle.model.trainable_variables)
+        handle.on_logits = model.train.loss.on_logits(last_layer(model))
         if KERAS_BACKEND == "tensorflow" and self.device == "gpu":
             tf.config.experimental.reset_memory_stats("GPU:0")
         return handle
@@ -731,25 +831,23 @@ class KerasBackend(Backend):
 
     # -- training -----------------------------------------------------------------------------
 
-    def _train_step(
-        self, handle: KerasHandle, recipe: TrainSpec, augment: bool
-    ) -> tuple[Callable[..., Any], keras.optimizers.Optimizer]:
+    def _make_step(
+        self, handle: KerasHandle, augment: bool, gradients: bool
+    ) -> Callable[..., tuple[Any, ...]]:
         """One training step (images uint8 (B, H, W), labels float32 (B,), matrices (B, 8)) ->
-        (mean loss, training-mode probabilities (B,)), as framework tensors."""
+        (mean loss, training-mode probabilities (B,)[, gradients]), as framework tensors."""
         if KERAS_BACKEND == "torch":
-            return self._train_step_torch(handle, recipe, augment)
+            return self._make_step_torch(handle, augment, gradients)
         if KERAS_BACKEND != "tensorflow":
             raise UserError(
                 f"backend '{self.name}': training is implemented for Keras on TensorFlow and "
                 f"PyTorch only (build, count_params and predict work on {KERAS_BACKEND})",
                 "use backend 'keras' (TensorFlow), 'keras-torch' or 'torch'",
             )
-        model, model_input = handle.model, handle.model_input
-        optimizer = _optimizer(recipe)
-        variables = model.trainable_variables
-        optimizer.build(variables)
-        eps, smoothing = recipe.loss.epsilon, recipe.loss.label_smoothing
-        on_logits = recipe.loss.on_logits(handle.last_spec_layer)
+        model_input, optimizer = handle.model_input, handle.trainer()
+        variables = handle.model.trainable_variables
+        loss = handle.spec.train.loss  # type: ignore[union-attr]
+        eps, smoothing, on_logits = loss.epsilon, loss.label_smoothing, handle.on_logits
         size = model_input.image_size
 
         @tf.function(
@@ -760,7 +858,7 @@ class KerasBackend(Backend):
                 tf.TensorSpec((None, 8), tf.float32),
             ),
         )
-        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, Any]:
+        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, ...]:
             x = tf.cast(images, tf.float32)[..., None]
             if augment:
                 x = _transform(x, matrices)
@@ -769,13 +867,14 @@ class KerasBackend(Backend):
                 loss, probs = _loss_and_probs(handle, x, labels, on_logits, eps, smoothing)
             grads = tape.gradient(loss, variables)
             optimizer.apply(grads, variables)
-            return loss, probs
+            # a separate trace: the training step itself stays the same graph without them
+            return (loss, probs, grads) if gradients else (loss, probs)
 
-        return step, optimizer
+        return step
 
-    def _train_step_torch(
-        self, handle: KerasHandle, recipe: TrainSpec, augment: bool
-    ) -> tuple[Callable[..., Any], keras.optimizers.Optimizer]:
+    def _make_step_torch(
+        self, handle: KerasHandle, augment: bool, gradients: bool
+    ) -> Callable[..., tuple[Any, ...]]:
         """The same step on Keras' PyTorch backend: eager keras.ops forward, torch autograd.
 
         Keras Variables wrap torch Parameters (requires_grad = trainable); as Keras' own
@@ -783,15 +882,13 @@ class KerasBackend(Backend):
         """
         import torch
 
-        model, model_input = handle.model, handle.model_input
-        optimizer = _optimizer(recipe)
-        variables = model.trainable_variables
-        optimizer.build(variables)
-        eps, smoothing = recipe.loss.epsilon, recipe.loss.label_smoothing
-        on_logits = recipe.loss.on_logits(handle.last_spec_layer)
+        model_input, optimizer = handle.model_input, handle.trainer()
+        variables = handle.model.trainable_variables
+        loss_spec = handle.spec.train.loss  # type: ignore[union-attr]
+        eps, smoothing, on_logits = loss_spec.epsilon, loss_spec.label_smoothing, handle.on_logits
         ops = keras.ops
 
-        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, Any]:
+        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, ...]:
             with torch.no_grad():
                 x = ops.cast(ops.convert_to_tensor(images), "float32")[..., None]
                 if augment:
@@ -804,160 +901,46 @@ class KerasBackend(Backend):
             loss, probs = _loss_and_probs(handle, x, y, on_logits, eps, smoothing)
             loss.backward()
             grads = [v.value.grad for v in variables]
+            copies = [g.detach().clone() for g in grads] if gradients else None
             with torch.no_grad():
                 optimizer.apply(grads, variables)
+            if copies is not None:
+                return loss.detach(), probs.detach(), copies
             return loss.detach(), probs.detach()
 
-        return step, optimizer
+        return step
 
-    def fit(
-        self,
-        handle: KerasHandle,
-        train: TrainData,
-        val: EvalData | None,
-        recipe: TrainSpec,
-        on_epoch: Callable[[EpochRecord], None] | None = None,
-    ) -> list[EpochRecord]:
+    def train_step(
+        self, handle: KerasHandle, batch: Batch, gradients: bool = False
+    ) -> Callable[[], StepResult]:
+        key = (batch.augment, gradients)
+        step = handle._steps.get(key)
+        if step is None:
+            step = handle._steps[key] = self._make_step(handle, *key)
         size = handle.model_input.image_size
-        if train.images.shape[1:] != (size, size):
-            raise ValueError(
-                f"training images are {train.images.shape[1:]}; the model was built for "
-                f"{(size, size)}"
-            )
-        step, _ = self._train_step(handle, recipe, train.augmentation.enabled)
-        history: list[EpochRecord] = []
-        for epoch in range(1, recipe.epochs + 1):
-            t_epoch = time.perf_counter()
-            first_step: float | None = None
-            losses: list[tuple[Any, int]] = []
-            probs: list[Any] = []
-            labels: list[np.ndarray] = []
-            for i, batch in enumerate(train.batches(epoch, recipe.batch_size)):
-                mats = projective_matrices(
-                    batch.angle, batch.scale, batch.hflip, batch.vflip, size, size
-                )
-                t_step = time.perf_counter()
-                loss, p = step(batch.images, batch.labels.astype(np.float32), mats)
-                if epoch == 1 and i == 0:
-                    float(loss)  # wait for it: this step's time includes tracing
-                    first_step = time.perf_counter() - t_step
-                if i > 0:
-                    # checked one step behind so the device is never idle waiting for the host
-                    self._check_finite(losses[-1][0], epoch, i)
-                losses.append((loss, len(batch.labels)))
-                probs.append(p)
-                labels.append(batch.labels)
-            if losses:
-                self._check_finite(losses[-1][0], epoch, len(losses))
-            train_seconds = time.perf_counter() - t_epoch
-            y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
-            p_all = (
-                np.concatenate([keras.ops.convert_to_numpy(p) for p in probs])
-                if probs
-                else np.zeros(0)
-            )
-            n = len(y)
-            mean_loss = sum(float(l_) * k for l_, k in losses) / n if n else float("nan")
-            metrics = epoch_metrics(y, p_all)
-            v_loss = v_acc = v_rec = v_prec = None
-            if val is not None and len(val.labels):
-                v_loss, v_probs = self.evaluate_loss(
-                    handle, val.images, val.labels, recipe, batch_size=max(recipe.batch_size, 64)
-                )
-                vm = epoch_metrics(val.labels, v_probs)
-                v_acc, v_rec, v_prec = vm["accuracy"], vm["recall"], vm["precision"]
-            record = EpochRecord(
-                epoch=epoch,
-                loss=mean_loss,
-                accuracy=metrics["accuracy"],
-                recall=metrics["recall"],
-                precision=metrics["precision"],
-                val_loss=v_loss,
-                val_accuracy=v_acc,
-                val_recall=v_rec,
-                val_precision=v_prec,
-                seconds=time.perf_counter() - t_epoch,
-                train_seconds=train_seconds,
-                images=n,
-                first_step_seconds=first_step,
-            )
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-        return history
-
-    @staticmethod
-    def _check_finite(loss: Any, epoch: int, step: int) -> None:
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"loss became NaN at epoch {epoch} step {step}")
-
-    def evaluate_loss(
-        self,
-        handle: KerasHandle,
-        images: np.ndarray,
-        labels: np.ndarray,
-        recipe: TrainSpec,
-        batch_size: int = 64,
-    ) -> tuple[float, np.ndarray]:
-        """(mean BCE, probabilities) in inference mode: the validation loss of the history.
-
-        With the logits form, the per-sample loss is `_bce_logits` on the model's logits (the
-        training step's function, float32 in the framework); otherwise the harness's clipped
-        float64 `bce` on the probabilities `predict` returns.
-        """
-        loss = recipe.loss
-        smoothing = loss.label_smoothing
-        if not loss.on_logits(handle.last_spec_layer):
-            probs = self.predict(handle, images, batch_size)
-            y = np.asarray(labels, np.float64) * (1 - smoothing) + 0.5 * smoothing
-            return bce(y, probs, loss.epsilon), probs
-        images = np.asarray(images)
-        size = handle.model_input.image_size
-        if images.ndim != 3 or images.shape[1:] != (size, size):
-            raise ValueError(f"evaluate_loss wants uint8 (N, {size}, {size}); got {images.shape}")
-        forward = self._val_forward(handle)
-        labels32 = np.asarray(labels, np.float32)
-        per_sample: list[np.ndarray] = []
-        probs_out: list[np.ndarray] = []
-        for i in range(0, len(images), batch_size):
-            logits = forward(np.ascontiguousarray(images[i : i + batch_size]))
-            y = keras.ops.convert_to_tensor(labels32[i : i + batch_size])
-            per_sample.append(keras.ops.convert_to_numpy(_bce_logits(y, logits, smoothing)))
-            probs_out.append(keras.ops.convert_to_numpy(keras.ops.sigmoid(logits)))
-        if not per_sample:
-            return float("nan"), np.zeros(0, dtype=np.float64)
-        losses = np.concatenate(per_sample).astype(np.float64)
-        return float(np.mean(losses)), np.concatenate(probs_out).astype(np.float64)
-
-    def _val_forward(self, handle: KerasHandle) -> Callable[[np.ndarray], Any]:
-        if handle._val_fn is not None:
-            return handle._val_fn
-        model_input = handle.model_input
-
-        def forward(images: Any) -> Any:
-            x = keras.ops.cast(images, "float32")[..., None]
-            return _logits(handle, _normalize(x, model_input), training=False)
-
-        if KERAS_BACKEND == "tensorflow":
-            size = model_input.image_size
-            forward = tf.function(
-                forward,
-                jit_compile=False,
-                input_signature=(tf.TensorSpec((None, size, size), tf.uint8),),
-            )
-        handle._val_fn = forward
-        return forward
+        mats = projective_matrices(batch.angle, batch.scale, batch.hflip, batch.vflip, size, size)
+        out = step(batch.images, np.asarray(batch.labels, np.float32), mats)
+        grads = None
+        if gradients:
+            names = {id(v): k for k, v in self._variables(handle).items()}
+            variables = handle.model.trainable_variables
+            grads = {names[id(v)]: np.array(keras.ops.convert_to_numpy(g))
+                     for v, g in zip(variables, out[2], strict=True)}
+        loss, probs = out[0], out[1]
+        return lambda: StepResult(float(loss), keras.ops.convert_to_numpy(probs), grads)
 
     # -- inference ----------------------------------------------------------------------------
 
-    def _predictor(self, handle: KerasHandle) -> Callable[[np.ndarray], Any]:
-        if handle._predict_fn is not None:
-            return handle._predict_fn
+    def _forward_fn(self, handle: KerasHandle, logits: bool) -> Callable[[np.ndarray], Any]:
+        """uint8 (B, H, W) -> (B,) in inference mode: the model's output, or its logits."""
+        if logits in handle._forward:
+            return handle._forward[logits]
         model, model_input = handle.model, handle.model_input
 
         def forward(images: Any) -> Any:
-            x = keras.ops.cast(images, "float32")[..., None]
-            x = _normalize(x, model_input)
+            x = _normalize(keras.ops.cast(images, "float32")[..., None], model_input)
+            if logits:
+                return _logits(handle, x, training=False)
             return keras.ops.reshape(model(x, training=False), (-1,))
 
         if KERAS_BACKEND == "tensorflow":
@@ -967,15 +950,17 @@ class KerasBackend(Backend):
                 jit_compile=False,
                 input_signature=(tf.TensorSpec((None, size, size), tf.uint8),),
             )
-        handle._predict_fn = forward
+        handle._forward[logits] = forward
         return forward
 
-    def predict(self, handle: KerasHandle, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def predict(
+        self, handle: KerasHandle, images: np.ndarray, batch_size: int = 64, logits: bool = False
+    ) -> np.ndarray:
         images = np.asarray(images)
         size = handle.model_input.image_size
         if images.ndim != 3 or images.shape[1:] != (size, size):
             raise ValueError(f"predict wants uint8 (N, {size}, {size}); got {images.shape}")
-        forward = self._predictor(handle)
+        forward = self._forward_fn(handle, logits)
         out = [
             keras.ops.convert_to_numpy(forward(np.ascontiguousarray(images[i : i + batch_size])))
             for i in range(0, len(images), batch_size)
@@ -983,6 +968,90 @@ class KerasBackend(Backend):
         if not out:
             return np.zeros(0, dtype=np.float64)
         return np.concatenate(out).astype(np.float64)
+
+    def activations(self, handle: KerasHandle, images: np.ndarray) -> dict[str, np.ndarray]:
+        model = handle.model
+        x = _normalize(
+            keras.ops.cast(keras.ops.convert_to_tensor(np.asarray(images)), "float32")[..., None],
+            handle.model_input,
+        )
+        out: dict[str, np.ndarray] = {}
+        if handle.base is not None:
+            base, base_name = handle.base, handle.spec.base.name  # type: ignore[union-attr]
+            blocks = _base_blocks(base)
+            probe = keras.Model(base.inputs, [base.get_layer(n).output for n in blocks])
+            values = probe(x, training=False)
+            for name, value in zip(blocks, values, strict=True):
+                out[f"{base_name}/{name}"] = value
+        h = x
+        for layer in model.layers[1:]:  # after the input; the model is a linear stack
+            h = layer(h, training=False)
+            out[handle.spec.base.name if layer is handle.base else layer.name] = h  # type: ignore[union-attr]
+        return {k: np.asarray(keras.ops.convert_to_numpy(v), np.float64) for k, v in out.items()}
+
+    def get_learning_rate(self, handle: KerasHandle) -> float:
+        return float(keras.ops.convert_to_numpy(handle.trainer().learning_rate))
+
+    def set_learning_rate(self, handle: KerasHandle, learning_rate: float) -> None:
+        handle.trainer().learning_rate.assign(learning_rate)
+
+    # -- neutral weights ----------------------------------------------------------------------
+
+    def _variables(self, handle: KerasHandle) -> dict[str, Any]:
+        """Every variable by its neutral name (backends/base.py): Keras' own layout."""
+        out: dict[str, Any] = {}
+        for layer in handle.model.layers:
+            if layer is handle.base:
+                for sub in layer.layers:
+                    for v in sub.weights:
+                        out[f"{handle.spec.base.name}/{sub.name}/{v.name}"] = v  # type: ignore[union-attr]
+            else:
+                for v in layer.weights:
+                    out[f"{layer.name}/{v.name}"] = v
+        return out
+
+    def get_weights(self, handle: KerasHandle) -> dict[str, np.ndarray]:
+        variables = self._variables(handle).items()
+        return {k: np.array(keras.ops.convert_to_numpy(v)) for k, v in variables}
+
+    def set_weights(self, handle: KerasHandle, weights: dict[str, np.ndarray]) -> None:
+        variables = self._variables(handle)
+        check_weights({k: tuple(v.shape) for k, v in variables.items()}, weights, self.name)
+        for k, v in variables.items():
+            v.assign(np.asarray(weights[k], dtype=v.dtype))
+
+    # -- training state (resume) -------------------------------------------------------------
+
+    @staticmethod
+    def _state_variables(handle: KerasHandle) -> dict[str, Any]:
+        """model.variables (weights, BatchNorm statistics, dropout seed-generator states) and
+        the optimizer's (iterations, learning rate, moments), in their fixed build order."""
+        model = {f"model/{i}/{v.name}": v for i, v in enumerate(handle.model.variables)}
+        opt = {f"optimizer/{i}/{v.name}": v for i, v in enumerate(handle.trainer().variables)}
+        return {**model, **opt}
+
+    def get_state(self, handle: KerasHandle) -> dict[str, np.ndarray]:
+        variables = self._state_variables(handle).items()
+        state = {k: np.array(keras.ops.convert_to_numpy(v)) for k, v in variables}
+        if KERAS_BACKEND == "torch":
+            # Keras' torch dropout without an explicit seed draws from torch's global generator
+            import torch
+
+            state["torch_rng"] = torch.get_rng_state().numpy().copy()
+        return state
+
+    def set_state(self, handle: KerasHandle, state: dict[str, np.ndarray]) -> None:
+        variables = self._state_variables(handle)
+        expected = {k: tuple(v.shape) for k, v in variables.items()}
+        if KERAS_BACKEND == "torch":
+            import torch
+
+            expected["torch_rng"] = tuple(torch.get_rng_state().shape)
+        check_weights(expected, state, self.name)
+        for k, v in variables.items():
+            v.assign(np.asarray(state[k], dtype=v.dtype))
+        if KERAS_BACKEND == "torch":
+            torch.set_rng_state(torch.from_numpy(np.asarray(state["torch_rng"], np.uint8)))
 
     def peak_memory(self) -> dict[str, Any]:
         if KERAS_BACKEND == "tensorflow" and self.device == "gpu":

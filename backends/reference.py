@@ -10,13 +10,13 @@ numpy Generator; the label rule (p >= threshold) belongs to the evaluation, as f
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, EpochRecord, EvalData, ModelInput, TrainData
-from harness.spec import Model, ParamCounts, RandomModel, TrainSpec
+from backends.base import Backend, ModelInput, check_weights
+from harness.errors import UserError
+from harness.spec import Model, ParamCounts, RandomModel
 
 
 class ReferenceBackend(Backend):
@@ -40,7 +40,7 @@ class ReferenceBackend(Backend):
 
     def build(self, model: Model, model_input: ModelInput) -> RandomModel:
         if not isinstance(model, RandomModel):
-            raise ValueError(
+            raise UserError(
                 f"backend 'reference' only runs kind: random models; '{model.name}' is "
                 f"kind: {model.kind}"
             )
@@ -49,15 +49,15 @@ class ReferenceBackend(Backend):
     def count_params(self, handle: Any) -> ParamCounts:
         return ParamCounts(total=0, trainable=0, non_trainable=0)
 
-    def fit(
-        self,
-        handle: Any,
-        train: TrainData,
-        val: EvalData | None,
-        recipe: TrainSpec | None,
-        on_epoch: Callable[[EpochRecord], None] | None = None,
-    ) -> list[EpochRecord]:
-        return []  # nothing to learn
-
-    def predict(self, handle: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def predict(
+        self, handle: Any, images: np.ndarray, batch_size: int = 64, logits: bool = False
+    ) -> np.ndarray:
+        if logits:
+            raise ValueError("a random model has no logits")
         return self._rng.uniform(handle.low, handle.high, size=len(images)).astype(np.float64)
+
+    def get_weights(self, handle: Any) -> dict[str, np.ndarray]:
+        return {}  # nothing is learned
+
+    def set_weights(self, handle: Any, weights: dict[str, np.ndarray]) -> None:
+        check_weights({}, weights, self.name)

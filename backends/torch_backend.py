@@ -34,8 +34,8 @@ semantics) wins:
   whose last layer ends in a sigmoid, BCE from the pre-sigmoid logits (F.binary_cross_entropy_
   with_logits, `bce_logits_loss`), which is what Keras 3 on TensorFlow computes for a sigmoid
   output; otherwise on the probabilities clipped to [eps, 1 - eps] (`bce_loss`). The model is
-  unchanged: `TorchNet.logits` runs it without its final sigmoid; predictions are probabilities.
-  The history's validation loss uses the same function as training, in eval mode.
+  unchanged: `TorchNet.logits` runs it without its final sigmoid; predictions are probabilities
+  (`predict(..., logits=True)` gives the logits, from which the loop computes the validation loss).
 - Adam: Keras 3 computes `alpha m / (sqrt(v) + eps)` with alpha = lr sqrt(1 - b2^t) / (1 - b1^t);
   torch computes `lr m_hat / (sqrt(v_hat) + eps)`. They are the same update when torch's epsilon
   at step t is eps / sqrt(1 - b2^t); `KerasAdam` sets that before every step, so the two differ
@@ -49,14 +49,14 @@ semantics) wins:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import platform
 import random
 import re
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,13 +73,12 @@ from backends.base import (
     IMAGENET_STD,
     Backend,
     BackendInfo,
-    EpochRecord,
-    EvalData,
+    Batch,
     ModelInput,
-    TrainData,
-    bce,
-    epoch_metrics,
+    StepResult,
+    check_weights,
 )
+from backends.loop import last_layer
 from backends.torch_env import PRE_IMPORT_ENV
 from harness.errors import UserError
 from harness.spec import (
@@ -98,7 +97,6 @@ from harness.spec import (
     Pool2D,
     PretrainedModel,
     SequentialModel,
-    TrainSpec,
 )
 
 Shape = tuple[int, ...]  # channels-first, no batch axis: (C, H, W) or (F,)
@@ -567,11 +565,153 @@ class TorchHandle:
     channels_last: bool
     rows: list[tuple[str, Shape]] = field(default_factory=list)  # per layer, Keras shapes
     output_shape: Shape = ()
+    optimizer: torch.optim.Optimizer | None = None  # None for a model that does not train
+    on_logits: bool = False  # the loss is computed from the pre-sigmoid logits
 
-    @property
-    def last_spec_layer(self) -> Any:
-        spec = self.model
-        return spec.layers[-1] if isinstance(spec, SequentialModel) else spec.head[-1]
+    def trainer(self) -> torch.optim.Optimizer:
+        """The optimizer, for the steps that need one."""
+        if self.optimizer is None:
+            raise ValueError(f"model '{self.model.name}' has no training recipe")
+        return self.optimizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Neutral weights (backends/base.py): Keras' layout and names
+
+@dataclass(frozen=True)
+class Slot:
+    """One variable seen in Keras' layout: its axes permuted by `perm` (None: as it is)."""
+
+    tensor: torch.Tensor
+    perm: tuple[int, ...] | None = None
+
+    def _keras(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.perm is None else t.permute(*self.perm)
+
+    def get(self) -> torch.Tensor:
+        return self._keras(self.tensor.detach())
+
+    def grad(self) -> torch.Tensor | None:
+        g = self.tensor.grad
+        return None if g is None else self._keras(g)
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.perm is not None:
+            value = value.permute(*(int(i) for i in np.argsort(self.perm)))
+        self.tensor.copy_(value)
+
+
+def _module_weights(module: nn.Module) -> dict[str, Slot]:
+    """One module's variables by Keras name: conv kernels OIHW -> HWIO, dense (out, in) -> (in,
+    out), BatchNorm weight/bias/running stats -> gamma/beta/moving_mean/moving_variance."""
+    out: dict[str, Slot] = {}
+    if isinstance(module, nn.Conv2d):
+        out["kernel"] = Slot(module.weight, (2, 3, 1, 0))
+    elif isinstance(module, nn.Linear):
+        out["kernel"] = Slot(module.weight, (1, 0))
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm | PartialBatchNorm):
+        bn = module.bn if isinstance(module, PartialBatchNorm) else module
+        if module.weight is not None:
+            out["gamma"] = Slot(module.weight)
+        if module.bias is not None:
+            out["beta"] = Slot(module.bias)
+        out["moving_mean"] = Slot(bn.running_mean)  # type: ignore[arg-type]
+        out["moving_variance"] = Slot(bn.running_var)  # type: ignore[arg-type]
+        return out
+    else:
+        return out
+    if module.bias is not None:
+        out["bias"] = Slot(module.bias)
+    return out
+
+
+def _densenet_names(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    """torchvision DenseNet modules under Keras' layer names (keras.applications.densenet)."""
+    rename = {"conv0": "conv1_conv", "norm0": "conv1_bn", "norm5": "bn"}
+    out = []
+    for name, module in base.features.named_modules():  # type: ignore[union-attr]
+        if not isinstance(module, nn.Conv2d | nn.BatchNorm2d):
+            continue
+        parts = name.split(".")
+        if len(parts) == 1:
+            keras_name = rename[name]
+        elif parts[0].startswith("transition"):  # transitionK.{norm,conv} -> pool{K+1}_{bn,conv}
+            k = int(parts[0].removeprefix("transition")) + 1
+            keras_name = f"pool{k}_{'bn' if parts[1] == 'norm' else 'conv'}"
+        else:  # denseblockK.denselayerI.{norm1,conv1,norm2,conv2} -> conv{K+1}_blockI_...
+            k = int(parts[0].removeprefix("denseblock")) + 1
+            i = int(parts[1].removeprefix("denselayer"))
+            suffix = {"norm1": "0_bn", "conv1": "1_conv", "norm2": "1_bn", "conv2": "2_conv"}
+            keras_name = f"conv{k}_block{i}_{suffix[parts[2]]}"
+        out.append((keras_name, module))
+    return out
+
+
+def _vgg_names(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    convs = [m for m in base.modules() if isinstance(m, nn.Conv2d)]
+    per_block = (2, 2, 3, 3, 3)
+    names = [f"block{b + 1}_conv{i + 1}" for b, n in enumerate(per_block) for i in range(n)]
+    return list(zip(names, convs, strict=True))
+
+
+def _no_counterpart(base_name: str) -> Callable[[nn.Module], list[tuple[str, nn.Module]]]:
+    def fail(base: nn.Module) -> list[tuple[str, nn.Module]]:
+        raise ValueError(
+            f"base {base_name}: torchvision's model has no exact counterpart of Keras' "
+            "(its convolutions have no biases), so it has no neutral weight layout"
+        )
+
+    return fail
+
+
+BASE_NAMES: dict[str, Callable[[nn.Module], list[tuple[str, nn.Module]]]] = {
+    "densenet121": _densenet_names,
+    "densenet169": _densenet_names,
+    "densenet201": _densenet_names,
+    "resnet50": _no_counterpart("resnet50"),
+    "vgg16": _vgg_names,
+}
+
+
+def _densenet_blocks(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Each dense block's and transition's output under Keras' name for the same tensor."""
+    out = []
+    for name, m in base.features.named_children():  # type: ignore[union-attr]
+        if name.startswith("denseblock"):
+            k = int(name.removeprefix("denseblock")) + 1
+            out.append((f"conv{k}_block{len(list(m.children()))}_concat", m))
+        elif name.startswith("transition"):
+            out.append((f"pool{int(name.removeprefix('transition')) + 1}_pool", m))
+    return out
+
+
+def _vgg_blocks(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    pools = [m for m in base.modules() if isinstance(m, nn.MaxPool2d)]
+    return [(f"block{i + 1}_pool", m) for i, m in enumerate(pools)]
+
+
+BASE_BLOCKS: dict[str, Callable[[nn.Module], list[tuple[str, nn.Module]]]] = {
+    "densenet121": _densenet_blocks,
+    "densenet169": _densenet_blocks,
+    "densenet201": _densenet_blocks,
+    "resnet50": lambda base: [],
+    "vgg16": _vgg_blocks,
+}
+
+
+def _neutral(handle: TorchHandle) -> dict[str, Slot]:
+    """Every variable of the model by its neutral name (backends/base.py), in build order."""
+    table: dict[str, Slot] = {}
+    model = handle.model
+    if handle.net.base is not None:
+        base_name = model.base.name
+        for layer, module in _lookup(BASE_NAMES, base_name, "base")(handle.net.base):
+            for var, access in _module_weights(module).items():
+                table[f"{base_name}/{layer}/{var}"] = access
+    for layer, module in handle.net.head.named_children():
+        for var, access in _module_weights(module).items():
+            table[f"{layer}/{var}"] = access
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,8 +980,14 @@ class TorchBackend(Backend):
         self._last_channels_last = channels_last
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        return TorchHandle(net, model, model_input, self.device, channels_last, rows,
-                           rows[-1][1] if rows else ())
+        handle = TorchHandle(net, model, model_input, self.device, channels_last, rows,
+                             rows[-1][1] if rows else ())
+        recipe = model.train
+        params = [p for p in net.parameters() if p.requires_grad]
+        handle.optimizer = _lookup(OPTIMIZERS, recipe.optimizer.name, "optimizer")(
+            recipe.optimizer, params)
+        handle.on_logits = recipe.loss.on_logits(last_layer(model))
+        return handle
 
     @staticmethod
     def _probe(base: nn.Module, shape: Shape) -> Shape:
@@ -899,131 +1045,123 @@ class TorchBackend(Backend):
                              np.asarray(hflip, bool), np.asarray(vflip, bool))
         return out[:, 0].cpu().numpy().astype(np.float32)
 
-    # -- train and predict -----------------------------------------------------------------------
+    # -- steps: train, predict, learning rate ---------------------------------------------------
 
-    def fit(
-        self,
-        handle: TorchHandle,
-        train: TrainData,
-        val: EvalData | None,
-        recipe: TrainSpec,
-        on_epoch: Callable[[EpochRecord], None] | None = None,
-    ) -> list[EpochRecord]:
-        net = handle.net
-        params = [p for p in net.parameters() if p.requires_grad]
-        make_optimizer = _lookup(OPTIMIZERS, recipe.optimizer.name, "optimizer")
-        optimizer = make_optimizer(recipe.optimizer, params)
-        augment = bool(train.augmentation.enabled)
-        on_logits = recipe.loss.on_logits(handle.last_spec_layer)
-        history: list[EpochRecord] = []
-        for epoch in range(1, recipe.epochs + 1):
-            t0 = time.perf_counter()
-            first_step: float | None = None
+    def train_step(self, handle: TorchHandle, batch: Batch, gradients: bool = False
+                   ) -> Callable[[], StepResult]:
+        net, optimizer = handle.net, handle.trainer()
+        if not net.training:
             net.train()
-            losses: list[torch.Tensor] = []
-            probs: list[torch.Tensor] = []
-            sizes: list[int] = []
-            labels_seen: list[np.ndarray] = []
-            for batch in train.batches(epoch, recipe.batch_size):
-                x = self._to_device(batch.images)
-                if augment:
-                    x = augment_tensor(x, batch.angle, batch.scale, batch.hflip, batch.vflip)
-                x = self._preprocess(x, handle)
-                y = torch.from_numpy(np.asarray(batch.labels, np.float32)).to(self.device)
-                if on_logits:  # Keras 3 on TF: BCE from the sigmoid's logits
-                    z = net.logits(x).reshape(-1)
-                    p = torch.sigmoid(z)
-                    loss = bce_logits_loss(z, y, recipe.loss)
-                else:
-                    p = net(x).reshape(-1)
-                    loss = bce_loss(p, y, recipe.loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
-                probs.append(p.detach())
-                sizes.append(len(batch.labels))
-                labels_seen.append(np.asarray(batch.labels))
-                if first_step is None and epoch == 1:
-                    _sync(self.device)
-                    first_step = time.perf_counter() - t0
-            step_losses = torch.stack(losses).double().cpu().numpy()  # one sync per epoch
-            train_seconds = time.perf_counter() - t0
-            bad = np.flatnonzero(~np.isfinite(step_losses))
-            if len(bad):
-                raise FloatingPointError(f"loss became NaN at epoch {epoch} step {bad[0] + 1}")
-            train_probs = torch.cat(probs).double().cpu().numpy()
-            metrics = epoch_metrics(np.concatenate(labels_seen), train_probs)
-            val_fields: dict[str, float | None] = dict.fromkeys(
-                ("val_loss", "val_accuracy", "val_recall", "val_precision"))
-            if val is not None and len(val.labels):
-                v_loss, vp = self.evaluate_loss(handle, val.images, val.labels, recipe,
-                                                recipe.batch_size)
-                vm = epoch_metrics(val.labels, vp)
-                val_fields = {"val_loss": v_loss,
-                              "val_accuracy": vm["accuracy"], "val_recall": vm["recall"],
-                              "val_precision": vm["precision"]}
-            record = EpochRecord(
-                epoch=epoch,
-                loss=float(np.dot(step_losses, sizes) / max(sum(sizes), 1)),
-                accuracy=metrics["accuracy"],
-                recall=metrics["recall"],
-                precision=metrics["precision"],
-                **val_fields,  # type: ignore[arg-type]
-                seconds=time.perf_counter() - t0,
-                train_seconds=train_seconds,
-                images=sum(sizes),
-                first_step_seconds=first_step,
-            )
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-        return history
+        x = self._to_device(batch.images)
+        if batch.augment:
+            x = augment_tensor(x, batch.angle, batch.scale, batch.hflip, batch.vflip)
+        x = self._preprocess(x, handle)
+        y = torch.from_numpy(np.asarray(batch.labels, np.float32)).to(self.device)
+        loss_spec = handle.model.train.loss
+        if handle.on_logits:  # Keras 3 on TF: BCE from the sigmoid's logits
+            z = net.logits(x).reshape(-1)
+            p = torch.sigmoid(z)
+            loss = bce_logits_loss(z, y, loss_spec)
+        else:
+            p = net(x).reshape(-1)
+            loss = bce_loss(p, y, loss_spec)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = None
+        if gradients:  # before the update; the next step clears them
+            grads = {name: g.cpu().numpy().copy() for name, slot in _neutral(handle).items()
+                     if (g := slot.grad()) is not None}
+        optimizer.step()
+        loss, p = loss.detach(), p.detach()
+        return lambda: StepResult(float(loss), p.double().cpu().numpy(), grads)
 
-    def evaluate_loss(self, handle: TorchHandle, images: np.ndarray, labels: np.ndarray,
-                      recipe: TrainSpec, batch_size: int = 64) -> tuple[float, np.ndarray]:
-        """(mean BCE, probabilities) in eval mode: the validation loss of the history.
+    def activations(self, handle: TorchHandle, images: np.ndarray) -> dict[str, np.ndarray]:
+        net, model = handle.net, handle.model
+        probes: list[tuple[str, nn.Module]] = []
+        if net.base is not None:
+            probes += [(f"{model.base.name}/{name}", m)
+                       for name, m in _lookup(BASE_BLOCKS, model.base.name, "base")(net.base)]
+            probes.append((model.base.name, net.base))
+        probes += list(net.head.named_children())
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
+                 for name, m in probes]
+        try:
+            net.eval()
+            with torch.inference_mode():
+                net(self._preprocess(self._to_device(np.asarray(images)), handle))
+        finally:
+            for h in hooks:
+                h.remove()
+        # channels last, as Keras lays them out
+        return {name: (seen[name].permute(0, 2, 3, 1) if seen[name].dim() == 4 else seen[name])
+                .double().cpu().numpy() for name, _ in probes}
 
-        With the logits form, the per-sample loss is `bce_logits_loss` on the model's logits
-        (the training function, float32 on the device, averaged in float64); otherwise the
-        harness's clipped float64 `bce` on the probabilities `predict` returns.
-        """
-        loss = recipe.loss
-        if not loss.on_logits(handle.last_spec_layer):
-            probs = self.predict(handle, images, batch_size)
-            smooth = loss.label_smoothing
-            y = np.asarray(labels, np.float64) * (1 - smooth) + 0.5 * smooth
-            return bce(y, probs, loss.epsilon), probs
+    def predict(self, handle: TorchHandle, images: np.ndarray, batch_size: int = 64,
+                logits: bool = False) -> np.ndarray:
+        images = np.asarray(images)
+        size = handle.model_input.image_size
+        if images.ndim != 3 or images.shape[1:] != (size, size):
+            raise ValueError(f"predict wants uint8 (N, {size}, {size}); got {images.shape}")
         net = handle.net
         net.eval()
-        per_sample: list[torch.Tensor] = []
-        probs_out: list[torch.Tensor] = []
-        labels32 = np.asarray(labels, np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                chunk = images[start : start + batch_size]
-                x = self._preprocess(self._to_device(chunk), handle)
-                z = net.logits(x).reshape(-1)
-                y = torch.from_numpy(labels32[start : start + batch_size]).to(self.device)
-                per_sample.append(bce_logits_loss(z, y, loss, reduction="none"))
-                probs_out.append(torch.sigmoid(z))
-        if not per_sample:
-            return float("nan"), np.zeros(0, dtype=np.float64)
-        losses = torch.cat(per_sample).double().cpu().numpy()
-        return float(np.mean(losses)), torch.cat(probs_out).double().cpu().numpy()
-
-    def _batches(self, images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(images), batch_size):
-            yield images[start : start + batch_size]
-
-    def predict(self, handle: TorchHandle, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        net = handle.net
-        net.eval()
+        forward = net.logits if logits else net
         out: list[torch.Tensor] = []
         with torch.inference_mode():
-            for chunk in self._batches(images, batch_size):
-                x = self._preprocess(self._to_device(chunk), handle)
-                out.append(net(x).reshape(-1))
+            for start in range(0, len(images), batch_size):
+                x = self._preprocess(self._to_device(images[start : start + batch_size]), handle)
+                out.append(forward(x).reshape(-1))
         if not out:
             return np.zeros(0, dtype=np.float64)
         return torch.cat(out).double().cpu().numpy()
+
+    def get_learning_rate(self, handle: TorchHandle) -> float:
+        return float(handle.trainer().param_groups[0]["lr"])
+
+    def set_learning_rate(self, handle: TorchHandle, learning_rate: float) -> None:
+        for group in handle.trainer().param_groups:
+            group["lr"] = float(learning_rate)
+
+    # -- training state (resume) --------------------------------------------------------------
+
+    def get_state(self, handle: TorchHandle) -> dict[str, np.ndarray]:
+        """The module's and optimizer's state dicts and torch's RNG states, in torch's own
+        format (torch.save), as one uint8 array."""
+        optimizer = handle.trainer()
+        state = {
+            "net": handle.net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "keras_iterations": getattr(optimizer, "keras_iterations", 0),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return {"torch": np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy()}
+
+    def set_state(self, handle: TorchHandle, state: dict[str, np.ndarray]) -> None:
+        if set(state) != {"torch"}:
+            raise ValueError(f"backend 'torch': not a torch training state (keys {sorted(state)})")
+        saved = torch.load(io.BytesIO(np.asarray(state["torch"], np.uint8).tobytes()),
+                           map_location="cpu", weights_only=True)
+        optimizer = handle.trainer()
+        handle.net.load_state_dict(saved["net"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if isinstance(optimizer, KerasAdam):
+            optimizer.keras_iterations = int(saved["keras_iterations"])
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"]:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+
+    # -- neutral weights ---------------------------------------------------------------------------
+
+    def get_weights(self, handle: TorchHandle) -> dict[str, np.ndarray]:
+        return {name: slot.get().cpu().numpy().copy() for name, slot in _neutral(handle).items()}
+
+    def set_weights(self, handle: TorchHandle, weights: dict[str, np.ndarray]) -> None:
+        table = _neutral(handle)
+        check_weights({k: tuple(slot.get().shape) for k, slot in table.items()}, weights,
+                      self.name)
+        with torch.no_grad():
+            for name, slot in table.items():
+                slot.put(torch.from_numpy(np.asarray(weights[name], dtype=np.float32)))

@@ -125,7 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the plan and what is done; run nothing"
     )
     p.add_argument("--fresh", action="store_true", help="rerun runs that are already done")
+    p.add_argument(
+        "--check-determinism",
+        action="store_true",
+        help="then rerun one seed per model x backend in a fresh process and grade it "
+        "(bit-identical / max abs difference / nondeterministic); writes determinism.json",
+    )
     p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser(
+        "parity",
+        help="prove the backends compute the same model: port weights, compare layer by layer",
+        description="Build each model in the first backend, port its weights to the others "
+        "(neutral layout, one process per framework), compare every layer's activations on "
+        "cached test images and a few training steps; write results/<spec>/parity.json.",
+    )
+    p.add_argument("spec", type=Path)
+    _common(p)
+    p.add_argument("--steps", type=int, default=3, help="training steps compared (default 3)")
+    p.set_defaults(func=cmd_parity)
 
     p = verbs.add_parser(
         "report",
@@ -195,8 +213,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             quiet=args.quiet,
             verbose=args.verbose,
+            check_determinism=args.check_determinism,
         )
     )
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from harness.parity import parity_verb
+
+    if args.seeds:
+        raise UserError("parity: --seeds does not apply; it uses the spec's first seed")
+    return parity_verb(args.spec, tuple(args.overrides), args.models, args.backends,
+                       args.steps, _where(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

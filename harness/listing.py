@@ -37,6 +37,7 @@ SHARED: tuple[tuple[str, tuple[object, ...]], ...] = (
     ("Bootstrap units", vocab.BOOTSTRAP_UNITS),
     ("Bootstrap methods", vocab.BOOTSTRAP_METHODS),
     ("Devices", vocab.DEVICES),
+    ("Initial weights", vocab.INIT_MODES),
 )
 YES, NO, UNDECLARED = "yes", "-", "?"
 

@@ -535,9 +535,9 @@ class Monitor:
         end = self._t_end if self._t_end is not None else self._clock()
         wall = end - self._t_start
         cpu_end = self._cpu_end if self._cpu_end is not None else self._cpu_seconds()
-        assert self._cpu_start is not None
+        cpu_start = self._cpu_start if self._cpu_start is not None else cpu_end
         with self._lock:
-            host = self._host_summary(wall, cpu_end - self._cpu_start)
+            host = self._host_summary(wall, cpu_end - cpu_start)
             gpu = self._gpu.summary() if self._gpu is not None else None
             samples, sampling_s, sampling_cpu_s = (
                 self._samples,

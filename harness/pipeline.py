@@ -9,6 +9,7 @@ prepared; plan.json, the skip-if-done check and every job take them from that on
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class RunRequest:
     dry_run: bool = False
     quiet: bool = False
     verbose: bool = False
+    check_determinism: bool = False
 
 
 def job_data(data: PreparedData) -> JobData:
@@ -73,7 +75,7 @@ def run(request: RunRequest) -> int:
         write_json_atomic,
         write_plan,
     )
-    from harness.runner import run_all
+    from harness.runner import check_determinism, run_all
 
     # SIGTERM before the runner takes over (data generation, cache build) must clean up too
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -93,7 +95,8 @@ def run(request: RunRequest) -> int:
         clean_temp_files(results_dir)
         with spec_fields(spec):
             data = prepare_data(spec.data, cache_dir, progress=not request.quiet)
-        assert data is not None  # build=True always returns the data
+        if data is None:  # build=True always returns the data
+            raise RuntimeError("prepare_data(build=True) returned no data")
         if not request.quiet:
             print(f"Data ({spec.data.dataset}): cache {data.cache.folder}")
             print(render_split(data.describe()))
@@ -119,6 +122,12 @@ def run(request: RunRequest) -> int:
                 quiet=request.quiet,
                 verbose=request.verbose,
             )
+            if request.check_determinism:
+                grades = check_determinism(plan, job_data(data), results_dir, cache_dir,
+                                           request.quiet)
+                write_json_atomic(results_dir / "determinism.json",
+                                  {"grades": [dataclasses.asdict(g) for g in grades]})
+                print(render_grades(grades))
         except KeyboardInterrupt:
             interrupted = True
             outcomes = []
@@ -158,6 +167,15 @@ def _write_report(results_dir: Path, outcomes: list[Any]) -> tuple[Path, list[st
     ok_now = {o.key.id for o in outcomes if o.status == "ok"}
     bad = [f"{f.run_id}: {f.message}" for f in analysis.failed if f.run_id in ok_now]
     return report, bad
+
+
+def render_grades(grades: list[Any]) -> str:
+    """The determinism grades as a table (also in the report)."""
+    from tabulate import tabulate
+
+    rows = [(g.model, g.backend, g.seed, g.grade) for g in grades]
+    return "\nDeterminism (a fresh-process rerun of one seed, test probabilities compared bit " \
+        "for bit):\n" + tabulate(rows, headers=["model", "backend", "seed", "grade"])
 
 
 def _raise_interrupt(*_: Any) -> None:

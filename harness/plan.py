@@ -195,6 +195,20 @@ def training_code_version(backend: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def init_source(spec: Spec, key: RunKey) -> str | None:
+    """With `runtime.init: shared`, the backend whose seeded initial weights this run starts
+    from (the model's first backend); None when the run draws its own."""
+    model = spec.model(key.model)
+    if spec.runtime.init != "shared" or not hasattr(model, "train"):
+        return None
+    return model.backends[0]
+
+
+def _init(spec: Spec, key: RunKey) -> dict[str, str]:
+    source = init_source(spec, key)
+    return {} if source is None else {"init": f"shared from {source}"}
+
+
 def run_hash(spec: Spec, key: RunKey, data_hash: str, code_version: str) -> str:
     """The hash of one run (Plan.with_data computes it for every run of a plan)."""
     data = spec.data.model_dump(mode="json")
@@ -204,7 +218,8 @@ def run_hash(spec: Spec, key: RunKey, data_hash: str, code_version: str) -> str:
         "model": model,
         "data": data,
         "augmentation": spec.augmentation.model_dump(mode="json"),
-        "runtime": {"deterministic": spec.runtime.deterministic, "device": spec.runtime.device},
+        "runtime": {"deterministic": spec.runtime.deterministic, "device": spec.runtime.device,
+                    **_init(spec, key)},
         "backend": key.backend,
         "seed": key.seed,
         "data_hash": data_hash,

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.spec import ParamCounts, Spec
@@ -97,6 +98,10 @@ class Job(Record):
     data: JobData
     out: Path  # where the RunResult goes
     command: tuple[str, ...] = ()  # the harness command line, for provenance
+    checkpoint: Path | None = None  # where the training state goes after each epoch; None: off
+    # runtime.init shared: the first backend's run writes its initial weights here, the others
+    # of the same model and seed read them (None: each draws its own)
+    init_weights: Path | None = None
 
     @property
     def run_id(self) -> str:
@@ -224,3 +229,13 @@ class EpochEvent(Record):
 
 
 ProgressEvent = Annotated[BuiltEvent | EpochEvent, Field(discriminator="event")]
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a run's training stands after `epoch` complete epochs: what the loop hands the
+    worker after each epoch and takes back to resume (results.py writes it as .npz)."""
+
+    epoch: int
+    history: tuple[EpochRecord, ...]
+    backend: dict[str, np.ndarray]  # Backend.get_state: weights, optimizer, RNG

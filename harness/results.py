@@ -4,6 +4,8 @@
         report.md  metrics.csv  spec.json  data.json  plan.json
         runs/<model>__<backend>__seed<k>.json       one RunResult each
         logs/<run id>.log                            the worker's stderr
+        checkpoints/<run id>.npz                     a running run's last epoch (removed after)
+        init/<model>__seed<k>.npz                    runtime.init shared: the initial weights
 
 This module alone turns the records of harness/records.py into JSON and back: RunResult files,
 job files and the worker's progress lines. A RunResult is only ever read once complete: files are
@@ -19,15 +21,25 @@ import fcntl
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
 from harness.errors import UserError
-from harness.records import BuiltEvent, EpochEvent, Job, ProgressEvent, RunResult
+from harness.records import (
+    BuiltEvent,
+    EpochEvent,
+    EpochRecord,
+    Job,
+    ProgressEvent,
+    RunResult,
+    TrainState,
+)
 
 # 2: error.message became error.reason; every field typed (harness.records.RunResult).
 SCHEMA_VERSION = 2
@@ -206,11 +218,67 @@ def write_plan(results_dir: Path, data_hash: str, run_hashes: Mapping[str, str])
     )
 
 
+def checkpoint_path(results_dir: Path, run_id: str) -> Path:
+    return results_dir / "checkpoints" / f"{run_id}.npz"
+
+
+def init_path(results_dir: Path, model: str, seed: int) -> Path:
+    return results_dir / "init" / f"{model}__seed{seed}.npz"
+
+
+def write_arrays_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """An .npz of `arrays`, atomically (temp file + fsync + rename): a kill at any moment
+    leaves the previous file or this one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of an .npz written by write_arrays_atomic; None when missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def write_checkpoint(path: Path, run_hash: str, state: TrainState) -> None:
+    """The training state after `state.epoch` epochs (one file per run, replaced each time)."""
+    meta = {"run_hash": run_hash, "epoch": state.epoch,
+            "history": [h.to_dict() for h in state.history]}
+    arrays = {f"backend/{k}": v for k, v in state.backend.items()}
+    write_arrays_atomic(path, {**arrays, "meta": np.array(json.dumps(meta, allow_nan=True))})
+
+
+def read_checkpoint(path: Path, run_hash: str) -> TrainState | None:
+    """The state a checkpoint holds when it belongs to this very run (same run hash); None
+    when there is none, or it is of another configuration or unreadable (the run starts over)."""
+    arrays = read_arrays(path)
+    try:
+        meta = json.loads(str(arrays["meta"])) if arrays is not None else {}
+    except (KeyError, ValueError):  # not one of ours
+        return None
+    if arrays is None or meta.get("run_hash") != run_hash:
+        return None
+    backend = {k.removeprefix("backend/"): v for k, v in arrays.items() if k != "meta"}
+    history = tuple(EpochRecord(**h) for h in meta["history"])
+    return TrainState(int(meta["epoch"]), history, backend)
+
+
 def clean_temp_files(results_dir: Path) -> int:
     """Remove the temp files this module and the runner leave when killed; returns how many.
     Only their own names, only in the results folder and runs/: --out may be a shared folder."""
     n = 0
-    for folder in (results_dir, results_dir / "runs"):
+    for folder in (results_dir, results_dir / "runs", results_dir / "checkpoints"):
         for pattern in (".*.tmp", ".job.*.json"):
             for p in folder.glob(pattern):
                 p.unlink(missing_ok=True)

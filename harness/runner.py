@@ -21,13 +21,26 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from harness.plan import Plan, run_status
+import numpy as np
+
+from harness.plan import Plan, init_source, run_status
 from harness.records import BuiltEvent, EpochEvent, Job, JobData, RunKey, RunResult
-from harness.results import RunFileError, parse_progress, read_run, run_path, write_job, write_run
+from harness.results import (
+    RunFileError,
+    checkpoint_path,
+    init_path,
+    parse_progress,
+    read_run,
+    run_path,
+    write_job,
+    write_run,
+)
 from harness.spec import Spec
 
 STDERR_TAIL_LINES = 25
@@ -189,7 +202,8 @@ def run_one(
         )
 
         def pump() -> None:
-            assert proc.stdout is not None
+            if proc.stdout is None:  # Popen(stdout=PIPE) always sets it
+                return
             for line in proc.stdout:
                 try:  # never stop draining the pipe, or the worker blocks on a full pipe
                     event = parse_progress(line)
@@ -215,6 +229,8 @@ def run_one(
             job_path.unlink(missing_ok=True)
             # a result this attempt finished just before the signal is complete and kept
             finished = _own_result(job)
+            if finished is not None and job.checkpoint is not None:
+                job.checkpoint.unlink(missing_ok=True)
             status = finished.status if finished else "interrupted"
             return RunOutcome(key, status, time.time() - t0, None)
         finally:
@@ -224,6 +240,8 @@ def run_one(
     seconds = time.time() - t0
     result = _own_result(job)
     if result is not None:  # written by this attempt, even if it then overran at exit
+        if job.checkpoint is not None:  # done with it; a worker that died keeps its own
+            job.checkpoint.unlink(missing_ok=True)
         if result.error is None:
             return RunOutcome(key, result.status, seconds, None)
         write_run(job.out, result.with_stderr_tail(_tail(log)))
@@ -293,6 +311,120 @@ def _terminate(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
+def make_job(plan: Plan, key: RunKey, data: JobData, results_dir: Path,
+             out: Path | None = None, checkpoints: bool = True) -> Job:
+    """The job of one run of the plan (`out` elsewhere for a rerun that must not replace it)."""
+    if plan.data_hash is None:
+        raise ValueError("a job needs a plan with its data (Plan.with_data)")
+    return Job(
+        spec=plan.spec,
+        key=key,
+        run_hash=plan.run_hashes[key.id],
+        attempt=uuid.uuid4().hex,  # a result counts only if this attempt wrote it
+        spec_hash=plan.spec_hash,
+        data_hash=plan.data_hash,
+        code_version=plan.code_versions[key.backend],
+        data=data,
+        out=out or run_path(results_dir, key.id),
+        command=("python", "-m", "harness", *sys.argv[1:]),
+        checkpoint=checkpoint_path(results_dir, key.id)
+        if checkpoints and plan.spec.runtime.checkpoint_every
+        else None,
+        init_weights=init_path(results_dir, key.model, key.seed)
+        if init_source(plan.spec, key)
+        else None,
+    )
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C and SIGTERM set `stop` (the running worker is stopped, then KeyboardInterrupt)."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@dataclass(frozen=True)
+class DeterminismGrade:
+    """A fresh-process rerun of one seed against its stored result."""
+
+    model: str
+    backend: str
+    seed: int
+    grade: str  # bit-identical | max abs difference X | nondeterministic (...) | not checked
+    max_abs_difference: float | None
+    changed_predictions: int | None  # test images whose thresholded label changed
+    flags: dict[str, Any]  # the determinism flags the stored run had in force
+
+
+def grade_rerun(
+    a: tuple[float, ...], b: tuple[float, ...], threshold: float
+) -> tuple[str, float, int]:
+    """(grade, max |a - b|, labels that changed at `threshold`) for two probability lists."""
+    pa, pb = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if pa.shape == pb.shape and np.array_equal(pa, pb):
+        return "bit-identical", 0.0, 0
+    if pa.shape != pb.shape:
+        return f"nondeterministic ({len(pa)} vs {len(pb)} predictions)", float("inf"), len(pa)
+    diff = float(np.max(np.abs(pa - pb)))
+    changed = int(np.sum((pa >= threshold) != (pb >= threshold)))
+    if changed:
+        grade = f"nondeterministic (max abs difference {diff:.1e}; {changed} labels change)"
+        return grade, diff, changed
+    return f"max abs difference {diff:.1e}", diff, 0
+
+
+def check_determinism(plan: Plan, data: JobData, results_dir: Path, cache_dir: Path,
+                      quiet: bool = False) -> list[DeterminismGrade]:
+    """Rerun the first planned seed of every (model, backend) in a fresh process and compare its
+    test probabilities with the stored result, bit for bit (`run --check-determinism`)."""
+    firsts: dict[tuple[str, str], RunKey] = {}
+    for key in plan.selected:
+        firsts.setdefault((key.model, key.backend), key)
+    reporter = Reporter(quiet=quiet, total=len(firsts))
+    threshold = plan.spec.evaluation.threshold
+    grades = []
+    stop = threading.Event()
+    with _stop_on_signals(stop):
+        for key in firsts.values():
+            stored = _read_ok(run_path(results_dir, key.id), plan.run_hashes[key.id])
+            if stored is None or stored.test is None:
+                grades.append(DeterminismGrade(key.model, key.backend, key.seed,
+                                               "not checked (no finished run)", None, None, {}))
+                continue
+            out = results_dir / "runs" / "determinism" / f"{key.id}.json"
+            job = make_job(plan, key, data, results_dir, out=out, checkpoints=False)
+            outcome = run_one(job, results_dir, worker_env(plan.spec, key, cache_dir), reporter,
+                              stop)
+            if stop.is_set():
+                raise KeyboardInterrupt
+            reporter.finish(outcome)
+            rerun = _read_ok(out, job.run_hash)
+            flags = dict(stored.environment.get("determinism", {}))
+            if rerun is None or rerun.test is None:
+                grades.append(DeterminismGrade(key.model, key.backend, key.seed,
+                                               f"not checked (the rerun failed: {outcome.reason})",
+                                               None, None, flags))
+                continue
+            grade, diff, changed = grade_rerun(stored.test.probs, rerun.test.probs, threshold)
+            grades.append(DeterminismGrade(key.model, key.backend, key.seed, grade, diff,
+                                           changed, flags))
+    return grades
+
+
+def _read_ok(path: Path, run_hash: str) -> RunResult | None:
+    try:
+        run = read_run(path)
+    except RunFileError:
+        return None
+    return run if run is not None and run.status == "ok" and run.run_hash == run_hash else None
+
+
 def run_all(
     plan: Plan,
     data: JobData,
@@ -304,7 +436,8 @@ def run_all(
 ) -> list[RunOutcome]:
     """Run every selected run of the plan not already done; Ctrl-C/SIGTERM raises
     KeyboardInterrupt after cleanup."""
-    assert plan.data_hash is not None, "run_all needs a plan with its data (Plan.with_data)"
+    if plan.data_hash is None:
+        raise ValueError("run_all needs a plan with its data (Plan.with_data)")
     status = run_status(plan, results_dir)
     todo = []
     outcomes = []
@@ -319,27 +452,14 @@ def run_all(
             f"{len(outcomes)} run(s) already done (same spec, data and code): skipped; "
             "--fresh reruns them"
         )
-    command = ("python", "-m", "harness", *sys.argv[1:])
     stop = threading.Event()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, lambda *_: stop.set())
-    try:
+    with _stop_on_signals(stop):
         for key in todo:
-            job = Job(
-                spec=plan.spec,
-                key=key,
-                run_hash=plan.run_hashes[key.id],
-                attempt=uuid.uuid4().hex,  # a result counts only if this attempt wrote it
-                spec_hash=plan.spec_hash,
-                data_hash=plan.data_hash,
-                code_version=plan.code_versions[key.backend],
-                data=data,
-                out=run_path(results_dir, key.id),
-                command=command,
-            )
-            env = worker_env(plan.spec, key, cache_dir)
-            outcome = run_one(job, results_dir, env, reporter, stop)
+            job = make_job(plan, key, data, results_dir)
+            if fresh and job.checkpoint is not None:
+                job.checkpoint.unlink(missing_ok=True)  # --fresh redoes the whole run
+            outcome = run_one(job, results_dir, worker_env(plan.spec, key, cache_dir), reporter,
+                              stop)
             if outcome.status == "interrupted":
                 print(
                     f"interrupted: {key.id} stopped; its partial work is discarded", file=sys.stderr
@@ -349,7 +469,4 @@ def run_all(
                 outcomes.append(outcome)
             if stop.is_set():
                 raise KeyboardInterrupt
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     return outcomes

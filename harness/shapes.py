@@ -200,7 +200,8 @@ def infer_model(spec: Spec, model: Model, index: int | None = None) -> Inference
     if isinstance(model, SequentialModel):
         out = _layers(rows, model.layers, input_shape, f"{spec.source}: models[{index}].layers")
     else:
-        assert isinstance(model, PretrainedModel)
+        if not isinstance(model, PretrainedModel):
+            raise TypeError(f"unknown model kind {model.kind}")
         info = BASE_TABLE[model.base.name]
         if spec.data.channels != 3:
             raise UserError(

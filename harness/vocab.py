@@ -98,6 +98,8 @@ BootstrapUnit = Literal["image", "study", "patient"]
 BootstrapMethod = Literal["percentile", "bca"]
 ClaimRelation = Literal["eq", "gt", "approx"]
 Device = Literal["auto", "cpu", "gpu"]
+# initial weights: each framework its own, or the first backend's ported to the others
+InitMode = Literal["per_backend", "shared"]
 
 METRICS: tuple[str, ...] = get_args(Metric)
 LEVELS: tuple[str, ...] = get_args(Level)
@@ -105,6 +107,7 @@ BOOTSTRAP_UNITS: tuple[str, ...] = get_args(BootstrapUnit)
 BOOTSTRAP_METHODS: tuple[str, ...] = get_args(BootstrapMethod)
 CLAIM_RELATIONS: tuple[str, ...] = get_args(ClaimRelation)
 DEVICES: tuple[str, ...] = get_args(Device)
+INIT_MODES: tuple[str, ...] = get_args(InitMode)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,19 +14,37 @@ Exit codes: 0 ok, 1 the run failed (a failed RunResult was written), 2 user erro
 
 from __future__ import annotations
 
-import math
+import hashlib
 import os
 import signal
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from harness.errors import EXIT_USER_ERROR, UserError
-from harness.records import BuiltEvent, EpochEvent, EpochRecord, Job, RunResult, TestPredictions
-from harness.results import progress_line, read_job, write_run
+from harness.plan import init_source
+from harness.records import (
+    BuiltEvent,
+    EpochEvent,
+    EpochRecord,
+    Job,
+    RunResult,
+    TestPredictions,
+    TrainState,
+)
+from harness.results import (
+    progress_line,
+    read_arrays,
+    read_checkpoint,
+    read_job,
+    write_arrays_atomic,
+    write_checkpoint,
+    write_run,
+)
 from harness.spec import RandomModel
 
 
@@ -57,11 +75,48 @@ def open_images(job: Job) -> np.ndarray:
     return cache.images
 
 
+def can_checkpoint(backend: Any) -> bool:
+    """Whether the backend implements get_state/set_state (third-party ones may not)."""
+    from backends.base import Backend
+
+    return all(getattr(type(backend), m) is not getattr(Backend, m)
+               for m in ("get_state", "set_state"))
+
+
+def share_initial_weights(job: Job, backend: Any, handle: Any) -> str:
+    """runtime.init shared: the model's first backend writes its seeded initial weights, the
+    others start from them (neutral layout). Returns what the result records."""
+    source = init_source(job.spec, job.key)
+    path = job.init_weights
+    if source is None or path is None:
+        return "per_backend (each framework draws its own initial weights)"
+    if job.key.backend == source:
+        weights = backend.get_weights(handle)
+        write_arrays_atomic(path, weights)
+    else:
+        found = read_arrays(path)
+        if found is None:
+            first = f"{job.key.model}__{source}__seed{job.key.seed}"
+            raise UserError(
+                f"runtime.init: shared: {job.run_id} starts from the initial weights of {first}, "
+                f"which are not in {path}",
+                f"run the model's first backend ({source}) too, e.g. drop --backends",
+            )
+        backend.set_weights(handle, found)
+        weights = found
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(weights[name], dtype=np.float32).tobytes())
+    return f"shared from {source} (sha256 {digest.hexdigest()[:16]} of the neutral weights)"
+
+
 def execute(job: Job, started: float) -> RunResult:
     """Run one job; returns its RunResult (ok, or failed for a NaN loss). Raises on failure."""
     # Imported here: the backend registry may set environment variables (KERAS_BACKEND,
     # determinism flags) that must be in place before a framework is imported.
     from backends.base import EvalData, ModelInput, TrainData
+    from backends.loop import PREDICT_BATCH, NonFiniteLoss, fit
     from backends.registry import create
     from harness.monitor import Monitor
     from harness.provenance import collect_provenance
@@ -88,6 +143,7 @@ def execute(job: Job, started: float) -> RunResult:
             )
             handle = backend.build(model, model_input)
             counts = backend.count_params(handle)
+            init = share_initial_weights(job, backend, handle)
         emit(BuiltEvent(params=counts))
 
         if not isinstance(model, RandomModel):
@@ -105,8 +161,28 @@ def execute(job: Job, started: float) -> RunResult:
                 mon.record_epoch(epoch=rec.epoch, seconds=rec.seconds, images=rec.images)
                 emit(EpochEvent(epochs=model.train.epochs, record=rec))
 
+            every, path = spec.runtime.checkpoint_every, job.checkpoint
+            if path is not None and not can_checkpoint(backend):
+                print(f"backend '{key.backend}' cannot save a training state: no checkpoints, a "
+                      "killed run starts over", file=sys.stderr)
+                path = None
+            resume = read_checkpoint(path, job.run_hash) if path is not None else None
+            if resume is not None:
+                print(f"resuming after epoch {resume.epoch} from {path}", file=sys.stderr)
+
+            def on_checkpoint(state: TrainState) -> None:
+                if path is not None and state.epoch % every == 0:
+                    write_checkpoint(path, job.run_hash, state)
+
             with mon.phase("train"):
-                history = backend.fit(handle, train, val, model.train, on_epoch)
+                try:
+                    history = fit(backend, handle, model, train, val, on_epoch,
+                                  resume=resume,
+                                  on_checkpoint=on_checkpoint if path and every else None)
+                except NonFiniteLoss as e:  # a result of its own: the epochs before are kept
+                    return RunResult.failed(
+                        job, str(e), "FloatingPointError", started=started, history=e.history
+                    )
             train_s = sum(h.train_seconds for h in history)
             first = history[0].first_step_seconds if history else None
             seen = sum(h.images for h in history)
@@ -117,15 +193,10 @@ def execute(job: Job, started: float) -> RunResult:
                 mon.record_throughput(
                     "train", images=max(seen - per_batch, 0), seconds=max(train_s - first, 1e-9)
                 )
-            if any(math.isnan(h.loss) for h in history):
-                return RunResult.failed(
-                    job, "loss became NaN", "FloatingPointError", started=started,
-                    history=tuple(history),
-                )
         test_images = np.asarray(images[test_rows])
         with mon.phase("predict"):
             t0 = time.perf_counter()
-            probs = backend.predict(handle, test_images)
+            probs = backend.predict(handle, test_images, PREDICT_BATCH)
             mon.record_throughput(
                 "inference", images=len(test_rows), seconds=time.perf_counter() - t0
             )
@@ -150,7 +221,7 @@ def execute(job: Job, started: float) -> RunResult:
         params=counts,
         environment=backend.environment(),
         resources=mon.summary(),
-        provenance=collect_provenance({"harness_command": list(job.command)}),
+        provenance=collect_provenance({"harness_command": list(job.command), "init": init}),
         skipped_images=rows.skipped,
         started=started,
     )

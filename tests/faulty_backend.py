@@ -7,9 +7,11 @@ its workers, the way a user's backend would be installed. Nothing in harness/ kn
     FAULTY_BACKEND="0:raise,1:hang"      # seed -> fault, read here and only here
 
 Faults: raise (predict raises), nan-probs (predict returns NaN for every 7th image), nan-loss
-(training reports a NaN loss), hang (sleeps for an hour), kill (SIGKILLs its own process),
-slow (sleeps FAULTY_BACKEND_SLOW_S seconds, then behaves). Otherwise it predicts p ~ U[0, 1)
-from the seed, like the reference backend, and trains nothing.
+(the training loss turns NaN in epoch 2), hang (sleeps for an hour), kill (SIGKILLs its
+own process), slow (sleeps FAULTY_BACKEND_SLOW_S seconds, then behaves), jitter / flip
+(predictions with noise from the OS: tiny / label-changing). Otherwise it
+predicts p ~ U[0, 1) from the seed, like the reference backend; its training steps report
+loss 0.5 and the labels as probabilities, and change nothing.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, EvalData, ModelInput, TrainData
-from harness.records import EpochRecord
-from harness.spec import Model, ParamCounts, TrainSpec
+from backends.base import Backend, Batch, ModelInput, StepResult
+from harness.spec import Model, ParamCounts
 
 
 class FaultyBackend(Backend):
@@ -34,6 +35,7 @@ class FaultyBackend(Backend):
         super().__init__(device)
         self._seed = 0
         self._rng = np.random.default_rng(0)
+        self._validated = False
 
     def _fault(self) -> str:
         faults = dict(
@@ -54,25 +56,18 @@ class FaultyBackend(Backend):
     def count_params(self, handle: Any) -> ParamCounts:
         return ParamCounts(total=0, trainable=0, non_trainable=0)
 
-    def fit(
-        self,
-        handle: Any,
-        train: TrainData,
-        val: EvalData | None,
-        recipe: TrainSpec,
-        on_epoch: Callable[[EpochRecord], None] | None = None,
-    ) -> list[EpochRecord]:
-        loss = float("nan") if self._fault() == "nan-loss" else 0.5
-        history = [
-            EpochRecord(e, loss, 0.5, 0.5, 0.5, None, None, None, None, 0.0, 0.0, len(train))
-            for e in range(1, recipe.epochs + 1)
-        ]
-        for record in history:
-            if on_epoch is not None:
-                on_epoch(record)
-        return history
+    def train_step(self, handle: Any, batch: Batch, gradients: bool = False
+                   ) -> Callable[[], StepResult]:
+        # nan-loss: finite through epoch 1, NaN once the first validation has run
+        loss = float("nan") if self._fault() == "nan-loss" and self._validated else 0.5
+        return lambda: StepResult(loss, np.asarray(batch.labels, np.float64))
 
-    def predict(self, handle: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def predict(self, handle: Any, images: np.ndarray, batch_size: int = 64,
+                logits: bool = False) -> np.ndarray:
+        if logits:  # the loop's validation: p ~ U[0.2, 0.8), as logits
+            self._validated = True
+            p = self._rng.uniform(0.2, 0.8, size=len(images))
+            return np.log(p / (1 - p))
         fault = self._fault()
         if fault == "raise":
             raise RuntimeError("faulty backend: predict raised")
@@ -83,6 +78,11 @@ class FaultyBackend(Backend):
         if fault == "slow":
             time.sleep(float(os.environ.get("FAULTY_BACKEND_SLOW_S", "2")))
         probs = self._rng.uniform(0.0, 1.0, size=len(images))
+        if fault == "jitter":  # a nondeterministic backend: noise from the OS, not the seed
+            probs = np.clip(probs + np.frombuffer(os.urandom(8 * len(probs)), np.uint64)
+                            / 2.0**64 * 1e-9, 0.0, 1.0)
+        if fault == "flip":  # nondeterministic enough to change labels
+            probs = np.frombuffer(os.urandom(8 * len(probs)), np.uint64) / 2.0**64
         if fault == "nan-probs":
             probs[::7] = np.nan
         return probs

@@ -945,7 +945,8 @@ def test_an_error_written_in_a_parent_names_the_parent(tmp_path: Path) -> None:
     assert error_of(child).message == (
         f"{base}: models[1].train.epochs: must be greater than or equal to 1; got 0 "
         f"(extended by {child})")
-    child.write_text("extends: base.yaml\nname: child\nmodels: [{name: cnn, train: {epochs: -2}}]\n")
+    child.write_text("extends: base.yaml\nname: child\n"
+                     "models: [{name: cnn, train: {epochs: -2}}]\n")
     assert error_of(child).message == (
         f"{child}: models[1].train.epochs: must be greater than or equal to 1; got -2")
     # --set is named as before, whoever wrote the field

@@ -59,6 +59,7 @@ SCHEMA_SETS: dict[str, tuple[Any, ...]] = {
     "method": vocab.BOOTSTRAP_METHODS,
     "levels": vocab.LEVELS,
     "device": vocab.DEVICES,
+    "init": vocab.INIT_MODES,
     "backends": tuple(REGISTRY),  # the registry's: built-in and entry-point backends
 }
 # Discriminated unions: the tags of their members together make one set

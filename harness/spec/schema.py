@@ -40,6 +40,7 @@ from harness.vocab import (
     Dataset,
     Device,
     Initializer,
+    InitMode,
     Level,
     LossForm,
     LossName,
@@ -516,6 +517,11 @@ class Runtime(Strict):
     device: Device = "auto"
     deterministic: bool = True
     timeout_s: float = Field(6 * 3600, gt=0)  # per run
+    # write the training state every N epochs so a killed run resumes there; 0: never
+    checkpoint_every: int = Field(1, ge=0)
+    # initial weights: each framework draws its own (per_backend), or every backend of a model
+    # starts seed s from the first backend's seeded weights, ported (shared)
+    init: InitMode = "per_backend"
 
 
 class Assumption(Strict):

@@ -1,4 +1,4 @@
-"""Training throughput of the paper CNN through KerasBackend.fit versus a plain `model.fit`.
+"""Training throughput of the paper CNN through backends.loop.fit (keras) vs `model.fit`.
 
     pytest tests/benchmarks/test_bench_keras.py --benchmark-only -s
     .tox/tf/bin/python tests/benchmarks/test_bench_keras.py compare    # one measurement, JSON
@@ -9,7 +9,7 @@ epoch by epoch (`on_epoch` runs one `model.fit` epoch on the same model and data
 the first round (tracing) is dropped and each loop's best epoch counts.
 - model.fit: the paper's way: float32 arrays already scaled to [0, 1], 3 channels, no
   augmentation, Keras' own loop;
-- fit: KerasBackend.fit: uint8 in; the paper's augmentation (rotation, zoom, flip),
+- fit: loop.fit (keras): uint8 in; the paper's augmentation (rotation, zoom, flip),
   normalization and channel replication in the compiled step; the harness's data stream.
 Determinism fixes TensorFlow's thread pools at start-up, so `fit` with deterministic=True is
 measured in fresh processes of its own, alternating with plain `fit` processes (best of each).
@@ -44,6 +44,7 @@ def measure(mode: str) -> dict[str, float]:
     import keras
 
     from backends.base import ModelInput, TrainData
+    from backends.loop import fit
     from harness.spec import load_spec
 
     spec = load_spec(ROOT / "specs" / "paper.yaml",
@@ -68,7 +69,7 @@ def measure(mode: str) -> dict[str, float]:
             plain.append(time.perf_counter() - t0)
 
     train = TrainData(images, np.arange(IMAGES), labels, spec.augmentation, seed=0)
-    history = backend.fit(handle, train, None, model.train, on_epoch)
+    history = fit(backend, handle, model, train, None, on_epoch)
     ours = [h.train_seconds for h in history]
     out = {"fit": IMAGES / min(ours[1:]), "fit_epochs_s": ours,
            "intra_op_threads": backend.environment()["determinism"]["intra_op_threads"]}
@@ -101,9 +102,9 @@ def test_fit_throughput_versus_model_fit(benchmark):
     ratio = fit / plain
     info = {
         "model.fit images/s": round(plain, 1),
-        "KerasBackend.fit images/s": round(fit, 1),
+        "loop.fit (keras) images/s": round(fit, 1),
         "ratio fit / model.fit": round(ratio, 3),
-        "KerasBackend.fit deterministic images/s": round(det, 1),
+        "loop.fit (keras) deterministic images/s": round(det, 1),
         "deterministic slowdown": round(best_fit / det, 2),
         "epoch seconds": {
             f"{mode} {k}": [round(x, 2) for x in v]
@@ -115,7 +116,7 @@ def test_fit_throughput_versus_model_fit(benchmark):
     benchmark.extra_info.update(info)
     for key, value in info.items():
         print(f"{key}: {value}")
-    assert ratio >= 0.95, f"KerasBackend.fit reaches {ratio:.2f} of model.fit's throughput"
+    assert ratio >= 0.95, f"loop.fit (keras) reaches {ratio:.2f} of model.fit's throughput"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Training throughput of TorchBackend.fit against minimal hand-written PyTorch loops.
+"""Training throughput of backends.loop.fit (torch) against hand-written PyTorch loops.
 
     tox -e bench-torch
     pytest tests/benchmarks/test_bench_torch.py --benchmark-only -s     # -s prints the figures
@@ -27,6 +27,7 @@ from conftest import ROOT  # noqa: E402
 from torch import nn  # noqa: E402
 
 from backends.base import ModelInput, TrainData  # noqa: E402
+from backends.loop import fit  # noqa: E402
 from backends.torch_backend import TorchBackend  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
 
@@ -123,8 +124,8 @@ def timed(fn: Callable[[], int]) -> float:
 def test_training_throughput_vs_hand_loop(benchmark, model_name):
     spec = load_spec(ROOT / "specs" / "paper.yaml", ["models.densenet.base.weights=none"])
     model = spec.model(model_name)
-    recipe = model.train.model_copy(update={"epochs": 1})
-    lr = recipe.optimizer.learning_rate
+    model = model.model_copy(update={"train": model.train.model_copy(update={"epochs": 1})})
+    lr = model.train.optimizer.learning_rate
     norm = "imagenet" if model_name == "densenet" else "rescale"
     train = data(IMAGES[model_name], spec)
     warm = data(BATCH, spec)
@@ -133,7 +134,7 @@ def test_training_throughput_vs_hand_loop(benchmark, model_name):
     backend.seed(0, deterministic=True)
     handle = backend.build(model, ModelInput(SIZE, 3, norm))
     hands = {"best": make_hand(model_name, True, lr), "default": make_hand(model_name, False, lr)}
-    backend.fit(handle, warm, None, recipe)
+    fit(backend, handle, model, warm, None)
     for run in hands.values():
         run(warm)
 
@@ -143,7 +144,7 @@ def test_training_throughput_vs_hand_loop(benchmark, model_name):
         for key, run in hands.items():
             rates[key].append(timed(lambda run=run: run(train)))
 
-    benchmark.pedantic(lambda: backend.fit(handle, train, None, recipe), setup=setup,
+    benchmark.pedantic(lambda: fit(backend, handle, model, train, None), setup=setup,
                        rounds=ROUNDS, iterations=1, warmup_rounds=0)
     n = len(train)
     ours = {"best": n / benchmark.stats.stats.min, "median": n / benchmark.stats.stats.median}

@@ -1,0 +1,174 @@
+"""The training loop, written once for every backend (framework-free).
+
+    from backends.loop import fit
+    history = fit(backend, handle, model_spec, train_data, val_data, on_epoch=print)
+
+Owns what Keras' `Model.fit` owns, so no backend repeats it: epochs, the harness's batch stream
+(`TrainData.batches`: order and augmentation parameters fixed by the seed), the history records,
+the timing of the first step (tracing/compilation included), NaN-loss detection, validation after
+each epoch, `on_epoch` progress and the end-of-epoch training state (`on_checkpoint`, `resume`):
+a run killed in epoch k resumes at epoch k from the state saved after epoch k - 1, and in
+deterministic mode ends bit-identical to an uninterrupted run (the batch order and augmentation
+come from (seed, epoch), the rest from `Backend.get_state`). A backend supplies only its steps
+(backends/base.py): `train_step`, `predict`, `get_state`/`set_state`. The validation loss is
+computed here, in float64, from what `predict` returns (logits when the loss is on logits), so
+every backend defines it identically. No I/O here: the worker writes the states.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backends.base import (
+    Backend,
+    EvalData,
+    StepResult,
+    TrainData,
+    bce,
+    bce_logits,
+    epoch_metrics,
+    sigmoid,
+    smooth_labels,
+)
+from harness.records import EpochRecord, TrainState
+from harness.spec import Layer, Model, PretrainedModel, SequentialModel
+
+# Inference batch for validation (and, in the worker, the test set): one size for every
+# backend, since a framework may pick other kernels, and so other roundings, per batch size.
+PREDICT_BATCH = 64
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss stopped being finite; `history` holds the epochs completed before."""
+
+    def __init__(self, message: str, history: tuple[EpochRecord, ...] = ()) -> None:
+        super().__init__(message)
+        self.history = history
+
+
+def last_layer(model: Model) -> Layer:
+    """The spec layer that produces the model's output (it decides the loss form)."""
+    if isinstance(model, SequentialModel):
+        return model.layers[-1]
+    if isinstance(model, PretrainedModel):
+        return model.head[-1]
+    raise TypeError(f"model '{model.name}' (kind {model.kind}) has no layers to train")
+
+
+def validate(
+    backend: Backend, handle: object, model: Model, val: EvalData
+) -> tuple[float, np.ndarray]:
+    """(mean validation loss with the training loss' definition, probabilities) in float64."""
+    loss = model.train.loss  # type: ignore[union-attr]
+    y = smooth_labels(val.labels, loss.label_smoothing)
+    if loss.on_logits(last_layer(model)):
+        logits = backend.predict(handle, val.images, PREDICT_BATCH, logits=True)
+        return bce_logits(y, logits), sigmoid(logits)
+    probs = backend.predict(handle, val.images, PREDICT_BATCH)
+    return bce(y, probs, loss.epsilon), probs
+
+
+@dataclass
+class _Steps:
+    """What one epoch's steps produced, checked as it arrives."""
+
+    epoch: int
+    losses: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    probs: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, result: StepResult, step: int, labels: np.ndarray) -> None:
+        if not math.isfinite(result.loss):
+            raise NonFiniteLoss(f"loss became NaN at epoch {self.epoch} step {step}")
+        self.losses.append(result.loss)
+        self.sizes.append(len(labels))
+        self.probs.append(np.asarray(result.probs, dtype=np.float64).reshape(-1))
+        self.labels.append(labels)
+
+    def labels_and_probs(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.labels:
+            return np.zeros(0, np.float32), np.zeros(0)
+        return np.concatenate(self.labels), np.concatenate(self.probs)
+
+
+def fit(
+    backend: Backend,
+    handle: object,
+    model: Model,
+    train: TrainData,
+    val: EvalData | None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    resume: TrainState | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+) -> list[EpochRecord]:
+    """Train `model.train.epochs` epochs on the harness's stream; validate after each epoch.
+
+    With `resume`, restores that state and goes on with the next epoch; `on_checkpoint`
+    receives the state after every epoch but the last. Raises NonFiniteLoss (a
+    FloatingPointError) naming the epoch and step when the loss stops being finite; it carries
+    the history of the epochs before.
+    """
+    recipe = model.train  # type: ignore[union-attr]
+    history: list[EpochRecord] = []
+    first = 1
+    if resume is not None:
+        backend.set_state(handle, resume.backend)
+        history, first = list(resume.history), resume.epoch + 1
+    for epoch in range(first, recipe.epochs + 1):
+        t_epoch = clock()
+        first_step: float | None = None
+        steps = _Steps(epoch)
+        pending: tuple[Callable[[], StepResult], int, np.ndarray] | None = None
+        try:
+            for step, batch in enumerate(train.batches(epoch, recipe.batch_size), start=1):
+                t_step = clock()
+                done = backend.train_step(handle, batch)
+                if epoch == first and step == 1:  # wait for it: its time includes tracing
+                    steps.add(done(), step, batch.labels)
+                    first_step = clock() - t_step
+                    continue
+                if pending is not None:  # fetched one step behind: the device never idles
+                    steps.add(pending[0](), pending[1], pending[2])
+                pending = (done, step, batch.labels)
+            if pending is not None:
+                steps.add(pending[0](), pending[1], pending[2])
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(str(e), tuple(history)) from None
+        train_seconds = clock() - t_epoch
+
+        losses, sizes = steps.losses, steps.sizes
+        n = int(sum(sizes))
+        metrics = epoch_metrics(*steps.labels_and_probs())
+        v_loss = v_acc = v_rec = v_prec = None
+        if val is not None and len(val.labels):
+            v_loss, v_probs = validate(backend, handle, model, val)
+            vm = epoch_metrics(val.labels, v_probs)
+            v_acc, v_rec, v_prec = vm["accuracy"], vm["recall"], vm["precision"]
+        record = EpochRecord(
+            epoch=epoch,
+            loss=float(np.dot(losses, sizes) / n) if n else float("nan"),
+            accuracy=metrics["accuracy"],
+            recall=metrics["recall"],
+            precision=metrics["precision"],
+            val_loss=v_loss,
+            val_accuracy=v_acc,
+            val_recall=v_rec,
+            val_precision=v_prec,
+            seconds=clock() - t_epoch,
+            train_seconds=train_seconds,
+            images=n,
+            first_step_seconds=first_step,
+        )
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if on_checkpoint is not None and epoch < recipe.epochs:
+            on_checkpoint(TrainState(epoch, tuple(history), backend.get_state(handle)))
+    return history

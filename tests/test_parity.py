@@ -1,0 +1,166 @@
+"""Weight-port parity (harness/parity.py): the comparison, a wrong port that must fail, the CLI.
+
+The CLI check runs each backend in its own process; here the pairs are those installed in the
+env (torch -> torch in `tox -e torch`, keras-torch -> torch in `tox -e keras-torch`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, available_backends
+
+from harness.parity import FORWARD_TOL, GRAD_TOL, LAYER_TOL, compare, render_parity
+from harness.spec import load_spec
+
+BACKENDS = available_backends()
+
+
+def probe_arrays(shift: float = 0.0, grad_shift: float = 0.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    a = {
+        "act/conv2d_1": rng.normal(size=(2, 4, 4, 3)),
+        "act/dense_1": rng.normal(size=(2, 1)),
+        "probs": np.array([0.25, 0.75]),
+        "grad/conv2d_1/kernel": np.full((3, 3, 1, 3), 2.0),
+        "floor/conv2d_1/kernel": np.full((3, 3, 1, 3), 2.0),
+        "grad/dense_1/kernel": np.full((48, 1), 1.0),
+        "floor/dense_1/kernel": np.full((48, 1), 1.0),
+        "step1/dense_1/kernel": np.zeros((48, 1)),
+        "loss": np.array([0.5]),
+    }
+    a["act/dense_1"] = a["act/dense_1"] + shift
+    a["probs"] = a["probs"] + shift
+    a["grad/conv2d_1/kernel"] = a["grad/conv2d_1/kernel"] * (1 + grad_shift)
+    return a
+
+
+def test_identical_probes_pass_with_zero_differences():
+    p = compare(probe_arrays(), probe_arrays(), "cnn", ("keras", "torch"), steps=1)
+    assert p.status == "pass" and p.forward_pass and p.training_pass
+    assert [(lay.name, lay.max_abs) for lay in p.layers] == [("conv2d_1", 0.0), ("dense_1", 0.0)]
+    assert p.output_max_abs == 0.0 and p.first_divergent is None
+    assert p.first_divergent_gradient is None
+    assert [(s.step, s.loss_source, s.weights_max_abs) for s in p.steps] == [(1, 0.5, 0.0)]
+
+
+def test_output_difference_above_tolerance_fails_and_names_the_layer():
+    shift = 1e-3  # above FORWARD_TOL absolute, and above LAYER_TOL of dense_1's magnitude
+    p = compare(probe_arrays(), probe_arrays(shift=shift), "cnn", ("keras", "torch"), steps=1)
+    assert p.status == "fail" and p.forward_pass is False and p.training_pass is True
+    assert p.output_max_abs == pytest.approx(shift, rel=1e-9)
+    assert p.first_divergent == "dense_1"  # conv2d_1 is identical
+
+
+def test_a_gradient_off_by_more_than_the_tolerance_fails_the_training_check():
+    p = compare(probe_arrays(), probe_arrays(grad_shift=10 * GRAD_TOL), "cnn", ("a", "b"), 1)
+    assert p.status == "fail" and p.forward_pass and p.training_pass is False
+    assert p.worst_gradient.name == "conv2d_1/kernel"
+    assert p.worst_gradient.rel == pytest.approx(10 * GRAD_TOL, rel=1e-9)  # ||a - b|| / ||a||
+    assert p.first_divergent_gradient == "conv2d_1/kernel"
+    # the target's "floor" array here is the unshifted gradient: ||b - f|| / ||b||
+    assert p.worst_gradient.floor == pytest.approx(10 * GRAD_TOL / (1 + 10 * GRAD_TOL))
+
+
+def test_a_missing_layer_is_a_failure_that_names_it():
+    b = probe_arrays()
+    del b["act/dense_1"]
+    p = compare(probe_arrays(), b, "cnn", ("keras", "torch"), steps=1)
+    assert (p.status, p.reason) == ("fail", "layer dense_1: missing")
+
+
+@pytest.mark.skipif(not BACKENDS, reason="no framework installed in this env")
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_wrong_port_nchw_flatten_order_fails_at_the_dense_layer(name):
+    """Port the paper CNN's weights with the dense kernel's rows in NCHW order (the classic
+    Keras -> PyTorch mistake): the check must fail, and name dense_1 as the first layer off."""
+    from backends.base import ModelInput
+    from backends.registry import create
+
+    spec = load_spec(ROOT / "specs" / "paper.yaml",
+                     ["data.image_size=32", "models.cnn.layers[17].units=8"])
+    model = spec.model("cnn")
+    backend = create(name, device="cpu", deterministic=True)
+    backend.seed(0, True)
+    right = backend.build(model, ModelInput(32, 3, "rescale"))
+    weights = backend.get_weights(right)
+    kernel = weights["dense_1/kernel"]  # rows in NHWC order: (h, w, c) of a (2, 2, 128) map
+    h = w = 2
+    c = kernel.shape[0] // (h * w)
+    nchw = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(kernel.shape)
+    wrong = backend.build(model, ModelInput(32, 3, "rescale"))
+    backend.set_weights(wrong, {**weights, "dense_1/kernel": nchw})
+    images = np.random.default_rng(1).integers(0, 256, (8, 32, 32), dtype=np.uint8)
+
+    def probe(handle):
+        out = {f"act/{k}": v for k, v in backend.activations(handle, images).items()}
+        return {**out, "probs": backend.predict(handle, images), "loss": np.zeros(0)}
+
+    p = compare(probe(right), probe(wrong), "cnn", (name, name), steps=0)
+    assert p.status == "fail" and p.forward_pass is False
+    assert p.first_divergent == "dense_1"
+    assert p.output_max_abs > 100 * FORWARD_TOL
+    by_name = {lay.name: lay for lay in p.layers}
+    assert by_name["flatten_1"].max_abs == 0.0  # everything before the dense layer is equal
+    assert by_name["dense_1"].rel > LAYER_TOL
+
+
+def _run_parity(tiny, backends: str, *extra: str):
+    cmd = [sys.executable, "-m", "harness", "parity", str(tiny["spec"]), "--models", "cnn",
+           "--backends", backends, "--steps", "2", "--set", "models.cnn.layers[17].units=8",
+           "--out", str(tiny["out"]), "--cache-dir", str(tiny["cache"]), *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    from test_runner import TINY
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY.format(demo=ROOT / "specs" / "demo.yaml"))
+    return {"spec": spec, "out": tmp_path / "results", "cache": tmp_path / "cache"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BACKENDS, reason="no framework installed in this env")
+def test_cli_self_parity_is_exact_and_writes_parity_json(tiny):
+    """One backend against itself in two processes: the port is the identity, to the bit."""
+    name = BACKENDS[0]
+    r = _run_parity(tiny, f"{name},{name}")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tiny["out"] / "parity.json").read_text())
+    (pair,) = result["pairs"]
+    assert (pair["model"], pair["source"], pair["target"], pair["status"]) == (
+        "cnn", name, name, "pass")
+    assert pair["output_max_abs"] == 0.0
+    assert all(lay["max_abs"] == 0.0 for lay in pair["layers"])
+    assert all(g["rel"] == 0.0 for g in pair["gradients"])
+    assert [s["weights_max_abs"] for s in pair["steps"]] == [0.0, 0.0]
+    assert result["steps"] == 2 and result["tolerances"]["forward"] == FORWARD_TOL
+    assert render_parity(result) in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("HARNESS_TEST_FRAMEWORK") != "keras-torch",
+                    reason="two frameworks in one env only in tox -e keras-torch")
+def test_cli_parity_between_keras_and_torch_passes_forward(tiny):
+    """Keras (on its torch backend) -> torch, each in its own process."""
+    r = _run_parity(tiny, "keras-torch,torch")
+    result = json.loads((tiny["out"] / "parity.json").read_text())
+    (pair,) = result["pairs"]
+    assert pair["forward_pass"] is True, r.stdout
+    assert pair["output_max_abs"] <= FORWARD_TOL
+
+
+def test_parity_refuses_seeds_and_bad_steps(tiny):
+    base = [sys.executable, "-m", "harness", "parity", str(tiny["spec"])]
+    r = subprocess.run([*base, "--seeds", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert (r.returncode, r.stderr.strip()) == (
+        2, "error: parity: --seeds does not apply; it uses the spec's first seed")
+    r = subprocess.run([*base, "--steps", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert (r.returncode, r.stderr.strip()) == (2, "error: --steps: must be at least 1; got 0")

@@ -221,9 +221,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     from harness.parity import parity_verb
 
-    if args.seeds:
+    if args.seeds is not None:
         raise UserError("parity: --seeds does not apply; it uses the spec's first seed")
-    return parity_verb(args.spec, tuple(args.overrides), args.models, args.backends,
+    selection = _selection(args)
+    return parity_verb(args.spec, tuple(args.overrides), selection.models, selection.backends,
                        args.steps, _where(args))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,28 @@ def _csv(kind: type) -> Any:
     return parse
 
 
+def _option_list(option: str, text: str | None, kind: type = str) -> list[Any] | None:
+    """--models/--backends/--seeds: None when not given; an empty item is an error, not 'all'."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",")]
+    if not any(items):
+        raise UserError(
+            f"{option}: empty list (got {text!r}); name at least one, comma-separated, "
+            f"or leave {option} out to select all"
+        )
+    if not all(items):
+        raise UserError(f"{option}: empty item in {text!r}; write names separated by single commas")
+    if kind is int:
+        bad = [x for x in items if not re.fullmatch(r"\d+", x)]
+        if bad:
+            raise UserError(
+                f"{option}: '{bad[0]}' is not a seed; seeds are integers in [0, 4294967295]"
+            )
+        return [int(x) for x in items]
+    return items
+
+
 def _common(p: argparse.ArgumentParser, selection: bool = True) -> None:
     p.add_argument(
         "--set",
@@ -50,9 +73,9 @@ def _common(p: argparse.ArgumentParser, selection: bool = True) -> None:
         help="override a spec field, e.g. --set models.cnn.train.epochs=3 (repeatable)",
     )
     if selection:
-        p.add_argument("--models", type=_csv(str), help="only these models (comma-separated)")
-        p.add_argument("--backends", type=_csv(str), help="only these backends (comma-separated)")
-        p.add_argument("--seeds", type=_csv(int), help="only these seeds (comma-separated)")
+        p.add_argument("--models", help="only these models (comma-separated)")
+        p.add_argument("--backends", help="only these backends (comma-separated)")
+        p.add_argument("--seeds", help="only these seeds (comma-separated)")
     p.add_argument(
         "--out", type=Path, default=None, help="results folder (default: results/<spec name>)"
     )
@@ -164,7 +187,11 @@ def _where(args: argparse.Namespace) -> Where:
 
 
 def _selection(args: argparse.Namespace) -> Selection:
-    return Selection(models=args.models, backends=args.backends, seeds=args.seeds)
+    return Selection(
+        models=_option_list("--models", args.models),
+        backends=_option_list("--backends", args.backends),
+        seeds=_option_list("--seeds", args.seeds, int),
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -194,9 +221,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     from harness.parity import parity_verb
 
-    if args.seeds:
+    if args.seeds is not None:
         raise UserError("parity: --seeds does not apply; it uses the spec's first seed")
-    return parity_verb(args.spec, tuple(args.overrides), args.models, args.backends,
+    selection = _selection(args)
+    return parity_verb(args.spec, tuple(args.overrides), selection.models, selection.backends,
                        args.steps, _where(args))
 
 

@@ -68,8 +68,13 @@ def job_data(data: PreparedData) -> JobData:
 def run(request: RunRequest) -> int:
     """Plan, prepare the data once, run what is not done, write the report."""
     from harness.data import data_record, prepare_data, render_split
-    from harness.report import write_report
-    from harness.results import clean_temp_files, results_lock, write_json_atomic, write_plan
+    from harness.results import (
+        check_results_dir,
+        clean_temp_files,
+        results_lock,
+        write_json_atomic,
+        write_plan,
+    )
     from harness.runner import check_determinism, run_all
 
     # SIGTERM before the runner takes over (data generation, cache build) must clean up too
@@ -79,6 +84,7 @@ def run(request: RunRequest) -> int:
     check_counts(problems, f"`python -m harness validate {request.spec}` prints every count")
     plan = make_plan(spec, request.selection)
     results_dir = request.where.results_dir(spec)
+    check_results_dir(results_dir, "--out" if request.where.out is not None else "results folder")
     cache_dir = request.where.cache()
     if request.dry_run:
         print(data_section(spec, cache_dir))
@@ -125,7 +131,7 @@ def run(request: RunRequest) -> int:
         except KeyboardInterrupt:
             interrupted = True
             outcomes = []
-        report = write_report(results_dir)
+        report, bad_results = _write_report(results_dir, outcomes)
         print(f"\nreport: {report}")
         if interrupted:
             print(
@@ -137,7 +143,30 @@ def run(request: RunRequest) -> int:
     if failed:
         print(f"{len(failed)} run(s) failed; reasons are in the report and logs/", file=sys.stderr)
         return 1
+    if bad_results:  # finished "ok", but the analysis could not use the result
+        print(
+            f"{len(bad_results)} run(s) finished but their results failed analysis "
+            f"({bad_results[0]}); reasons are in the report",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _write_report(results_dir: Path, outcomes: list[Any]) -> tuple[Path, list[str]]:
+    """report.md and metrics.csv (as `report` writes them), and the runs of this invocation
+    that finished ok but that the analysis counts as failed (a result it could not use)."""
+    from harness.analyze import analyze, load_bundle
+    from harness.report import render_metrics_csv, render_report
+    from harness.results import write_text_atomic
+
+    analysis = analyze(load_bundle(results_dir))
+    write_text_atomic(results_dir / "metrics.csv", render_metrics_csv(analysis))
+    report = results_dir / "report.md"
+    write_text_atomic(report, render_report(analysis))
+    ok_now = {o.key.id for o in outcomes if o.status == "ok"}
+    bad = [f"{f.run_id}: {f.message}" for f in analysis.failed if f.run_id in ok_now]
+    return report, bad
 
 
 def render_grades(grades: list[Any]) -> str:

@@ -86,6 +86,17 @@ def make_plan(spec: Spec, selection: Selection = Selection()) -> Plan:
     check_backends(spec, {e.name: e.supports for e in REGISTRY.values()})
     runs = tuple(plan_runs(spec))
     selected = tuple(plan_runs(spec, selection.models, selection.backends, selection.seeds))
+    if not selected:
+        asked = [
+            f"--{kind} {','.join(str(x) for x in chosen)}"
+            for kind, chosen in (("models", selection.models), ("backends", selection.backends),
+                                 ("seeds", selection.seeds))
+            if chosen is not None
+        ]
+        runs_on = "; ".join(f"{m.name} runs on {', '.join(m.backends)}" for m in spec.models)
+        raise UserError(
+            f"{spec.source}: {' '.join(asked)}: the selection matches no run; {runs_on}"
+        )
     return Plan(
         spec=spec,
         runs=runs,
@@ -117,8 +128,10 @@ def run_status(plan: Plan, results_dir: Path) -> dict[str, str]:
 
 
 def _pick(kind: str, asked: Sequence[str] | None, known: Sequence[str]) -> list[str]:
-    if not asked:
+    if asked is None:
         return list(known)
+    if not asked:  # an empty selection selects nothing; it never means "all"
+        raise UserError(f"--{kind}: empty list; name at least one, or leave --{kind} out")
     unknown = [a for a in asked if a not in known]
     if unknown:
         raise UserError(
@@ -137,6 +150,8 @@ def plan_runs(
     chosen = _pick("models", models, [m.name for m in spec.models])
     all_backends = sorted({b for m in spec.models for b in m.backends})
     chosen_backends = _pick("backends", backends, all_backends)
+    if seeds is not None and not seeds:
+        raise UserError("--seeds: empty list; name at least one, or leave --seeds out")
     if seeds:
         unknown_seeds = [s for s in seeds if s not in spec.seeds]
         if unknown_seeds:

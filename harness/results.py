@@ -9,8 +9,9 @@
 
 This module alone turns the records of harness/records.py into JSON and back: RunResult files,
 job files and the worker's progress lines. A RunResult is only ever read once complete: files are
-written to a temp file, fsynced and renamed; a file that does not parse, or lacks the completion
-marker, is not a result (a killed writer). A complete file of an older schema is migrated on
+written to a temp file, fsynced and renamed, so a run file that does not parse is damaged (a
+truncated copy, a full disk, an edit): RunFileError, reported and kept aside; one that lacks the
+completion marker is not a result. A complete file of an older schema is migrated on
 reading; one this harness cannot read raises RunFileError, naming the file and why.
 """
 
@@ -146,9 +147,17 @@ def read_run(path: Path) -> RunResult | None:
     """The complete RunResult at `path`; None when there is none (missing, or a half-written
     file without the completion marker); RunFileError for a complete file it cannot read."""
     try:
-        obj = read_json(path)
-    except (OSError, ValueError):
+        text = path.read_bytes()
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        raise RunFileError(path, f"cannot be read ({e.strerror or e})") from None
+    try:
+        obj = json.loads(text.decode("utf-8"))
+    except ValueError as e:  # results are renamed into place whole: this is damage, not a writer
+        raise RunFileError(
+            path, f"not valid JSON (truncated or damaged: {e}); kept aside, its run is rerun"
+        ) from None
     if not isinstance(obj, dict) or obj.get("complete") is not True:
         return None
     return run_from_json(obj, path)
@@ -277,6 +286,38 @@ def clean_temp_files(results_dir: Path) -> int:
     return n
 
 
+# folders the harness never writes into, whatever --out says
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev", "/boot", "/etc", "/bin", "/sbin", "/lib", "/lib32",
+                  "/lib64", "/usr", "/run", "/var/run")
+
+
+def check_results_dir(folder: Path, option: str = "--out") -> None:
+    """Refuse a results folder that cannot or must not be written, before anything starts:
+    the root folder, a system folder, a file, a folder this user cannot write."""
+    resolved = folder.expanduser().resolve()
+    what = None
+    if resolved == Path(resolved.anchor):
+        what = "the root folder"
+    elif any(resolved == Path(s) or Path(s) in resolved.parents for s in SYSTEM_FOLDERS):
+        what = "a system folder"
+    elif resolved.exists() and not resolved.is_dir():
+        what = "a file, not a folder"
+    else:
+        ancestor = resolved
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            what = f"under {ancestor}, which is a file"
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
+            what = ("not writable by this user" if ancestor == resolved
+                    else f"under {ancestor}, which this user cannot write")
+    if what is not None:
+        raise UserError(
+            f"{option}: {folder} is {what}; name a folder of your own for the results "
+            "(default: results/<spec name>)"
+        )
+
+
 @contextmanager
 def results_lock(results_dir: Path) -> Iterator[None]:
     """One harness process per results folder; a second one gets a clear error."""
@@ -285,7 +326,13 @@ def results_lock(results_dir: Path) -> Iterator[None]:
     except OSError as e:
         raise UserError(f"{results_dir}: cannot create the results folder: {e.strerror}") from None
     lock_path = results_dir / ".lock"
-    f = open(lock_path, "a+")
+    try:
+        f = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
+    except OSError as e:
+        raise UserError(
+            f"{results_dir}: cannot write in the results folder ({e.strerror or e}); "
+            "pass --out with a writable folder"
+        ) from None
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -8,6 +8,7 @@ count check, the data summary and the plan table. Nothing here decodes an image 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from tabulate import tabulate
 
 from harness.errors import UserError
 from harness.plan import Plan, Selection, make_plan, run_status
+from harness.results import check_results_dir
 from harness.spec import Spec, load_spec
 
 RESULTS_ROOT = Path("results")
@@ -140,10 +142,17 @@ def data_section(spec: Spec, cache_dir: Path) -> str:
         with spec_fields(spec):
             summary = summarize_without_cache(spec.data, cache_dir)
     except UserError as e:
+        if data_root_configured(spec):
+            raise  # a configured root that is broken is an error; only an unset one is skipped
         return f"\nData: not available here: {e.message}"
     return f"\nData ({spec.data.dataset}, {spec.data.split.strategy}-level split)\n" + render_split(
         summary.describe()
     )
+
+
+def data_root_configured(spec: Spec) -> bool:
+    """True when the spec reads MURA from a root it names (data.root or $MURA_ROOT)."""
+    return spec.data.dataset == "mura-v1.1" and bool(spec.data.root or os.environ.get("MURA_ROOT"))
 
 
 def data_hash_if_cached(spec: Spec, cache_dir: Path) -> str | None:
@@ -170,6 +179,8 @@ def plan_table(plan: Plan, results_dir: Path) -> str:
 def validate(request: ValidateRequest) -> int:
     """Print the spec's tables, data and plan; UserError on a count mismatch."""
     spec = load_spec(request.spec, list(request.overrides))
+    results_dir = request.where.results_dir(spec)
+    check_results_dir(results_dir, "--out" if request.where.out is not None else "results folder")
     tables, problems = model_tables(spec)
     print(
         f"{request.spec}: spec '{spec.name}' is valid: {len(spec.models)} models, "
@@ -180,7 +191,7 @@ def validate(request: ValidateRequest) -> int:
     cache_dir = request.where.cache()
     print(data_section(spec, cache_dir))
     plan = make_plan(spec, request.selection).with_data(data_hash_if_cached(spec, cache_dir))
-    print(plan_table(plan, request.where.results_dir(spec)))
+    print(plan_table(plan, results_dir))
     print(
         f"\nAssumptions: {len(spec.assumptions)} (values the paper does not state; see the report)"
     )

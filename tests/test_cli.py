@@ -259,3 +259,162 @@ def test_patient_split_variants_validate(name: str) -> None:
     assert spec.name == name
     assert (spec.data.split.strategy, spec.data.split.stratify) == ("patient", True)
     assert [m.name for m in spec.models] == ["baseline", "cnn", "densenet"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input, refused before anything starts (issue 13)
+
+
+def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0].removeprefix("error: ")
+
+
+@pytest.mark.parametrize(("option", "text"), [
+    ("--models", ""), ("--models", ","), ("--backends", ","), ("--backends", " "),
+    ("--seeds", ""), ("--seeds", ",,"),
+])
+def test_an_empty_selection_is_refused(option: str, text: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results"
+    for verb in ("validate", "run"):
+        assert main([verb, str(PAPER), option, text, "--out", str(out)]) == EXIT_USER_ERROR
+        assert _one_error(capsys) == (
+            f"{option}: empty list (got {text!r}); name at least one, comma-separated, "
+            f"or leave {option} out to select all")
+    assert not out.exists()
+
+
+def test_an_empty_item_or_a_bad_seed_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(PAPER), "--models", "cnn,"]) == EXIT_USER_ERROR
+    assert _one_error(capsys) == \
+        "--models: empty item in 'cnn,'; write names separated by single commas"
+    assert main(["validate", str(PAPER), "--seeds", "0,-1"]) == EXIT_USER_ERROR
+    assert _one_error(capsys) == \
+        "--seeds: '-1' is not a seed; seeds are integers in [0, 4294967295]"
+
+
+def test_a_selection_matching_no_run_is_refused(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results"
+    code = main(["run", str(PAPER), "--models", "baseline", "--backends", "torch",
+                 "--out", str(out)])
+    assert code == EXIT_USER_ERROR
+    assert _one_error(capsys).endswith(
+        "specs/paper.yaml: --models baseline --backends torch: the selection matches no run; "
+        "baseline runs on reference; cnn runs on keras, torch; densenet runs on keras, torch")
+    assert not out.exists()
+
+
+_SMALL_TREE = ("--patients", "6", "--min-size", "32", "--max-size", "64")
+
+
+def test_make_data_never_overwrites_a_mura_tree(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-data", str(tmp_path), *_SMALL_TREE]) == 0
+    capsys.readouterr()
+    csvs = {p: p.read_bytes() for p in (tmp_path / "MURA-v1.1").glob("*.csv")}
+    assert len(csvs) == 4
+    (tmp_path / "MURA-v1.1" / "train_labeled_studies.csv").write_text("MURA's own labels\n")
+    assert main(["make-data", str(tmp_path), *_SMALL_TREE, "--seed", "1"]) == EXIT_USER_ERROR
+    assert _one_error(capsys) == (
+        f"{tmp_path / 'MURA-v1.1'}: already exists; make-data never overwrites a MURA tree "
+        "(its CSVs are the labels): name another folder, or remove this one first")
+    assert (tmp_path / "MURA-v1.1" / "train_labeled_studies.csv").read_text() == \
+        "MURA's own labels\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MURA-v1.1"]  # no temp folder left
+
+
+def test_make_data_refuses_an_empty_mura_folder_too(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "MURA-v1.1").mkdir()
+    assert main(["make-data", str(tmp_path), *_SMALL_TREE]) == EXIT_USER_ERROR
+    assert _one_error(capsys).startswith(f"{tmp_path / 'MURA-v1.1'}: already exists; ")
+    assert list((tmp_path / "MURA-v1.1").iterdir()) == []
+
+
+def test_make_data_onto_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "f"
+    file.write_text("keep me")
+    assert main(["make-data", str(file), *_SMALL_TREE]) == EXIT_USER_ERROR
+    assert _one_error(capsys) == f"{file}: is a file, not a folder; name a new or empty folder"
+    assert main(["make-data", str(file / "sub"), *_SMALL_TREE]) == EXIT_USER_ERROR
+    assert _one_error(capsys) == \
+        f"{file / 'sub'}: cannot create the folder (Not a directory); name a writable folder"
+    assert file.read_text() == "keep me"
+
+
+def test_evaluation_settings_are_checked_before_any_run(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results"
+    for verb in ("validate", "run"):
+        code = main([verb, str(PAPER), "--set", "evaluation.bootstrap.seed=-5", "--out", str(out)])
+        assert code == EXIT_USER_ERROR
+        assert _one_error(capsys).endswith(
+            "specs/paper.yaml: evaluation.bootstrap.seed: must be an integer seed in "
+            "[0, 4294967295]; got -5 (from --set evaluation.bootstrap.seed=-5)")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("out", "what"), [
+    ("/", "the root folder"),
+    ("/proc/sys", "a system folder"),
+    ("/usr/share/results", "a system folder"),
+    ("{tmp}/f", "a file, not a folder"),
+    ("{tmp}/f/sub", "under {tmp}/f, which is a file"),
+])
+def test_a_results_folder_that_must_not_be_written(out: str, what: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "f").write_text("keep me")
+    out, what = out.format(tmp=tmp_path), what.format(tmp=tmp_path)
+    for verb in (["validate"], ["run"], ["run", "--dry-run"]):
+        assert main([*verb, str(PAPER), "--out", out]) == EXIT_USER_ERROR
+        assert _one_error(capsys) == (
+            f"--out: {out} is {what}; name a folder of your own for the results "
+            "(default: results/<spec name>)")
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_an_unwritable_results_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import harness.results
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    # as for a folder without write permission (tests may run as root, who may write anywhere)
+    monkeypatch.setattr(harness.results.os, "access",
+                        lambda p, mode: Path(p) != locked and real(p, mode))
+    for out in (locked, locked / "results"):
+        assert main(["run", str(PAPER), "--out", str(out)]) == EXIT_USER_ERROR
+        what = ("not writable by this user" if out == locked
+                else f"under {locked}, which this user cannot write")
+        assert _one_error(capsys) == (
+            f"--out: {out} is {what}; name a folder of your own for the results "
+            "(default: results/<spec name>)")
+    assert list(locked.iterdir()) == []
+
+
+def test_validate_refuses_a_configured_but_broken_data_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["make-data", str(tmp_path), *_SMALL_TREE]) == 0
+    images = sorted((tmp_path / "MURA-v1.1" / "train").rglob("*.png"))
+    for png in images[:4]:
+        png.unlink()
+    capsys.readouterr()
+    monkeypatch.setenv("MURA_ROOT", str(tmp_path))
+    assert main(["validate", str(PAPER)]) == EXIT_USER_ERROR
+    gone = ", ".join(str(p.relative_to(tmp_path)) for p in images[:3])
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'MURA-v1.1'}: 4 image file(s) listed in the CSVs are missing "
+        f"(first: {gone}); restore the files or re-extract the archive"]
+    monkeypatch.setenv("MURA_ROOT", str(tmp_path / "nope"))
+    assert main(["validate", str(PAPER)]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.splitlines()[0] == \
+        f"error: MURA_ROOT: {tmp_path / 'nope'} does not exist or is not a folder"
+    monkeypatch.delenv("MURA_ROOT")  # an unconfigured root is "not checked here"
+    assert main(["validate", str(PAPER)]) == 0
+    assert "Data: not available here: " in capsys.readouterr().out

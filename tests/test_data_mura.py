@@ -181,3 +181,118 @@ def test_renamed_dataset_folder(own_tree):
     os.rename(own_tree / DATA, own_tree / "mura")
     with pytest.raises(UserError, match="is not named MURA-v1.1"):
         load_mura_table(own_tree / "mura", ["WRIST"])
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV bytes and first lines (issue 13)
+
+
+def test_a_mistyped_first_row_is_an_error_not_a_header(own_tree):
+    csv = own_tree / DATA / "train_image_paths.csv"
+    lines = csv.read_text().splitlines()
+    typo = lines[0].replace(f"{DATA}/", "MURA-v11/", 1)
+    csv.write_text("\n".join([typo, *lines[1:]]) + "\n")
+    with pytest.raises(UserError) as info:
+        load_mura_table(own_tree, ["WRIST"])
+    assert info.value.message == (
+        f"{csv}:1: path {str(Path(typo).parent)!r} does not follow {DATA}/train/XR_<PART>/"
+        "patientNNNNN/study<k>_<positive|negative>/...")
+
+
+def test_a_header_is_dropped_and_said(tree, own_tree, capsys):
+    csv = own_tree / DATA / "train_labeled_studies.csv"
+    csv.write_text("Path,Label\n" + csv.read_text())
+    assert load_mura_table(own_tree, ["WRIST"]).equals(load_mura_table(tree, ["WRIST"]))
+    assert capsys.readouterr().err == f"note: {csv}:1: header line 'Path,Label' skipped\n"
+
+
+def test_a_non_utf8_csv(own_tree):
+    csv = own_tree / DATA / "valid_labeled_studies.csv"
+    lines = csv.read_bytes().splitlines(keepends=True)
+    csv.write_bytes(b"".join([lines[0], lines[1].replace(b"patient", b"pati\xe9nt", 1),
+                              *lines[2:]]))
+    with pytest.raises(UserError) as info:
+        load_mura_table(own_tree, ["WRIST"])
+    assert info.value.message == (
+        f"{csv}:2: not UTF-8 text (byte 0xe9); MURA's CSVs are plain ASCII: restore the file or "
+        "re-extract the archive")
+
+
+def test_a_csv_that_is_a_folder(own_tree):
+    csv = own_tree / DATA / "train_image_paths.csv"
+    csv.unlink()
+    csv.mkdir()
+    with pytest.raises(UserError) as info:
+        load_mura_table(own_tree, ["WRIST"])
+    assert info.value.message.startswith(f"{csv}: CSV file missing; ")
+
+
+def test_an_unreadable_csv(own_tree, monkeypatch):
+    csv = own_tree / DATA / "train_labeled_studies.csv"
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == csv:  # as for a file without read permission (tests may run as root)
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(UserError) as info:
+        load_mura_table(own_tree, ["WRIST"])
+    assert info.value.message == (
+        f"{csv}: permission denied reading the CSV; make it readable by this user "
+        "(e.g. chmod a+r)")
+
+
+def test_permission_denied_is_not_missing(own_tree, monkeypatch):
+    table = load_mura_table(own_tree, ["WRIST"])
+    first = sorted(table["path"])[0]
+    folder = str(own_tree / Path(first).parent)
+    real = os.stat
+
+    def stat(path, *args, **kwargs):
+        if str(path).startswith(folder + os.sep):  # as under a folder without x permission
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    denied = sorted(p for p in table["path"] if str(own_tree / p).startswith(folder + os.sep))
+    with pytest.raises(UserError) as info:
+        load_mura_table(own_tree, ["WRIST"])
+    assert info.value.message == (
+        f"{own_tree / DATA}: permission denied for {len(denied)} image file(s) listed in the "
+        f"CSVs (first: {', '.join(denied[:3])}); make the files and their folders readable by "
+        "this user (e.g. chmod -R a+rX)")
+
+
+def test_symlinks_leaving_the_data_folder_are_refused_unless_allowed(tree, own_tree, tmp_path):
+    table = load_mura_table(own_tree, ["WRIST"])
+    first = sorted(table["path"])[0]
+    elsewhere = tmp_path / "elsewhere.png"
+    (own_tree / first).rename(elsewhere)
+    (own_tree / first).symlink_to(elsewhere)
+    with pytest.raises(UserError) as info:
+        load_mura_table(own_tree, ["WRIST"])
+    assert info.value.message == (
+        f"{own_tree / DATA}: 1 file(s) are symlinks leading outside the data folder (first: "
+        f"{first} -> {elsewhere}); copy the files in, or set data.follow_symlinks: true to read "
+        "them where they lead")
+    assert load_mura_table(own_tree, ["WRIST"], follow_symlinks=True).equals(table)
+    # a symlink that stays inside the data folder is fine
+    (own_tree / first).unlink()
+    inside = own_tree / DATA / "moved.png"
+    elsewhere.rename(inside)
+    (own_tree / first).symlink_to(inside)
+    assert load_mura_table(own_tree, ["WRIST"]).equals(table)
+
+
+def test_a_csv_symlinked_from_outside_is_refused(own_tree, tmp_path):
+    csv = own_tree / DATA / "valid_labeled_studies.csv"
+    outside = tmp_path / "labels.csv"
+    csv.rename(outside)
+    csv.symlink_to(outside)
+    with pytest.raises(UserError) as info:
+        load_mura_table(own_tree, ["WRIST"])
+    assert info.value.message.startswith(
+        f"{own_tree / DATA}: 1 file(s) are symlinks leading outside the data folder (first: "
+        f"{DATA}/valid_labeled_studies.csv -> {outside}); ")

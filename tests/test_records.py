@@ -234,14 +234,29 @@ def test_a_complete_file_it_cannot_read_is_reported_with_its_path(
 
 @pytest.mark.parametrize(
     "text",
-    ['{"status": "ok", "comp', "", '{"status": "ok"}', json.dumps({**SCHEMA_1_FAILED,
-                                                                  "complete": False}), "[1, 2]"],
+    ['{"status": "ok"}', json.dumps({**SCHEMA_1_FAILED, "complete": False}), "[1, 2]"],
 )
-def test_incomplete_or_truncated_files_are_not_results(tmp_path: Path, text: str) -> None:
+def test_incomplete_files_are_not_results(tmp_path: Path, text: str) -> None:
     path = tmp_path / "x.json"
     path.write_text(text)
     assert read_run(path) is None
     assert read_run(tmp_path / "missing.json") is None
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ('{"status": "ok", "comp', "Unterminated string starting at: line 1 column 18 (char 17)"),
+    ("", "Expecting value: line 1 column 1 (char 0)"),
+    ('{"a": 1}\xff', "'utf-8' codec can't decode byte 0xff in position 8: invalid start byte"),
+])
+def test_a_truncated_or_damaged_file_is_reported_not_taken_for_missing(
+    tmp_path: Path, text: str, why: str
+) -> None:
+    path = tmp_path / "x.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape").replace(b"\xc3\xbf", b"\xff"))
+    with pytest.raises(RunFileError) as e:  # results are renamed into place whole: damage
+        read_run(path)
+    assert str(e.value) == (
+        f"{path}: not valid JSON (truncated or damaged: {why}); kept aside, its run is rerun")
 
 
 def test_load_bundle_lists_unreadable_run_files_as_ignored(tmp_path: Path, job: Job) -> None:

@@ -412,6 +412,43 @@ def test_the_result_file_is_json_with_its_schema(tiny):
     assert run["provenance"]["python"]
 
 
+def test_a_result_the_analysis_cannot_use_is_not_ok(tiny):
+    """A run that finished "ok" but whose result the analysis refuses makes the exit code 1."""
+    from harness.pipeline import _write_report
+    from harness.records import RunKey
+    from harness.runner import RunOutcome
+
+    assert harness(tiny, "--seeds", "0").returncode == 0
+    path = run_file(tiny, 0)
+    obj = json.loads(path.read_text())
+    obj["test"] = {k: [] for k in obj["test"]}
+    path.write_text(json.dumps(obj))
+    outcome = RunOutcome(RunKey("baseline", "reference", 0), "ok")
+    report, bad = _write_report(tiny["out"], [outcome])
+    assert bad == ["baseline__reference__seed0: the result's test set is empty"]
+    assert report == tiny["out"] / "report.md" and report.is_file()
+    skipped = RunOutcome(RunKey("baseline", "reference", 0), "skipped")
+    assert _write_report(tiny["out"], [skipped])[1] == []  # an older result: the report says so
+
+
+def test_a_truncated_result_is_reported_and_kept_aside(tiny):
+    assert harness(tiny, "--seeds", "0").returncode == 0
+    path = run_file(tiny, 0)
+    damaged = path.read_text()[:100]
+    path.write_text(damaged)
+    r = subprocess.run([sys.executable, "-m", "harness", "report", str(tiny["out"])], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = (tiny["out"] / "report.md").read_text()
+    assert "`baseline__reference__seed0` | not valid JSON (truncated or damaged: " in report
+    r = harness(tiny, "--seeds", "0")
+    assert r.returncode == 0, r.stderr
+    assert f"warning: {path}: not valid JSON (truncated or damaged: " in r.stderr
+    aside = tiny["out"] / "runs" / "superseded" / "baseline__reference__seed0.unreadable.json"
+    assert aside.read_text() == damaged
+    assert read_run(path).status == "ok"
+
+
 @pytest.mark.parametrize(
     "faults, grades",
     [

@@ -588,6 +588,22 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      "models[1].layers: must not be empty"),
     ("repeated-seeds", lambda d: d.update(seeds=[1, 1]),
      "seeds: must be a non-empty list of distinct integers; got [1, 1]"),
+    # every seed field is one type: an integer in [0, 2**32), never a boolean or a float
+    ("boolean-seed", lambda d: d.update(seeds=[True]),
+     "seeds[0]: must be an integer seed in [0, 4294967295]; got true"),
+    ("float-seed", lambda d: d.update(seeds=[0, 1.5]),
+     "seeds[1]: must be an integer seed in [0, 4294967295]; got 1.5"),
+    ("huge-seed", lambda d: d.update(seeds=[2**32]),
+     "seeds[0]: must be an integer seed in [0, 4294967295]; got 4294967296"),
+    ("negative-split-seed", lambda d: d["data"].setdefault("split", {}).update(seed=-1),
+     "data.split.seed: must be an integer seed in [0, 4294967295]; got -1"),
+    ("huge-synthetic-seed", lambda d: d["data"].setdefault("synthetic", {}).update(seed=2**40),
+     "data.synthetic.seed: must be an integer seed in [0, 4294967295]; got 1099511627776"),
+    ("string-synthetic-seed", lambda d: d["data"].setdefault("synthetic", {}).update(seed="7"),
+     "data.synthetic.seed: must be an integer seed in [0, 4294967295]; got '7'"),
+    ("negative-bootstrap-seed",
+     lambda d: d.setdefault("evaluation", {}).setdefault("bootstrap", {}).update(seed=-5),
+     "evaluation.bootstrap.seed: must be an integer seed in [0, 4294967295]; got -5"),
     # the paper's claims and the assumptions must agree with the spec
     ("claim-counts", lambda d: d["paper"]["claims"][0]["counts"].update(k=961),
      "paper.claims[0]: counts 961/1951 = 0.492568 do not round to value 0.4921"),
@@ -601,6 +617,17 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      lambda d: d["paper"]["contradictions"][0]["claims"][1].update(model="vgg"),
      "paper.contradictions[0].claims[1].model: no model named 'vgg'; "
      "models are baseline, cnn, densenet"),
+    ("not-printed-unknown-model",
+     lambda d: d["paper"]["not_printed"][0].update(models=["cnn", "vgg"]),
+     "paper.not_printed[0].models[1]: no model named 'vgg'; models are baseline, cnn, densenet"),
+    ("random-low-above-high", lambda d: d["models"][0].update(low=0.9, high=0.1),
+     "models[0]: low (0.9) must be below high (0.1): p ~ U[low, high)"),
+    ("random-low-equals-high", lambda d: d["models"][0].update(low=0.5, high=0.5),
+     "models[0]: low (0.5) must be below high (0.5): p ~ U[low, high)"),
+    ("random-high-over-1", lambda d: d["models"][0].update(high=2),
+     "models[0].high: must be less than or equal to 1; got 2"),
+    ("random-low-negative", lambda d: d["models"][0].update(low=-1),
+     "models[0].low: must be greater than or equal to 0; got -1"),
     ("assumption-field-typo", lambda d: d["assumptions"][0].update(field="data.chanels"),
      "assumptions[0].field: 'data.chanels' is not a path in this spec"),
     ("assumption-field-model",
@@ -738,6 +765,13 @@ def test_a_model_its_backend_cannot_build_fails_validate(tmp_path: Path) -> None
                        "random")
 
 
+def test_a_random_model_on_a_framework_backend_fails_validate(tmp_path: Path) -> None:
+    path = edited(tmp_path, lambda d: d["models"][0].update(backends=["torch"]))
+    _assert_user_error(_validate(path), f"{path}: models[0].backends[0]: backend 'torch' "
+                       "does not support model kind 'random' (models[0].kind); it supports: "
+                       "sequential, pretrained")
+
+
 # ---------------------------------------------------------------------------------------------
 # The same errors through the command line: exit 2, one line (+ hint), no traceback
 
@@ -820,3 +854,108 @@ def test_cli_shape_error(tmp_path: Path) -> None:
     path = edited(tmp_path, big_pool)
     _assert_user_error(_validate(path), f"{path}: models[1].layers[2] (maxpool2d): maxpool2d pool "
                                         "(300, 300) is larger than its input (224, 224)")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML a reader could misread, or that costs without bound (issue 13)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("name: a\nseeds: [0]\nname: b\n",
+     "(top level): duplicate key 'name' at lines 1 and 3; write each key once (YAML would "
+     "silently keep the last one)"),
+    ("data:\n  split:\n    seed: 1\n    strategy: image\n    seed: 2\n",
+     "data.split: duplicate key 'seed' at lines 3 and 5; write each key once (YAML would "
+     "silently keep the last one)"),
+    ("data: {split: {seed: 1, seed: 2}}\n",
+     "data.split: duplicate key 'seed' twice on line 1; write each key once (YAML would "
+     "silently keep the last one)"),
+    ("models:\n  - name: a\n    kind: random\n  - {name: b, kind: random, kind: sequential}\n",
+     "models[1]: duplicate key 'kind' twice on line 4; write each key once (YAML would "
+     "silently keep the last one)"),
+])
+def test_duplicate_keys_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    assert error_of(path).message == f"{path}: {expected}"
+
+
+def test_a_duplicate_key_in_a_parent_names_the_parent(tmp_path: Path) -> None:
+    parent = write(tmp_path, "runtime:\n  device: cpu\n  device: auto\n", "parent.yaml")
+    child = write(tmp_path, "extends: parent.yaml\nname: child\n", "child.yaml")
+    assert error_of(child).message == (
+        f"{parent}: runtime: duplicate key 'device' at lines 2 and 3; write each key once "
+        "(YAML would silently keep the last one)")
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    message = error_of(path).message
+    assert message.startswith(f"{path}: a")
+    assert message.endswith(
+        ": more than 100,000 values once YAML aliases (*name) are expanded; a spec needs far "
+        "fewer: write the values out or use `extends:`")
+
+
+def test_shared_aliases_within_the_limit_are_fine(tmp_path: Path) -> None:
+    from harness.spec import read_yaml
+
+    path = write(tmp_path, "a: &x [1, 2]\nb: *x\nc: {d: *x}\n")
+    assert read_yaml(path) == {"a": [1, 2], "b": [1, 2], "c": {"d": [1, 2]}}
+
+
+@pytest.mark.parametrize("depth", [65, 2000])
+def test_deep_nesting_is_refused(tmp_path: Path, depth: int) -> None:
+    path = write(tmp_path, "a: " + "[" * depth + "]" * depth + "\n")
+    expected = (f"{path}: line 1, column 68: nested deeper than 64 levels; a spec nests a few "
+                "levels") if depth == 65 else (
+        f"{path}: nested too deeply for a spec (more than 64 levels); a spec nests a few levels")
+    assert error_of(path).message == expected
+
+
+def test_an_oversized_spec_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\n" + "# padding\n" * 100_001)
+    assert error_of(path).message == (
+        f"{path}: larger than 1,000,000 bytes; a spec is a small text file (specs/paper.yaml is "
+        "under 20 KB): name the spec, not a data file")
+
+
+def test_an_endless_file_is_refused() -> None:
+    assert error_of(Path("/dev/zero")).message == (
+        "/dev/zero: larger than 1,000,000 bytes; a spec is a small text file "
+        "(specs/paper.yaml is under 20 KB): name the spec, not a data file")
+
+
+def test_an_error_written_in_a_parent_names_the_parent(tmp_path: Path) -> None:
+    base = write(tmp_path, f"extends: {ROOT / 'specs' / 'demo.yaml'}\n"
+                           "models: [{name: cnn, train: {epochs: 0}}]\n"
+                           "data: {split: {sed: 3}}\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\nname: child\ndata: {split: {sed: null}}\n",
+                  "child.yaml")
+    # the child wrote data.split.sed (null): the child is named
+    assert error_of(child).message.startswith(f"{child}: data.split: unknown key 'sed'")
+    child.write_text("extends: base.yaml\nname: child\n")
+    assert error_of(child).message == (
+        f"{base}: data.split: unknown key 'sed' (did you mean 'seed'?); allowed: seed, strategy, "
+        f"stratify, test_fraction (extended by {child})")
+    base.write_text(f"extends: {ROOT / 'specs' / 'demo.yaml'}\n"
+                    "models: [{name: cnn, train: {epochs: 0}}]\n")
+    assert error_of(child).message == (
+        f"{base}: models[1].train.epochs: must be greater than or equal to 1; got 0 "
+        f"(extended by {child})")
+    child.write_text("extends: base.yaml\nname: child\n"
+                     "models: [{name: cnn, train: {epochs: -2}}]\n")
+    assert error_of(child).message == (
+        f"{child}: models[1].train.epochs: must be greater than or equal to 1; got -2")
+    # --set is named as before, whoever wrote the field
+    assert error_of(child, ("models.cnn.train.epochs=-3",)).message == (
+        f"{child}: models[1].train.epochs: must be greater than or equal to 1; got -3 "
+        "(from --set models.cnn.train.epochs=-3)")
+
+
+def test_invalid_yaml_in_a_parent_names_the_parent(tmp_path: Path) -> None:
+    base = write(tmp_path, "name: [x\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\n", "child.yaml")
+    assert error_of(child).message.startswith(f"{base}: invalid YAML at line ")

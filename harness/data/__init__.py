@@ -71,7 +71,9 @@ def load_table(data_spec: Any, cache_dir: Path | str) -> tuple[pd.DataFrame, Pat
         raise UserError(
             f"data.dataset: got {data_spec.dataset!r}; allowed: {', '.join(DATASETS)}"
         )
-    table = load_mura_table(root, data_spec.body_parts)
+    table = load_mura_table(
+        root, data_spec.body_parts, follow_symlinks=getattr(data_spec, "follow_symlinks", False)
+    )
     base = Path(table.attrs["base_dir"])
     # Sorted by path, the order the cache stores rows in: the split then depends only on the
     # set of images, not on the CSVs' line order.

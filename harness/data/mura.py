@@ -12,6 +12,8 @@ split ("train" | "valid"). Every inconsistency between CSVs, folder names and fi
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -82,13 +84,45 @@ def _read_lines(csv_path: Path) -> list[tuple[int, str]]:
             "valid_labeled_studies.csv",
             hint=WHERE_FROM,
         )
-    # utf-8-sig drops a byte-order mark; splitlines() handles CRLF and CR line ends.
-    text = csv_path.read_text(encoding="utf-8-sig")
+    try:
+        blob = csv_path.read_bytes()
+    except PermissionError:
+        raise UserError(
+            f"{csv_path}: permission denied reading the CSV; make it readable by this user "
+            "(e.g. chmod a+r)"
+        ) from None
+    except OSError as e:
+        raise UserError(
+            f"{csv_path}: cannot read the CSV ({e.strerror or e}); restore the file or "
+            "re-extract the archive"
+        ) from None
+    try:  # utf-8-sig drops a byte-order mark
+        text = blob.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = blob[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{csv_path}:{line}: not UTF-8 text (byte 0x{blob[e.start]:02x}); MURA's CSVs are "
+            "plain ASCII: restore the file or re-extract the archive"
+        ) from None
+    # splitlines() handles CRLF and CR line ends
     lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines())]
     lines = [(n, ln) for n, ln in lines if ln]
-    if lines and not lines[0][1].startswith(DATASET_DIR + "/"):
+    if lines and _is_header(lines[0][1]):
+        # MURA's own CSVs have no header; a copy saved by a spreadsheet may have one
+        print(f"note: {csv_path}:{lines[0][0]}: header line {lines[0][1]!r} skipped",
+              file=sys.stderr)
         lines = lines[1:]
     return lines
+
+
+_HEADER_FIELD = re.compile(r"^[A-Za-z][A-Za-z_ ]*$")
+
+
+def _is_header(line: str) -> bool:
+    """A line of column names (`Path`, `path,label`, `image_path`): words, no path, no digit.
+    Anything else, a mistyped first row included, is data and is checked as such."""
+    fields = [f.strip().strip('"') for f in line.split(",")]
+    return 1 <= len(fields) <= 2 and all(_HEADER_FIELD.match(f) for f in fields)
 
 
 def _parse_study_dir(csv_path: Path, line_no: int, text: str, split: str) -> tuple[str, ...]:
@@ -191,7 +225,17 @@ def _load_split(base: Path, split: str, parts_wanted: set[str]) -> tuple[list[di
 
 
 def _check_files_exist(base: Path, paths: Iterable[str]) -> None:
-    missing = [p for p in paths if not os.path.isfile(base / p)]
+    missing: list[str] = []
+    denied: list[str] = []
+    for p in paths:
+        if not os.path.isfile(base / p):  # isfile() says False for a permission error too
+            (denied if _permission_denied(base / p) else missing).append(p)
+    if denied:
+        raise UserError(
+            f"{base / DATASET_DIR}: permission denied for {len(denied)} image file(s) listed in "
+            f"the CSVs (first: {_first(denied)}); make the files and their folders readable "
+            "by this user (e.g. chmod -R a+rX)"
+        )
     if missing:
         raise UserError(
             f"{base / DATASET_DIR}: {len(missing)} image file(s) listed in the CSVs are missing "
@@ -199,10 +243,37 @@ def _check_files_exist(base: Path, paths: Iterable[str]) -> None:
         )
 
 
+def _permission_denied(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _check_inside(base: Path, paths: Iterable[str]) -> None:
+    """Refuse files (CSVs, images) whose real path, symlinks followed, leaves MURA-v1.1/."""
+    inside = os.path.realpath(base / DATASET_DIR) + os.sep
+    outside = []
+    for p in paths:
+        real = os.path.realpath(base / p)
+        if not real.startswith(inside):
+            outside.append(f"{p} -> {real}")
+    if outside:
+        raise UserError(
+            f"{base / DATASET_DIR}: {len(outside)} file(s) are symlinks leading outside the data "
+            f"folder (first: {_first(outside, 1)}); copy the files in, or set "
+            "data.follow_symlinks: true to read them where they lead"
+        )
+
+
 def load_mura_table(
     root: Path | str | None,
     body_parts: Sequence[str],
     splits: Sequence[str] = SPLITS,
+    follow_symlinks: bool = False,
 ) -> pd.DataFrame:
     """Read the image table of the given body parts and splits; `.attrs["base_dir"]` is the root."""
     wanted = {p.upper().removeprefix("XR_") for p in body_parts}
@@ -236,6 +307,10 @@ def load_mura_table(
             f"(first: {_first(dupes)})"
         )
     _check_files_exist(base, table["path"])
+    if not follow_symlinks:
+        csvs = [f"{DATASET_DIR}/{name(s)}" for s in splits for name in (image_csv_name,
+                                                                        study_csv_name)]
+        _check_inside(base, [*csvs, *table["path"]])
     table["label"] = table["label"].astype("int64")
     table.attrs["base_dir"] = str(base)
     return table

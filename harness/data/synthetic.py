@@ -18,6 +18,7 @@ PNGs are written with fixed Pillow options, so one seed gives the same bytes, in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -368,7 +369,53 @@ def make_mura_tree(
         if not 0.0 <= value <= 1.0:
             raise UserError(f"data.synthetic.{name}: got {value}; allowed: 0 to 1")
 
-    out = Path(out_dir)
+    final_out = Path(out_dir)
+    target = _writable_target(final_out)
+    # everything is written into a temporary sibling of MURA-v1.1/, renamed once complete:
+    # an existing tree is never touched, and an interrupted run leaves no half tree behind
+    tmp = final_out / f".{DATASET_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_tree(tmp, patients, seed, parts, min_size, max_size, label_noise,
+                    valid_fraction, difficulty, workers)
+        os.rename(tmp / DATASET_DIR, target)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"{final_out}: out of disk space while generating the tree; free space or name "
+                "a folder on another disk"
+            ) from None
+        raise UserError(
+            f"{final_out}: cannot write the generated tree ({err.strerror or err}); "
+            "name a writable folder"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final_out
+
+
+def _writable_target(out: Path) -> Path:
+    """out/MURA-v1.1, refused when out is not a folder or the tree already exists."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file, not a folder; name a new or empty folder")
+    target = out / DATASET_DIR
+    if target.exists() or target.is_symlink():
+        raise UserError(
+            f"{target}: already exists; make-data never overwrites a MURA tree (its CSVs are "
+            "the labels): name another folder, or remove this one first"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"{out}: cannot create the folder ({err.strerror or err}); name a writable folder"
+        ) from None
+    return target
+
+
+def _write_tree(
+    out: Path, patients: int, seed: int, parts: tuple[str, ...], min_size: int, max_size: int,
+    label_noise: float, valid_fraction: float, difficulty: float, workers: int | None,
+) -> None:
     studies = _plan_studies(patients, seed, parts, label_noise, valid_fraction)
     jobs: list[_ImageJob] = []
     image_lines: dict[str, list[str]] = {"train": [], "valid": []}
@@ -405,7 +452,6 @@ def make_mura_tree(
             ]
             for f in futures:
                 f.result()
-    return out
 
 
 def synthetic_params(synthetic_spec: Any, body_parts: Sequence[str]) -> dict[str, Any]:

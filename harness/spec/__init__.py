@@ -21,13 +21,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from harness.errors import UserError
-from harness.spec.messages import from_override, validation_message
+from harness.spec.messages import error_field, from_override, validation_message
 from harness.spec.resolve import (
     MERGE_KEYS,
     apply_override,
     display,
     join_path,
     merge,
+    origin,
     read_yaml,
     resolve_extends,
     split_path,
@@ -185,7 +186,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
     """Load, resolve `extends`, apply `--set` overrides and validate a spec file."""
     path = Path(path)
     source = display(path)
-    raw = resolve_extends(path)
+    files: list[tuple[str, Any]] = []
+    raw = resolve_extends(path, files=files)
     raw.setdefault("name", path.stem)
     set_paths: dict[str, str] = {}
     for assignment in overrides:
@@ -194,9 +196,14 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
         spec = Spec.model_validate(raw)
     except ValidationError as e:
         message = validation_message(e, raw, source)
-        culprit = from_override(dict(e.errors(include_url=False)[0]), raw, set_paths)
+        err = dict(e.errors(include_url=False)[0])
+        culprit = from_override(err, raw, set_paths)
         if culprit is not None:
             message += f" (from --set {culprit})"
+        elif len(files) > 1:  # name the parent that wrote the field, not the child
+            written_by = origin(files, raw, error_field(err, raw))
+            if written_by is not None and written_by != source:
+                message = f"{written_by}{message.removeprefix(source)} (extended by {source})"
         raise UserError(message) from None
     _check_assumption_fields(spec, raw, source)
     spec._source = source

@@ -97,6 +97,16 @@ def _error_path(err: dict[str, Any], raw: dict[str, Any]) -> str:
     return where
 
 
+def error_field(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    """The field an error is about: the path, or for an unknown key or tag the key itself."""
+    where = _error_path(err, raw)
+    where = "" if where == "(top level)" else where
+    ctx = err.get("ctx") or {}
+    if err["type"] in ("unknown_key", "union_tag_invalid"):
+        return join_path(where, str(ctx.get("key") or ctx.get("discriminator", "")).strip("'"))
+    return where
+
+
 def validation_message(e: ValidationError, raw: dict[str, Any], source: str) -> str:
     err = dict(e.errors(include_url=False)[0])
     return f"{source}: {_error_path(err, raw)}: {_describe(err)}"

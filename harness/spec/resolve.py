@@ -28,15 +28,102 @@ def display(path: Path) -> str:
         return str(path)
 
 
+MAX_SPEC_BYTES = 1_000_000  # a spec is a few KB; the paper's is under 20 KB
+MAX_DEPTH = 64  # mappings and lists nested in one another
+MAX_NODES = 100_000  # values once aliases are expanded (an alias bomb expands exponentially)
+
+
+def _read_text(path: Path, shown: str) -> str:
+    """The file's text, reading at most MAX_SPEC_BYTES + 1 bytes (`/dev/zero` ends too)."""
+    try:
+        with path.open("rb") as f:
+            blob = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{shown}: cannot read the spec file: {e.strerror or e}") from None
+    if len(blob) > MAX_SPEC_BYTES:
+        raise UserError(
+            f"{shown}: larger than {MAX_SPEC_BYTES:,} bytes; a spec is a small text file "
+            "(specs/paper.yaml is under 20 KB): name the spec, not a data file"
+        )
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{shown}: not a UTF-8 text file") from None
+
+
+def _check_nodes(root: yaml.Node, shown: str) -> None:
+    """Refuse duplicate keys (at any depth, flow mappings included), nesting deeper than
+    MAX_DEPTH and more than MAX_NODES values once aliases are expanded."""
+    count = 0
+
+    def where(path: str) -> str:
+        return path or "(top level)"
+
+    def walk(node: yaml.Node, path: str, depth: int) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_NODES:
+            raise UserError(
+                f"{shown}: {where(path)}: more than {MAX_NODES:,} values once YAML aliases "
+                "(*name) are expanded; a spec needs far fewer: write the values out or use "
+                "`extends:`"
+            )
+        if depth > MAX_DEPTH:
+            mark = node.start_mark
+            raise UserError(
+                f"{shown}: line {mark.line + 1}, column {mark.column + 1}: nested deeper than "
+                f"{MAX_DEPTH} levels; a spec nests a few levels"
+            )
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if name in first_line:
+                        lines = (f"twice on line {line}" if first_line[name] == line
+                                 else f"at lines {first_line[name]} and {line}")
+                        raise UserError(
+                            f"{shown}: {where(path)}: duplicate key '{name}' {lines}; write "
+                            "each key once (YAML would silently keep the last one)"
+                        )
+                    first_line[name] = line
+                walk(value, join_path(path, str(name)), depth + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, join_path(path, i), depth + 1)
+
+    walk(root, "", 0)
+
+
+def _load(text: str, shown: str) -> Any:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, shown)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise UserError(
+            f"{shown}: nested too deeply for a spec (more than {MAX_DEPTH} levels); "
+            "a spec nests a few levels"
+        ) from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Parse one YAML file safely; errors carry the line and column."""
+    """Parse one YAML file safely; errors carry the line and column. Duplicate keys, an
+    oversized file, deep nesting and alias bombs are refused before anything is built."""
     shown = display(path)
     if not path.exists():
         raise UserError(f"{shown}: spec file not found", "check the path; specs live in specs/")
     if path.is_dir():
         raise UserError(f"{shown}: is a folder, not a spec file", "name a .yaml file inside it")
+    text = _read_text(path, shown)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load(text, shown)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -50,10 +137,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{shown}: invalid YAML at {where}: {e.problem}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{shown}: invalid YAML: {e}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{shown}: not a UTF-8 text file") from None
-    except OSError as e:
-        raise UserError(f"{shown}: cannot read the spec file: {e.strerror or e}") from None
     if data is None:
         raise UserError(f"{shown}: the spec is empty")
     if not isinstance(data, dict):
@@ -98,9 +181,13 @@ def merge(base: Any, over: Any) -> Any:
     return over
 
 
-def resolve_extends(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def resolve_extends(
+    path: Path, _chain: tuple[Path, ...] = (), files: list[tuple[str, Any]] | None = None
+) -> dict[str, Any]:
     """Read a spec and its `extends:` parents (paths relative to the child file), then apply
-    its `overrides:` (a list of `PATH=VALUE`, as for --set) to the merged result."""
+    its `overrides:` (a list of `PATH=VALUE`, as for --set) to the merged result. `files`, when
+    given, receives (file as shown, its own mapping) for each file, the farthest parent first:
+    `origin` tells from it which file wrote a field."""
     path = path.resolve() if path.exists() else path
     if path in _chain:
         cycle = " -> ".join(display(p) for p in (*_chain, path))
@@ -113,10 +200,13 @@ def resolve_extends(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
             f"{display(path)}: overrides: must be a list of 'PATH=VALUE' strings "
             f"(as for --set); got {overrides!r}"
         )
+    own = merge({}, raw)  # a copy: merging and overrides write into `merged`
     if parent is None:
         merged = raw
     else:
-        merged = merge(_parent(path, parent, _chain), raw)
+        merged = merge(_parent(path, parent, _chain, files), raw)
+    if files is not None:
+        files.append((display(path), own))
     for i, assignment in enumerate(overrides):
         try:
             apply_override(merged, assignment, display(path))
@@ -127,7 +217,9 @@ def resolve_extends(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     return merged
 
 
-def _parent(path: Path, parent: Any, _chain: tuple[Path, ...]) -> dict[str, Any]:
+def _parent(
+    path: Path, parent: Any, _chain: tuple[Path, ...], files: list[tuple[str, Any]] | None
+) -> dict[str, Any]:
     if not isinstance(parent, str):
         raise UserError(f"{display(path)}: extends: must be a file path; got {parent!r}")
     parent_path = (path.parent / parent).resolve()
@@ -136,7 +228,39 @@ def _parent(path: Path, parent: Any, _chain: tuple[Path, ...]) -> dict[str, Any]
             f"{display(path)}: extends: parent spec '{parent}' not found "
             f"(looked for {display(parent_path)})"
         )
-    return resolve_extends(parent_path, (*_chain, path))
+    return resolve_extends(parent_path, (*_chain, path), files)
+
+
+def origin(files: list[tuple[str, Any]], merged: Any, field: str) -> str | None:
+    """The file (of `files`, from resolve_extends) that wrote `field` of the merged spec, or the
+    closest enclosing field it wrote; None when none did (a default, or --set)."""
+    marks: dict[str, str] = {}
+
+    def mark(own: Any, node: Any, where: str, shown: str) -> None:
+        if where:
+            marks[where] = shown
+        if isinstance(own, dict) and isinstance(node, dict):
+            for k, v in own.items():
+                if k in node:
+                    mark(v, node[k], join_path(where, str(k)), shown)
+        elif isinstance(own, list) and isinstance(node, list):
+            key = _merge_key(own)
+            for i, item in enumerate(own):
+                j = i
+                if key is not None and key == _merge_key(node):
+                    j = next((n for n, x in enumerate(node) if x.get(key) == item[key]), -1)
+                if 0 <= j < len(node):
+                    mark(item, node[j], join_path(where, j), shown)
+
+    for shown, own in files:  # the farthest parent first: a child's mark wins
+        mark(own, merged, "", shown)
+    probe = field
+    while probe:
+        if probe in marks:
+            return marks[probe]
+        probe = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", probe) if re.search(
+            r"[.\[]", probe) else ""
+    return None
 
 
 _SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")

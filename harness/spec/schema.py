@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, TypeAlias, get_args, get_origin
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -58,6 +59,21 @@ from harness.vocab import (
 BackendName: TypeAlias = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]  # registry names
 PosInt = Annotated[int, Field(gt=0)]
 Pair = tuple[PosInt, PosInt]
+SEED_MAX = 2**32 - 1  # PYTHONHASHSEED and numpy seed sequences take 0 .. 2**32 - 1
+
+
+def _seed(v: Any) -> Any:
+    # one check for every seed of a spec (seeds, data.split.seed, data.synthetic.seed,
+    # evaluation.bootstrap.seed): an integer, never a boolean, a float or a string
+    if isinstance(v, bool) or not isinstance(v, int):
+        shown = str(v).lower() if isinstance(v, bool) else repr(v)
+        raise ValueError(f"must be an integer seed in [0, {SEED_MAX}]; got {shown}")
+    if not 0 <= v <= SEED_MAX:
+        raise ValueError(f"must be an integer seed in [0, {SEED_MAX}]; got {v}")
+    return v
+
+
+Seed = Annotated[int, BeforeValidator(_seed)]
 
 
 class Strict(BaseModel):
@@ -170,7 +186,7 @@ class SplitSpec(Strict):
     strategy: SplitStrategy = "image"
     test_fraction: float = Field(0.2, gt=0, lt=1)
     stratify: bool = False
-    seed: int = 42
+    seed: Seed = 42
 
 
 class ValidationSpec(Strict):
@@ -180,7 +196,7 @@ class ValidationSpec(Strict):
 
 class SyntheticSpec(Strict):
     patients: int = Field(300, ge=4)
-    seed: int = 0
+    seed: Seed = 0
     min_size: int = Field(160, ge=16, le=512)
     max_size: int = Field(512, ge=16, le=512)
     label_noise: float = Field(0.0, ge=0, lt=0.5)
@@ -205,6 +221,8 @@ class DataSpec(Strict):
     split: SplitSpec = SplitSpec()
     validation: ValidationSpec = ValidationSpec()
     on_bad_image: OnBadImage = "fail"
+    # a file of the tree that is a symlink leading outside MURA-v1.1/ is refused unless true
+    follow_symlinks: bool = False
     synthetic: SyntheticSpec = SyntheticSpec()
 
     @field_validator("body_parts", mode="before")
@@ -425,8 +443,16 @@ class RandomModel(ModelBase):
 
     kind: Literal["random"]
     backends: tuple[BackendName, ...] = ("reference",)
-    low: float = 0.0
-    high: float = 1.0
+    low: float = Field(0.0, ge=0, le=1)  # probabilities
+    high: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> RandomModel:
+        if not self.low < self.high:
+            raise ValueError(
+                f"low ({self.low:g}) must be below high ({self.high:g}): p ~ U[low, high)"
+            )
+        return self
 
 
 class SequentialModel(ModelBase):
@@ -470,7 +496,7 @@ class Bootstrap(Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     unit: BootstrapUnit = "patient"
     method: BootstrapMethod = "percentile"
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Evaluation(Strict):
@@ -512,7 +538,7 @@ class Spec(Strict):
     augmentation: AugmentationSpec = AugmentationSpec()
     models: tuple[Model, ...]
     evaluation: Evaluation = Evaluation()
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[Seed, ...] = (0,)
     runtime: Runtime = Runtime()
     assumptions: tuple[Assumption, ...] = ()
 
@@ -532,9 +558,6 @@ class Spec(Strict):
     def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v or len(set(v)) != len(v):
             raise ValueError(f"must be a non-empty list of distinct integers; got {list(v)}")
-        bad = [s for s in v if not 0 <= s < 2**32]
-        if bad:  # PYTHONHASHSEED and numpy seed sequences take 0 .. 2**32 - 1
-            raise ValueError(f"seeds must be in [0, 4294967295]; got {bad[0]}")
         return v
 
     _source: str | None = PrivateAttr(default=None)  # set by load_spec, for messages
@@ -551,14 +574,19 @@ class Spec(Strict):
         for j, con in enumerate(self.paper.contradictions):
             where = f"paper.contradictions[{j}].claims"
             claims += [(f"{where}[{i}]", c) for i, c in enumerate(con.claims)]
-        for where, claim in claims:
-            if claim.model not in names:
+        refs = [(f"{where}.model", claim.model) for where, claim in claims]
+        refs += [
+            (f"paper.not_printed[{i}].models[{j}]", name)
+            for i, np_ in enumerate(self.paper.not_printed)
+            for j, name in enumerate(np_.models)
+        ]
+        for where, model in refs:
+            if model not in names:
                 # a custom error type carries the path: an after-validator's own location is the top
                 raise PydanticCustomError(
                     "cross_ref",
                     "{path}: no model named '{got}'; models are {allowed}",
-                    {"path": f"{where}.model", "got": claim.model,
-                     "allowed": ", ".join(sorted(names))},
+                    {"path": where, "got": model, "allowed": ", ".join(sorted(names))},
                 )
         return self
 

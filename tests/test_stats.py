@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 from scipy import stats as sps
-from simulate import verdict_outcomes
+from simulate import bootstrap_coverage, mcnemar_rejections, verdict_outcomes
 
 from harness.metrics import METRICS, compute_metrics
 from harness.stats import (
@@ -20,8 +20,11 @@ from harness.stats import (
     bootstrap_metrics,
     bootstrap_seed_mean,
     bootstrap_seed_noise,
+    clustered_mcnemar,
+    clustered_mcnemar_from_counts,
     mcnemar,
     paired_bootstrap_difference,
+    paired_test,
     prediction_interval,
     prediction_verdict,
     study_level,
@@ -200,6 +203,12 @@ def test_undefined_resamples_are_dropped_and_counted() -> None:
     assert 0.30 < ci["precision"].n_dropped / 2000 < 0.40
     assert ci["precision"].low == ci["precision"].high == 1.0
     assert ci["accuracy"].n_dropped == 0
+    # The report must say so: more than 1% dropped.
+    assert ci["precision"].dropped_share == ci["precision"].n_dropped / 2000
+    assert ci["precision"].dropped_notable and not ci["accuracy"].dropped_notable
+    edge = Interval(0.5, 0.4, 0.6, "percentile", 0.95, 1000, "image", n_dropped=10)
+    assert edge.dropped_share == 0.01 and not edge.dropped_notable  # exactly 1% is not shown
+    assert Interval(0.5, 0.4, 0.6, "percentile", 0.95, 1000, "image", n_dropped=11).dropped_notable
 
 
 def test_degenerate_distribution_gives_point_interval() -> None:
@@ -523,12 +532,117 @@ def test_seed_mean_se_is_sd_of_resamples() -> None:
 def test_verdict_rule_coverage_when_the_paper_ran_our_recipe(sd_train: float) -> None:
     # The simulated paper ran exactly our recipe (tests/simulate.py: ~2,000 test images in
     # patients of 1-5, 3 seeds, paper 1,951 images binomial). The new rule must call it
-    # "reproduced" in 93-97% of 600 worlds (binomial sd 0.9 points); the old rule, the seed
+    # "reproduced" in about 95% of 600 worlds (binomial sd 0.9 points); the old rule, the seed
     # mean's interval against the paper's Wilson interval, must be shown to fail where the
-    # issue measured it (with seed variance).
+    # issue measured it (with seed variance: 30% here, 35% in the issue).
     new, old = verdict_outcomes(sd_train, 600, seed=11)
     share = new["reproduced"] / 600
-    assert 0.93 <= share <= 0.97, (sd_train, dict(new))
+    # With no training variance the rule is conservative (measured 97.8% here): the seeds'
+    # spread is then all test noise, and s^2 - w on S - 1 = 2 degrees of freedom still widens
+    # the interval by a t quantile. Where training variance exists it holds 95-96%.
+    low, high = (0.95, 0.985) if sd_train == 0 else (0.93, 0.97)
+    assert low <= share <= high, (sd_train, dict(new))
     assert set(new) <= {"reproduced", "not reproduced (higher)", "not reproduced (lower)"}
     if sd_train > 0.03:
         assert old["reproduced"] / 600 < 0.5, dict(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# McNemar adjusted for clusters
+
+# Durkalski et al. (2003), psychiatry data (29 psychiatrists, 1-8 items each): per cluster the
+# items A "right" and B "wrong" (b_k), the reverse (c_k), and the cluster size (n_k). Published
+# chi-square statistics: McNemar 11.85, Obuchowski 7.19, Durkalski 7.54 (as checked by the R
+# package clust.bin.pair's tests). Thyroid data of Obuchowski (1998), 21 patients: McNemar 4.5,
+# Obuchowski 2.86, Durkalski 2.32.
+PSYCHIATRY_B = [0, 1, 1, 1, 0, 3, 3, 3, 1, 0, 0, 1, 0, 0, 0,
+                0, 0, 0, 3, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0]
+PSYCHIATRY_C = [4, 2, 3, 2, 1, 3, 0, 2, 2, 4, 2, 4, 3, 2, 1,
+                3, 1, 2, 0, 0, 0, 2, 1, 2, 2, 0, 0, 1, 1]
+PSYCHIATRY_N = [7, 6, 7, 6, 4, 6, 5, 8, 4, 7, 3, 6, 7, 6, 5,
+                4, 6, 5, 4, 3, 5, 4, 4, 2, 3, 2, 2, 3, 1]
+THYROID_B = [0] * 8 + [1] + [0] * 12
+THYROID_C = [2, 1, 0, 0, 1] + [0] * 9 + [2, 0, 0, 1, 0, 0, 0]
+THYROID_N = [3, 3, 3, 1, 3, 4, 3, 2, 2, 1, 3, 2, 3, 2, 2, 3, 3, 3, 2, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("b", "c", "n", "obuchowski", "durkalski"),
+    [
+        (PSYCHIATRY_B, PSYCHIATRY_C, PSYCHIATRY_N, 7.19, 7.54),
+        (THYROID_B, THYROID_C, THYROID_N, 2.86, 2.32),
+    ],
+)
+def test_clustered_mcnemar_published_values(
+    b: list[int], c: list[int], n: list[int], obuchowski: float, durkalski: float
+) -> None:
+    image = clustered_mcnemar_from_counts(np.array(b), np.array(c), np.array(n))
+    cluster = clustered_mcnemar_from_counts(np.array(b), np.array(c), np.array(n),
+                                            weighting="cluster")
+    assert round(image.statistic, 2) == obuchowski
+    assert round(cluster.statistic, 2) == durkalski
+    assert image.p_value == pytest.approx(sps.chi2.sf(image.statistic, 1), rel=1e-12)
+    assert (image.b, image.c, image.n_clusters) == (sum(b), sum(c), len(b))
+    assert image.test == f"clustered (Obuchowski), {len(b)} clusters"
+    assert cluster.test == f"clustered (Durkalski), {len(b)} clusters"
+
+
+def test_clustered_mcnemar_from_items_matches_counts() -> None:
+    # Unfold the psychiatry table into items: cluster k has b_k (A right, B wrong), c_k (A
+    # wrong, B right) and the rest concordant (both right).
+    ids, a, b = [], [], []
+    for k, (bk, ck, nk) in enumerate(zip(PSYCHIATRY_B, PSYCHIATRY_C, PSYCHIATRY_N, strict=True)):
+        ids += [f"p{k:02d}"] * nk
+        a += [1] * bk + [0] * ck + [1] * (nk - bk - ck)
+        b += [0] * bk + [1] * ck + [1] * (nk - bk - ck)
+    y = np.ones(len(a), dtype=int)
+    r = clustered_mcnemar(y, np.array(a), np.array(b), np.array(ids))
+    assert round(r.statistic, 2) == 7.19
+    assert (r.b, r.c) == (sum(PSYCHIATRY_B), sum(PSYCHIATRY_C))
+    # The plain test on the same items, b = 21 and c = 50: (|b - c| - 1)^2 / (b + c) with the
+    # continuity correction (11.85 without it, as published).
+    plain = mcnemar(y, np.array(a), np.array(b))
+    assert (plain.b, plain.c) == (21, 50)
+    assert plain.statistic == pytest.approx(28**2 / 71, rel=1e-12)
+    assert paired_test(y, np.array(a), np.array(b), None) == plain
+    assert paired_test(y, np.array(a), np.array(b), np.array(ids)) == r
+
+
+def test_clustered_mcnemar_singletons_and_edges() -> None:
+    # One item per cluster: (K-1)/K x McNemar's statistic without continuity correction.
+    y, a, b = predictions_with(30, 10, 100, 20)
+    r = clustered_mcnemar(y, a, b, np.arange(y.shape[0]))
+    assert r.statistic == pytest.approx(159 / 160 * (30 - 10) ** 2 / 40, rel=1e-12)
+    # No discordance at all, or discordances that cancel inside every cluster: no evidence.
+    none = clustered_mcnemar(np.ones(4), np.ones(4), np.ones(4), np.array([0, 0, 1, 1]))
+    assert (none.statistic, none.p_value) == (0.0, 1.0)
+    cancel = clustered_mcnemar(np.ones(4), np.array([1, 0, 1, 0]), np.array([0, 1, 0, 1]),
+                               np.array([0, 0, 1, 1]))
+    assert (cancel.b, cancel.c, cancel.p_value) == (2, 2, 1.0)
+    message = "clusters must be 1-D with one id per item (4)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        clustered_mcnemar(np.ones(4), np.ones(4), np.ones(4), np.arange(3))
+    with pytest.raises(ValueError, match="weighting must be one of image, cluster; got 'x'"):
+        clustered_mcnemar(np.ones(4), np.ones(4), np.ones(4), np.arange(4),
+                          weighting="x")  # type: ignore[arg-type]
+
+
+def test_clustered_mcnemar_holds_its_level_where_plain_does_not() -> None:
+    # Two equally accurate models on MURA-like clusters (1-5 images a patient, latent
+    # intra-patient correlation 0.4; tests/simulate.py). 1,000 null worlds: a 5% test should
+    # reject 5% (binomial sd 0.7 points); plain McNemar ignores the clusters and rejects more.
+    rates = mcnemar_rejections(1000, seed=3)
+    assert 0.035 <= rates["clustered (Obuchowski)"] <= 0.065, rates
+    assert rates["plain"] >= 0.075, rates
+
+
+def test_bca_covers_better_than_percentile_on_small_test_sets() -> None:
+    # 30 test images, binormal scores with AUROC 0.80 (tests/simulate.py); 600 test sets, the
+    # same for both methods (binomial sd 0.9 points). The percentile interval under-covers the
+    # true AUROC and specificity; BCa is near the nominal 95%. The evidence for BCa as the
+    # default (`evaluation.bootstrap.method`); tests/tools/coverage.py has the long table.
+    cov = bootstrap_coverage(30, 600, seed=5, n_resamples=500)
+    for metric in ("auroc", "specificity"):
+        assert cov["percentile"][metric] < 0.94, cov
+        assert 0.94 <= cov["bca"][metric] <= 0.985, cov
+        assert abs(cov["bca"][metric] - 0.95) < abs(cov["percentile"][metric] - 0.95), cov

@@ -818,3 +818,126 @@ def paired_test(
     if clusters is None:
         return mcnemar(labels, pred_a, pred_b)
     return clustered_mcnemar(labels, pred_a, pred_b, clusters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two results side by side (`harness compare`): the difference of two recipes' seed means
+
+
+def bootstrap_seed_mean_difference(
+    labels: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    threshold: float = 0.5,
+    metrics: Sequence[str] = METRICS,
+    *,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    method: Method = "percentile",
+    clusters: np.ndarray | None = None,
+    unit: Unit | None = None,
+    rng: np.random.Generator | int,
+) -> dict[str, Interval]:
+    """Interval of mean_A - mean_B, the seed means of two groups scored on the SAME test items.
+
+    `probs_a` (S_A, n) and `probs_b` (S_B, n); every resample scores all seeds of both groups on
+    the same drawn units (paired), so the interval and its `se` hold the test set's sampling of
+    the difference only (the seeds' own spread is added by `difference_interval`).
+    """
+    names = check_metric_names(metrics)
+    _check_options(n_resamples, confidence, method)
+    unit_name = _resolve_unit(clusters, unit)
+    a = np.atleast_2d(np.asarray(probs_a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(probs_b, dtype=np.float64))
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(
+            f"probs_a and probs_b must score the same items; got shapes {a.shape} and {b.shape}"
+        )
+    per_seed, n_units = _per_seed_stat(labels, np.vstack([a, b]), threshold, names, clusters)
+    n_a = a.shape[0]
+
+    def stat(unit_counts: np.ndarray) -> dict[str, np.ndarray]:
+        values = per_seed(unit_counts)
+        return {name: values[name][:n_a].mean(axis=0) - values[name][n_a:].mean(axis=0)
+                for name in names}
+
+    return _intervals(stat, n_units, names, n_resamples=n_resamples, confidence=confidence,
+                      method=method, unit_name=unit_name, gen=_generator(rng))
+
+
+@dataclass(frozen=True)
+class DifferenceInterval:
+    """mean_A - mean_B of two recipes, with the test-set and training parts of its uncertainty."""
+
+    difference: float
+    se_test: float  # of the difference: paired bootstrap, or sqrt(e_A^2 + e_B^2) unpaired
+    sd_training_a: float  # t_A = sqrt(max(s_A^2 - w_A, 0)); NaN below 2 seeds
+    sd_training_b: float
+    n_a: int
+    n_b: int
+    paired: bool
+    sd_total: float
+    df: float
+    quantile: float
+    low: float
+    high: float
+    confidence: float
+    with_training: bool  # False when either side has fewer than 2 seeds
+
+    def excludes_zero(self) -> bool:
+        """Whether the interval lies wholly above or below 0."""
+        return bool(self.low > 0 or self.high < 0)
+
+
+def difference_interval(
+    values_a: Sequence[float],
+    values_b: Sequence[float],
+    se_test: float,
+    *,
+    paired: bool,
+    seed_noise_a: float = 0.0,
+    seed_noise_b: float = 0.0,
+    confidence: float = 0.95,
+) -> DifferenceInterval:
+    """Interval of the difference of two recipes' expected scores (their seed means).
+
+    V = se_test^2 + t_A^2 / S_A + t_B^2 / S_B, with t^2 = max(s^2 - w, 0) as in
+    `prediction_interval`; q is the Student-t quantile with df = (S_min - 1) V / (s_A^2/S_A +
+    s_B^2/S_B), the normal one when both spreads are 0. With fewer than 2 seeds on a side the
+    training terms cannot be estimated: `with_training` is False and the interval holds the
+    test sets alone.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence!r}")
+    va = np.asarray(values_a, dtype=np.float64)
+    vb = np.asarray(values_b, dtype=np.float64)
+    if va.ndim != 1 or vb.ndim != 1 or va.size == 0 or vb.size == 0:
+        raise ValueError("values_a and values_b must be non-empty 1-D sequences")
+    n_a, n_b = int(va.size), int(vb.size)
+    diff = float(va.mean() - vb.mean())
+
+    def spread(v: np.ndarray) -> float:
+        if v.size < 2:
+            return float("nan")
+        return 0.0 if np.ptp(v) == 0 else float(np.std(v, ddof=1))
+
+    s_a, s_b = spread(va), spread(vb)
+    with_training = n_a >= 2 and n_b >= 2
+    t_a = math.sqrt(max(s_a**2 - seed_noise_a, 0.0)) if with_training else float("nan")
+    t_b = math.sqrt(max(s_b**2 - seed_noise_b, 0.0)) if with_training else float("nan")
+    nan = float("nan")
+    if not (math.isfinite(diff) and math.isfinite(se_test)):
+        return DifferenceInterval(diff, se_test, t_a, t_b, n_a, n_b, paired, nan, nan, nan, nan,
+                                  nan, confidence, with_training)
+    training = t_a**2 / n_a + t_b**2 / n_b if with_training else 0.0
+    var = se_test**2 + training
+    raw = s_a**2 / n_a + s_b**2 / n_b if with_training else 0.0
+    alpha = (1 - confidence) / 2
+    if raw > 0:
+        df = (min(n_a, n_b) - 1) * var / raw
+        q = float(student_t.ppf(1 - alpha, df))
+    else:
+        df, q = math.inf, float(ndtri(1 - alpha))
+    half = q * math.sqrt(var)
+    return DifferenceInterval(diff, float(se_test), t_a, t_b, n_a, n_b, paired, math.sqrt(var),
+                              df, q, diff - half, diff + half, confidence, with_training)

@@ -19,9 +19,11 @@ from harness.stats import (
     binomial_sd,
     bootstrap_metrics,
     bootstrap_seed_mean,
+    bootstrap_seed_mean_difference,
     bootstrap_seed_noise,
     clustered_mcnemar,
     clustered_mcnemar_from_counts,
+    difference_interval,
     mcnemar,
     paired_bootstrap_difference,
     paired_test,
@@ -646,3 +648,55 @@ def test_bca_covers_better_than_percentile_on_small_test_sets() -> None:
         assert cov["percentile"][metric] < 0.94, cov
         assert 0.94 <= cov["bca"][metric] <= 0.985, cov
         assert abs(cov["bca"][metric] - 0.95) < abs(cov["percentile"][metric] - 0.95), cov
+
+
+# ---------------------------------------------------------------------------------------------
+# Two recipes side by side (harness compare)
+
+
+def test_seed_mean_difference_paired() -> None:
+    y, pa = toy_set(400, seed=21)
+    rng = np.random.default_rng(22)
+    pb = np.clip(pa + rng.normal(0, 0.15, 400), 0, 1)
+    pc = np.clip(pa + rng.normal(0, 0.15, 400), 0, 1)
+    same = bootstrap_seed_mean_difference(y, np.stack([pa, pb]), np.stack([pa, pb]), 0.5,
+                                          ("accuracy",), n_resamples=200, rng=0)["accuracy"]
+    assert (same.point, same.low, same.high, same.se) == (0.0, 0.0, 0.0, 0.0)
+    # One seed a side: the paired difference of two models (other draws, same distribution).
+    one = bootstrap_seed_mean_difference(y, pa[None], pb[None], 0.5, ("accuracy", "auroc"),
+                                         n_resamples=8000, rng=1)
+    ref = paired_bootstrap_difference(y, pa, pb, 0.5, ("accuracy", "auroc"), n_resamples=8000,
+                                      rng=2)
+    for name in ("accuracy", "auroc"):
+        assert one[name].point == pytest.approx(ref[name].point, abs=1e-12)
+        assert one[name].low == pytest.approx(ref[name].low, abs=0.005)
+        assert one[name].high == pytest.approx(ref[name].high, abs=0.005)
+    two = bootstrap_seed_mean_difference(y, np.stack([pa, pb]), pc[None], 0.5, ("accuracy",),
+                                         n_resamples=200, rng=0)["accuracy"]
+    acc = [compute_metrics(y, p)["accuracy"] for p in (pa, pb, pc)]
+    assert two.point == pytest.approx((acc[0] + acc[1]) / 2 - acc[2], abs=1e-12)
+    with pytest.raises(ValueError, match="probs_a and probs_b must score the same items"):
+        bootstrap_seed_mean_difference(y, pa[None], pb[None, :300], rng=0)
+
+
+def test_difference_interval_by_hand() -> None:
+    # A: 0.80, 0.82, 0.84 (s 0.02), B: 0.70, 0.71, 0.72 (s 0.01); unpaired test SE 0.015.
+    d = difference_interval([0.80, 0.82, 0.84], [0.70, 0.71, 0.72], 0.015, paired=False,
+                            seed_noise_a=1e-4)
+    t_a2 = 0.02**2 - 1e-4  # 3e-4
+    var = 0.015**2 + t_a2 / 3 + 0.01**2 / 3
+    df = 2 * var / (0.02**2 / 3 + 0.01**2 / 3)
+    q = sps.t.ppf(0.975, df)
+    assert d.difference == pytest.approx(0.11, abs=1e-12)
+    assert d.sd_total == pytest.approx(math.sqrt(var), rel=1e-12)
+    assert d.df == pytest.approx(df, rel=1e-12) and d.quantile == pytest.approx(q, rel=1e-12)
+    half = q * math.sqrt(var)
+    assert (d.low, d.high) == pytest.approx((0.11 - half, 0.11 + half), abs=1e-15)
+    # V = 2.25e-4 + 1e-4 + 3.33e-5 = 3.583e-4; df = 2 V / 1.667e-4 = 4.30
+    assert round(d.df, 2) == 4.3 and d.excludes_zero() and not d.paired
+    single = difference_interval([0.8], [0.7, 0.72], 0.015, paired=True)
+    assert not single.with_training
+    assert single.sd_total == pytest.approx(0.015, rel=1e-12)
+    assert single.quantile == pytest.approx(1.959964, abs=1e-6)
+    flat = difference_interval([0.5, 0.5], [0.5, 0.5], 0.01, paired=True)
+    assert math.isinf(flat.df) and not flat.excludes_zero()

@@ -17,7 +17,7 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,62 +235,40 @@ def plot_results(rows: Sequence[ResultRow], path: Path | str, title: str) -> Fig
 
 @dataclass(frozen=True)
 class RocSet:
-    """Test labels and one probability row per seed, for one backend."""
+    """One backend's ROC curves, one (false positive rates, true positive rates) per seed, from
+    `harness.metrics.roc_curve_points`, and each seed's AUROC."""
 
     backend: str
     label: str
-    labels: np.ndarray  # (n,) 0/1
-    probs: np.ndarray  # (seeds, n)
+    curves: tuple[tuple[np.ndarray, np.ndarray], ...]
+    aurocs: tuple[float, ...]
 
 
 FPR_GRID = np.linspace(0.0, 1.0, 201)
 
 
-def roc_curve_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) at every distinct threshold, from (0, 0) to
-    (1, 1); ties move diagonally. Needs both classes."""
-    y = np.asarray(labels).astype(bool)
-    p = np.asarray(probs, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("a ROC curve needs both classes in the labels")
-    order = np.argsort(-p, kind="mergesort")
-    ps, ys = p[order], y[order]
-    last = np.r_[np.flatnonzero(ps[1:] != ps[:-1]), ps.shape[0] - 1]
-    tp = np.cumsum(ys)[last]
-    fp = np.cumsum(~ys)[last]
-    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
-
-
-def _auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
 def plot_roc(model: str, sets: Sequence[RocSet], path: Path | str) -> Figure | None:
     """ROC curves, one colour per backend: the mean over seeds of the true positive rate at each
     false positive rate, with the min-max band; AUROC (mean over seeds, and range) in the
-    legend. None without a test set holding both classes."""
-    usable = [s for s in sets if np.asarray(s.probs).size
-              and 0 < int(np.sum(s.labels)) < len(s.labels)]
+    legend. None without a curve."""
+    usable = [s for s in sets if s.curves]
     if not usable:
         return None
     fig = _figure(5.6)
     ax = fig.subplots()
     for i, s in enumerate(usable):
-        probs = np.atleast_2d(np.asarray(s.probs, dtype=np.float64))
-        tprs, aucs = [], []
-        for row in probs:
-            fpr, tpr = roc_curve_points(s.labels, row)
-            aucs.append(_auc(fpr, tpr))
-            # Right-continuous step: the best TPR reached at each FPR of the grid.
-            tprs.append(np.interp(FPR_GRID, fpr, tpr))
-        t = np.array(tprs)
+        # Each curve read at the grid's false positive rates (linear between its corners).
+        t = np.array([np.interp(FPR_GRID, fpr, tpr) for fpr, tpr in s.curves])
+        aucs = [a for a in s.aurocs if math.isfinite(a)]
         colour = backend_colour(s.backend, i)
-        auc = (f"AUROC {np.mean(aucs):.3f}" + (f" ({min(aucs):.3f} to {max(aucs):.3f}, "
-                                                f"{len(aucs)} seeds)" if len(aucs) > 1 else ""))
+        auc = ""
+        if aucs:
+            auc = f": AUROC {np.mean(aucs):.3f}" + (
+                f" ({min(aucs):.3f} to {max(aucs):.3f}, {len(aucs)} seeds)" if len(aucs) > 1
+                else "")
         ax.plot(100 * FPR_GRID, 100 * t.mean(axis=0), color=colour, lw=1.8,
-                label=f"{s.label}: {auc}")
-        if len(aucs) > 1:
+                label=f"{s.label}{auc}")
+        if len(s.curves) > 1:
             ax.fill_between(100 * FPR_GRID, 100 * t.min(axis=0), 100 * t.max(axis=0),
                             color=colour, alpha=0.15, lw=0)
     ax.plot([0, 100], [0, 100], ":", color="#777777", lw=1, label="chance (AUROC 0.5)")
@@ -323,11 +301,12 @@ class DifferenceRow:
 
 
 def plot_differences(
-    rows: Sequence[DifferenceRow], path: Path | str, title: str, label_a: str, label_b: str
+    rows: Sequence[DifferenceRow], path: Path | str, title: str, label_a: str, label_b: str,
+    series_labels: Mapping[int, str] | None = None,
 ) -> Figure | None:
-    """One panel per model: each metric's paired difference per seed pair with its bootstrap
-    interval, on one scale (percentage points; AUROC and kappa x 100), and the zero line. None
-    without rows."""
+    """One panel per model: each metric's difference per seed pair (or per `series_labels`
+    entry, e.g. the results folders of `harness compare`) with its interval, on one scale
+    (percentage points; AUROC and kappa x 100), and the zero line. None without rows."""
     rows = [r for r in rows if math.isfinite(r.value)]
     if not rows:
         return None
@@ -365,7 +344,7 @@ def plot_differences(
         ax.set_xlabel(f"{label_a} - {label_b} (percentage points; AUROC and kappa x 100)")
     handles = [Line2D([], [], ls="", marker=SEED_MARKERS[i % len(SEED_MARKERS)], ms=6.5,
                       color=DIFF_COLOUR) for i in range(len(seeds))]
-    labels = [f"seed pair {s}" for s in seeds]
+    labels = [(series_labels or {}).get(s, f"seed pair {s}") for s in seeds]
     handles.append(Line2D([], [], ls="", marker="o", ms=6.5, color=DIFF_COLOUR, mfc="white",
                           mew=1.5))
     labels.append("hollow: the interval contains 0")
@@ -394,5 +373,4 @@ __all__ = [
     "plot_results",
     "plot_roc",
     "plot_training_curves",
-    "roc_curve_points",
 ]

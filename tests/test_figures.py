@@ -22,8 +22,8 @@ from harness.figures import (
     plot_results,
     plot_roc,
     plot_training_curves,
-    roc_curve_points,
 )
+from harness.metrics import roc_curve_points
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -150,9 +150,10 @@ def test_roc_figure(tmp_path: Path) -> None:
     y = rng.integers(0, 2, 200)
     probs = np.clip(0.3 * y + 0.7 * rng.random((3, 200)), 0, 1)
     aucs = [roc_auc_score(y, row) for row in probs]
+    curves = tuple(roc_curve_points(y, row) for row in probs)
     path = tmp_path / "roc-cnn.png"
-    fig = plot_roc("cnn", [RocSet("keras", "Keras", y, probs),
-                           RocSet("torch", "PyTorch", y, probs[:1])], path)
+    fig = plot_roc("cnn", [RocSet("keras", "Keras", curves, tuple(aucs)),
+                           RocSet("torch", "PyTorch", curves[:1], (aucs[0],))], path)
     assert fig is not None
     assert png_size(path) == (900, 560)
     ax = fig.axes[0]
@@ -165,8 +166,11 @@ def test_roc_figure(tmp_path: Path) -> None:
         "chance (AUROC 0.5)",
     ]
     assert len(ax.collections) == 1  # a band for the three seeds, none for one
-    assert plot_roc("cnn", [RocSet("keras", "Keras", np.ones(5), np.ones((1, 5)))],
-                    tmp_path / "none.png") is None
+    # The mean curve at FPR 0.5 is the mean of the three curves read there.
+    mean_line = ax.lines[0]
+    at_half = [np.interp(0.5, f, t) for f, t in curves]
+    assert np.asarray(mean_line.get_ydata())[100] == pytest.approx(100 * np.mean(at_half))
+    assert plot_roc("cnn", [RocSet("keras", "Keras", (), ())], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
 
 

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from harness.data.augment import EpochPlan, epoch_plan
-from harness.spec import AugmentationSpec, Model, TrainSpec
+from harness.records import EpochRecord
+from harness.spec import AugmentationSpec, Model, ParamCounts, TrainSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,37 +49,6 @@ class ModelInput:
     image_size: int
     channels: int  # 1 or 3
     normalization: str  # rescale | imagenet | none
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    """Counted the Keras way: BatchNorm moving mean/variance are non-trainable parameters."""
-
-    total: int
-    trainable: int
-    non_trainable: int
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """One epoch of history, in the schema shared by all backends."""
-
-    epoch: int  # 1-based
-    loss: float
-    accuracy: float
-    recall: float
-    precision: float
-    val_loss: float | None
-    val_accuracy: float | None
-    val_recall: float | None
-    val_precision: float | None
-    seconds: float  # wall time of the epoch, validation included
-    train_seconds: float  # wall time of the training steps only
-    images: int  # training images seen
-    first_step_seconds: float | None = None  # set on epoch 1: tracing/compilation included
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -188,7 +158,7 @@ class Backend(ABC):
         """Build the spec's model; returns an opaque handle."""
 
     @abstractmethod
-    def count_params(self, handle: Any) -> ParamCount: ...
+    def count_params(self, handle: Any) -> ParamCounts: ...
 
     @abstractmethod
     def fit(

@@ -49,7 +49,7 @@ import platform
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,16 +64,13 @@ from backends.base import (
     EpochRecord,
     EvalData,
     ModelInput,
-    ParamCount,
     TrainData,
     bce,
     epoch_metrics,
 )
 from harness.errors import UserError
 from harness.spec import (
-    SGD,
     ActivationLayer,
-    Adam,
     BatchNorm,
     Conv2D,
     Dense,
@@ -82,6 +79,7 @@ from harness.spec import (
     GlobalAvgPool,
     Layer,
     Model,
+    ParamCounts,
     Pool2D,
     PretrainedModel,
     SequentialModel,
@@ -457,25 +455,30 @@ def _loss_and_probs(
     return ops.mean(_bce(labels, probs, epsilon, smoothing)), probs
 
 
+OPTIMIZERS: dict[str, Callable[[Any], keras.optimizers.Optimizer]] = {
+    "adam": lambda o: keras.optimizers.Adam(
+        learning_rate=o.learning_rate,
+        beta_1=o.beta_1,
+        beta_2=o.beta_2,
+        epsilon=o.epsilon,
+        amsgrad=o.amsgrad,
+    ),
+    "sgd": lambda o: keras.optimizers.SGD(
+        learning_rate=o.learning_rate, momentum=o.momentum, nesterov=o.nesterov
+    ),
+}
+
+# The backend's tables by vocabulary category (checked against the vocabulary by the tests).
+TABLES: dict[str, Mapping[str, Any]] = {"layers": LAYERS, "bases": BASES, "optimizers": OPTIMIZERS}
+
+
 def _optimizer(recipe: TrainSpec) -> keras.optimizers.Optimizer:
     opt = recipe.optimizer
-    table: dict[type, Callable[[Any], keras.optimizers.Optimizer]] = {
-        Adam: lambda o: keras.optimizers.Adam(
-            learning_rate=o.learning_rate,
-            beta_1=o.beta_1,
-            beta_2=o.beta_2,
-            epsilon=o.epsilon,
-            amsgrad=o.amsgrad,
-        ),
-        SGD: lambda o: keras.optimizers.SGD(
-            learning_rate=o.learning_rate, momentum=o.momentum, nesterov=o.nesterov
-        ),
-    }
     try:
-        return table[type(opt)](opt)
+        return OPTIMIZERS[opt.name](opt)
     except KeyError:
-        raise ValueError(
-            f"the keras backend has no optimizer '{opt.name}'; known: adam, sgd"
+        raise UserError(
+            f"the keras backend has no optimizer '{opt.name}'; known: {', '.join(OPTIMIZERS)}"
         ) from None
 
 
@@ -698,13 +701,15 @@ class KerasBackend(Backend):
         features = keras.Model(inputs, before, name=f"{model.name}_features")
         return KerasHandle(net, model_input, model, base, features=features, last=last)
 
-    def count_params(self, handle: KerasHandle) -> ParamCount:
+    def count_params(self, handle: KerasHandle) -> ParamCounts:
         def size(weights: list[Any]) -> int:
             return int(sum(math.prod(w.shape) for w in weights))
 
         trainable = size(handle.model.trainable_weights)
         non_trainable = size(handle.model.non_trainable_weights)
-        return ParamCount(trainable + non_trainable, trainable, non_trainable)
+        return ParamCounts(
+            total=trainable + non_trainable, trainable=trainable, non_trainable=non_trainable
+        )
 
     # -- input pipeline -----------------------------------------------------------------------
 

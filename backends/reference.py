@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, EpochRecord, EvalData, ModelInput, ParamCount, TrainData
-from harness.spec import Model, RandomModel, TrainSpec
+from backends.base import Backend, EpochRecord, EvalData, ModelInput, TrainData
+from harness.spec import Model, ParamCounts, RandomModel, TrainSpec
 
 
 class ReferenceBackend(Backend):
@@ -46,8 +46,8 @@ class ReferenceBackend(Backend):
             )
         return model
 
-    def count_params(self, handle: Any) -> ParamCount:
-        return ParamCount(0, 0, 0)
+    def count_params(self, handle: Any) -> ParamCounts:
+        return ParamCounts(total=0, trainable=0, non_trainable=0)
 
     def fit(
         self,

@@ -5,11 +5,22 @@
 A machine with one framework runs that framework: nothing here imports one. `create(name)`
 imports the backend's module; a known backend whose framework is missing raises `UserError`
 that names the extra to install.
+
+Third-party backends register through the entry point group `repro_harness.backends`, e.g. in
+their pyproject.toml:
+
+    [project.entry-points."repro_harness.backends"]
+    mybackend = "my_package.backend:MyBackend"      # a backends.base.Backend subclass
+
+They join REGISTRY when this module is imported (reading the metadata imports nothing; a
+built-in name is never replaced). The registry is the authority on backend names: the spec
+accepts exactly the names in REGISTRY.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -28,7 +39,10 @@ class BackendEntry:
     # a light module with PRE_IMPORT_ENV = {"deterministic": {...}, "default": {...}}: variables
     # the framework reads at import (oneDNN, CUBLAS workspace); users may override them
     env_module: str | None = None
+    plugin: bool = False  # registered through the entry point group, not built in
 
+
+ENTRY_POINT_GROUP = "repro_harness.backends"
 
 REGISTRY: dict[str, BackendEntry] = {
     e.name: e
@@ -78,6 +92,22 @@ REGISTRY: dict[str, BackendEntry] = {
 }
 
 
+def _entry_point_backends() -> dict[str, BackendEntry]:
+    found = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in REGISTRY or ep.name in found:
+            continue
+        dist = getattr(ep, "dist", None)
+        source = f"{dist.name} {dist.version}" if dist is not None else "an installed package"
+        found[ep.name] = BackendEntry(
+            ep.name, ep.value, (), "", description=f"entry point of {source}", plugin=True
+        )
+    return found
+
+
+REGISTRY.update(_entry_point_backends())
+
+
 def entry(name: str) -> BackendEntry:
     try:
         return REGISTRY[name]
@@ -116,6 +146,17 @@ def create(name: str, device: str = "auto", deterministic: bool = True):  # type
         pre = importlib.import_module(e.env_module).PRE_IMPORT_ENV
         for k, v in pre.get("deterministic" if deterministic else "default", {}).items():
             os.environ.setdefault(k, v)
-    module_name, cls_name = e.target.split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, cls_name)(device=device)
+    module_name, _, cls_name = e.target.partition(":")
+    if not e.plugin:
+        return getattr(importlib.import_module(module_name), cls_name)(device=device)
+    try:  # someone else's code: any failure to load it is one clear line, not a traceback
+        if not cls_name:
+            raise ValueError("the entry point must be 'module:Class'")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except Exception as ex:  # noqa: BLE001
+        raise UserError(
+            f"backend '{name}' (entry point {ENTRY_POINT_GROUP}: {name} = {e.target}) cannot be "
+            f"loaded: {type(ex).__name__}: {ex}",
+            "fix or reinstall the package that provides it",
+        ) from None
+    return cls(device=device)

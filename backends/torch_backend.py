@@ -56,7 +56,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,6 @@ from backends.base import (
     EpochRecord,
     EvalData,
     ModelInput,
-    ParamCount,
     TrainData,
     bce,
     epoch_metrics,
@@ -95,6 +94,7 @@ from harness.spec import (
     GlobalAvgPool,
     Loss,
     Model,
+    ParamCounts,
     Pool2D,
     PretrainedModel,
     SequentialModel,
@@ -612,6 +612,15 @@ OPTIMIZERS: dict[str, Callable[[Any, list[nn.Parameter]], torch.optim.Optimizer]
     "sgd": _sgd,
 }
 
+# The backend's tables by vocabulary category (checked against the vocabulary by the tests).
+TABLES: dict[str, Mapping[str, Any]] = {
+    "layers": LAYER_BUILDERS,
+    "bases": BASES,
+    "optimizers": OPTIMIZERS,
+    "activations": ACTIVATIONS,
+    "initializers": INITIALIZERS,
+}
+
 
 def bce_loss(probs: torch.Tensor, labels: torch.Tensor, loss: Loss) -> torch.Tensor:
     """Keras' binary_crossentropy on probabilities: clip to [eps, 1-eps], smooth, batch mean."""
@@ -844,12 +853,14 @@ class TorchBackend(Backend):
         base.train(was_training)
         return tuple(out.shape[1:])
 
-    def count_params(self, handle: TorchHandle) -> ParamCount:
+    def count_params(self, handle: TorchHandle) -> ParamCounts:
         trainable = sum(p.numel() for p in handle.net.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in handle.net.parameters() if not p.requires_grad)
         stats = sum(b.numel() for name, b in handle.net.named_buffers()
                     if name.endswith(("running_mean", "running_var")))
-        return ParamCount(trainable + frozen + stats, trainable, frozen + stats)
+        return ParamCounts(
+            total=trainable + frozen + stats, trainable=trainable, non_trainable=frozen + stats
+        )
 
     # -- data to the device ----------------------------------------------------------------------
 

@@ -27,9 +27,10 @@ from pydantic import ValidationError
 from harness.errors import UserError
 from harness.metrics import compute_metrics
 from harness.monitor import is_measured, measured, not_measured
+from harness.records import RunError, RunResult
 from harness.results import read_json, read_runs
-from harness.shapes import Counts, infer_model
-from harness.spec import Claim, Model, RandomModel, Spec
+from harness.shapes import infer_model
+from harness.spec import Claim, Model, ParamCounts, RandomModel, Spec
 from harness.stats import (
     VERDICT_RULE,
     Interval,
@@ -68,7 +69,8 @@ def distinguishable_rule(confidence: float) -> str:
 
 @dataclass(frozen=True)
 class Bundle:
-    """Everything read from a results folder; `runs` are complete RunResult dicts."""
+    """Everything read from a results folder; `runs` are its complete RunResults, `unreadable`
+    the complete run files this harness cannot read (listed as ignored, with the reason)."""
 
     results_dir: str
     spec: Spec
@@ -76,7 +78,8 @@ class Bundle:
     overrides: tuple[str, ...] = ()
     data: Mapping[str, Any] | None = None
     plan: Mapping[str, Any] | None = None
-    runs: tuple[Mapping[str, Any], ...] = ()
+    runs: tuple[RunResult, ...] = ()
+    unreadable: tuple[IgnoredRun, ...] = ()
 
 
 def _read_optional(path: Path) -> Mapping[str, Any] | None:
@@ -110,6 +113,7 @@ def load_bundle(results_dir: Path | str) -> Bundle:
             f"{spec_path}: spec.{where}: {first['msg']}; it was written by another version of "
             "the harness, rerun `python -m harness run SPEC`"
         ) from None
+    runs, problems = read_runs(folder)
     return Bundle(
         results_dir=str(folder),
         spec=spec,
@@ -117,7 +121,8 @@ def load_bundle(results_dir: Path | str) -> Bundle:
         overrides=tuple(str(o) for o in raw.get("overrides") or ()),
         data=_read_optional(folder / "data.json"),
         plan=_read_optional(folder / "plan.json"),
-        runs=tuple(read_runs(folder)),
+        runs=tuple(runs),
+        unreadable=tuple(IgnoredRun(p.path.stem, p.reason) for p in problems),
     )
 
 
@@ -243,10 +248,10 @@ class ArchitectureCheck:
     """Parameter counts: printed in the paper, inferred from the spec, built by each backend."""
 
     model: str
-    printed: Counts | None
-    inferred: Counts | None
+    printed: ParamCounts | None
+    inferred: ParamCounts | None
     inferred_error: str | None
-    built: Mapping[str, tuple[Counts, ...]]  # backend -> distinct counts over its runs
+    built: Mapping[str, tuple[ParamCounts, ...]]  # backend -> distinct counts over its runs
     mismatches: tuple[str, ...]
 
 
@@ -344,66 +349,58 @@ class _TestSet:
 
 def _classify(
     bundle: Bundle,
-) -> tuple[list[Mapping[str, Any]], list[IgnoredRun], list[str]]:
+) -> tuple[list[RunResult], list[IgnoredRun], list[str]]:
     """(current runs, ignored runs, planned ids without a result)."""
     plan_runs = (bundle.plan or {}).get("runs")
     expected: Mapping[str, Any] = plan_runs if isinstance(plan_runs, dict) else {}
-    current: list[Mapping[str, Any]] = []
-    ignored: list[IgnoredRun] = []
+    current: list[RunResult] = []
+    ignored: list[IgnoredRun] = list(bundle.unreadable)
     for run in bundle.runs:
-        rid = str(run.get("run_id", "?"))
+        rid = run.run_id
         if bundle.plan is None:
             ignored.append(IgnoredRun(rid, "no plan.json: cannot tell whether it is current"))
         elif rid not in expected:
             ignored.append(IgnoredRun(rid, "not in the current spec's plan (older spec)"))
-        elif run.get("run_hash") != expected[rid]:
+        elif run.run_hash != expected[rid]:
             ignored.append(IgnoredRun(rid, "run hash differs: older spec, data or code"))
         else:
             current.append(run)
-    seen = {str(r.get("run_id")) for r in current}
+    seen = {r.run_id for r in current}
     missing = [rid for rid in expected if rid not in seen]
     return current, ignored, missing
 
 
-def _key(run: Mapping[str, Any]) -> tuple[str, str, int | None]:
-    key = run.get("key") or {}
-    seed = key.get("seed")
-    return str(key.get("model", "?")), str(key.get("backend", "?")), (
-        int(seed) if isinstance(seed, int) else None
+def _key(run: RunResult) -> tuple[str, str, int]:
+    return run.key.model, run.key.backend, run.key.seed
+
+
+def _test_set(run: RunResult) -> _TestSet:
+    """The run's test predictions as arrays; ValueError when absent or empty."""
+    test = run.test
+    if test is None:
+        raise ValueError("the result holds no test predictions")
+    if not test.rows:
+        raise ValueError("the result's test set is empty")
+    return _TestSet(
+        test.rows,
+        np.asarray(test.labels),
+        np.asarray(test.probs, dtype=np.float64),
+        np.asarray(test.patient),
+        np.asarray(test.study),
     )
 
 
-def _test_set(run: Mapping[str, Any]) -> _TestSet:
-    """The run's test predictions as arrays; ValueError when absent or inconsistent."""
-    test = run.get("test")
-    if not isinstance(test, dict):
-        raise ValueError("the result holds no test predictions")
-    labels = np.asarray(test.get("labels", []))
-    probs = np.asarray(test.get("probs", []), dtype=np.float64)
-    n = labels.shape[0]
-    if n == 0 or probs.shape != (n,):
-        raise ValueError(f"test labels ({n}) and probs ({probs.shape[0]}) disagree or are empty")
-    patient = np.asarray([str(x) for x in test.get("patient", [])])
-    study = np.asarray([str(x) for x in test.get("study", [])])
-    if patient.shape != (n,) or study.shape != (n,):
-        raise ValueError(f"test patient/study ids do not match the {n} test images")
-    rows = tuple(int(r) for r in test.get("rows", range(n)))
-    return _TestSet(rows, labels, probs, patient, study)
-
-
-def _failed(run: Mapping[str, Any], error: Mapping[str, Any] | None = None) -> FailedRun:
+def _failed(run: RunResult, error: RunError | None = None) -> FailedRun:
     model, backend, seed = _key(run)
-    err = error if error is not None else (run.get("error") or {})
-    tail = err.get("stderr_tail") or run.get("stderr_tail") or ""
-    lines = tail.splitlines() if isinstance(tail, str) else [str(x) for x in tail]
+    err = error if error is not None else (run.error or RunError(type="unknown", reason=""))
     return FailedRun(
-        run_id=str(run.get("run_id", "?")),
+        run_id=run.run_id,
         model=model,
         backend=backend,
         seed=seed,
-        error_type=str(err.get("type", "unknown")),
-        message=str(err.get("message", "no message recorded")),
-        stderr_tail=tuple(lines[-STDERR_TAIL_LINES:]),
+        error_type=err.type,
+        message=err.reason or "no message recorded",
+        stderr_tail=tuple(err.stderr_tail.splitlines()[-STDERR_TAIL_LINES:]),
     )
 
 
@@ -465,10 +462,10 @@ def _bootstrap(level: _Level, opt: _Options, *, clusters: bool = True) -> dict[s
 
 
 def _analyze_run(
-    run: Mapping[str, Any], test: _TestSet, opt: _Options, notes: list[str]
+    run: RunResult, test: _TestSet, opt: _Options, notes: list[str]
 ) -> tuple[RunAnalysis, dict[str, _Level]]:
     model, backend, seed = _key(run)
-    rid = str(run.get("run_id", "?"))
+    rid = run.run_id
     levels: dict[str, _Level] = {"image": _image_level(test, opt.unit)}
     if "study" in opt.levels:
         try:
@@ -486,8 +483,8 @@ def _analyze_run(
     image_unit = intervals["image"] if image.clusters is None else _bootstrap(
         image, opt, clusters=False
     )
-    history = run.get("history") or []
-    phases = (run.get("resources") or {}).get("phases_s") or {}
+    history = run.history
+    phases = run.resources.get("phases_s") or {}
     train_s = phases.get("train")
     study = levels.get("study")
     return (
@@ -495,7 +492,7 @@ def _analyze_run(
             run_id=rid,
             model=model,
             backend=backend,
-            seed=seed if seed is not None else -1,
+            seed=seed,
             n_test=int(test.labels.shape[0]),
             n_studies=None if study is None else int(study.labels.shape[0]),
             epochs=len(history),
@@ -711,15 +708,12 @@ def _seconds(value: Any, reason: str) -> Any:
     return measured(float(value), "s") if isinstance(value, (int, float)) else not_measured(reason)
 
 
-def _resource_measures(
-    run: Mapping[str, Any], is_random: bool
-) -> list[tuple[str, Any, str | None]]:
-    res = run.get("resources")
-    if not isinstance(res, dict):
+def _resource_measures(run: RunResult, is_random: bool) -> list[tuple[str, Any, str | None]]:
+    res = run.resources
+    if not res:
         nm = not_measured("no resources recorded in the result")
         return [(q, nm, None) for q in RESOURCE_QUANTITIES]
-    history = run.get("history") or []
-    epoch_s = [h.get("seconds") for h in history if isinstance(h.get("seconds"), (int, float))]
+    epoch_s = [h.seconds for h in run.history]
     no_train = "no training: random model" if is_random else "not recorded"
     fm, fm_source = _framework_memory(res)
     return [
@@ -777,29 +771,20 @@ def _aggregate(quantity: str, measures: list[tuple[Any, str | None]]) -> Resourc
 # Architecture, data, environment
 
 
-def _counts(d: Any) -> Counts | None:
-    if isinstance(d, dict) and all(isinstance(d.get(k), int) for k in
-                                   ("total", "trainable", "non_trainable")):
-        return Counts(d["total"], d["trainable"], d["non_trainable"])
-    if d is not None and hasattr(d, "total"):
-        return Counts(int(d.total), int(d.trainable), int(d.non_trainable))
-    return None
-
-
-def _fmt_counts(c: Counts) -> str:
+def _fmt_counts(c: ParamCounts) -> str:
     return f"{c.total:,} ({c.trainable:,} trainable, {c.non_trainable:,} non-trainable)"
 
 
-def _architecture(spec: Spec, model: Model, runs: Sequence[Mapping[str, Any]]) -> ArchitectureCheck:
-    printed = _counts(model.printed_params)
+def _architecture(spec: Spec, model: Model, runs: Sequence[RunResult]) -> ArchitectureCheck:
+    printed = model.printed_params
     try:
-        inferred: Counts | None = infer_model(spec, model).counts
+        inferred: ParamCounts | None = infer_model(spec, model).counts
         error = None
     except UserError as e:
         inferred, error = None, e.message
-    built: dict[str, tuple[Counts, ...]] = {}
+    built: dict[str, tuple[ParamCounts, ...]] = {}
     for backend in model.backends:
-        found = [_counts(r.get("params")) for r in runs if _key(r)[:2] == (model.name, backend)]
+        found = [r.params for r in runs if _key(r)[:2] == (model.name, backend)]
         built[backend] = tuple(dict.fromkeys(c for c in found if c is not None))
     problems = []
     if printed is not None and inferred is not None and printed != inferred:
@@ -874,9 +859,9 @@ def _gpu_text(gpu: Any) -> str | None:
     return _text(gpu)
 
 
-def _environment_rows(run: Mapping[str, Any]) -> list[tuple[str, str | None]]:
-    env = run.get("environment") or {}
-    prov = run.get("provenance") or {}
+def _environment_rows(run: RunResult) -> list[tuple[str, str | None]]:
+    env = run.environment
+    prov = run.provenance
     versions = env.get("versions") or {}
     git = prov.get("git") or {}
     cpu = prov.get("cpu") or {}
@@ -898,7 +883,7 @@ def _environment_rows(run: Mapping[str, Any]) -> list[tuple[str, str | None]]:
         ("device", device),
         ("determinism", _text({k: v for k, v in (env.get("determinism") or {}).items()
                                if k != "seed"} or None)),
-        ("code version", run.get("code_version")),
+        ("code version", run.code_version),
         ("git commit", git_text),
         ("CPU", cpu_text),
         ("GPU", _gpu_text(prov.get("gpu"))),
@@ -908,11 +893,11 @@ def _environment_rows(run: Mapping[str, Any]) -> list[tuple[str, str | None]]:
 
 
 def _environment(
-    runs: Sequence[Mapping[str, Any]], backends: Sequence[str]
+    runs: Sequence[RunResult], backends: Sequence[str]
 ) -> tuple[EnvironmentInfo, ...]:
     out = []
     for backend in backends:
-        mine = [r for r in runs if _key(r)[1] == backend and r.get("environment")]
+        mine = [r for r in runs if _key(r)[1] == backend and r.environment]
         if not mine:
             continue
         values: dict[str, list[str]] = {}
@@ -954,20 +939,20 @@ def analyze(bundle: Bundle) -> Analysis:
     notes: list[str] = []
     current, ignored, missing = _classify(bundle)
     failed: list[FailedRun] = []
-    analysed: list[tuple[RunAnalysis, _TestSet, dict[str, _Level], Mapping[str, Any]]] = []
+    analysed: list[tuple[RunAnalysis, _TestSet, dict[str, _Level], RunResult]] = []
     known_models = {m.name for m in spec.models}
     for run in current:
-        if run.get("status") != "ok":
+        if run.status != "ok":
             failed.append(_failed(run))
             continue
         if _key(run)[0] not in known_models:
-            ignored.append(IgnoredRun(str(run.get("run_id")), "model not in the current spec"))
+            ignored.append(IgnoredRun(run.run_id, "model not in the current spec"))
             continue
         try:
             test = _test_set(run)
             ra, levels = _analyze_run(run, test, opt, notes)
         except ValueError as e:
-            failed.append(_failed(run, {"type": "BadResult", "message": str(e)}))
+            failed.append(_failed(run, RunError(type="BadResult", reason=str(e))))
             continue
         analysed.append((ra, test, levels, run))
 
@@ -1009,9 +994,7 @@ def analyze(bundle: Bundle) -> Analysis:
         resources.append(ResourceGroup(model, backend, stats))
 
     backends = list(dict.fromkeys(b for m in spec.models for b in m.backends))
-    finished = [
-        float(r["finished"]) for r in current if isinstance(r.get("finished"), (int, float))
-    ]
+    finished = [r.finished for r in current]
     failed.sort(key=lambda f: f.run_id)
     ignored.sort(key=lambda r: r.run_id)
     return Analysis(

@@ -6,17 +6,16 @@
     python -m harness list [SPEC]                      # models, backends, vocabulary
     python -m harness make-data DIR                    # a generated MURA-layout tree
 
-User errors exit 2 with one line (and a hint); a bug keeps its traceback.
+This module parses arguments and calls one function per verb (validate: harness/validate.py,
+run: harness/pipeline.py, report: harness/report.py). User errors exit 2 with one line (and a
+hint); a bug keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,9 @@ from tabulate import tabulate
 
 from harness import __version__
 from harness.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
-from harness.spec import Spec, load_spec
-
-RESULTS_ROOT = Path("results")
+from harness.plan import Selection
+from harness.spec import load_spec
+from harness.validate import ValidateRequest, Where, validate
 
 
 def _csv(kind: type) -> Any:
@@ -142,238 +141,35 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-def _cache_dir(args: argparse.Namespace) -> Path:
-    from harness.data.cache import default_cache_dir
-
-    return Path(args.cache_dir) if getattr(args, "cache_dir", None) else default_cache_dir()
+def _where(args: argparse.Namespace) -> Where:
+    return Where(out=args.out, cache_dir=args.cache_dir)
 
 
-def _results_dir(args: argparse.Namespace, spec: Spec) -> Path:
-    return Path(args.out) if args.out else RESULTS_ROOT / spec.name
-
-
-def _n(x: int) -> str:
-    return f"{x:,}"
-
-
-def model_tables(spec: Spec) -> tuple[str, list[str]]:
-    """Keras-summary-like tables for every model, and the list of count mismatches."""
-    from harness.shapes import check_output, infer_model
-
-    out: list[str] = []
-    problems: list[str] = []
-    for i, model in enumerate(spec.models):
-        inf = infer_model(spec, model, i)
-        check_output(spec, inf, i)
-        out.append(f"\nModel '{model.name}' ({model.kind}; backends: {', '.join(model.backends)})")
-        if inf.rows:
-            rows = [
-                (f"{r.name} ({r.kind})", str((None, *r.shape)), _n(r.params.total))
-                for r in inf.rows
-            ]
-            rows.insert(0, ("input", str((None, *inf.input_shape)), "0"))
-            out.append(
-                tabulate(
-                    rows,
-                    headers=["Layer (type)", "Output Shape", "Param #"],
-                    tablefmt="simple",
-                    colalign=("left", "left", "right"),
-                )
-            )
-        c = inf.counts
-        out.append(
-            f"Total params: {_n(c.total)}  Trainable: {_n(c.trainable)}  "
-            f"Non-trainable: {_n(c.non_trainable)}"
-        )
-        if model.printed_params is not None:
-            p = model.printed_params
-            rows2 = []
-            for name, printed, ours in (
-                ("total", p.total, c.total),
-                ("trainable", p.trainable, c.trainable),
-                ("non-trainable", p.non_trainable, c.non_trainable),
-            ):
-                diff = ours - printed
-                rows2.append(
-                    (
-                        name,
-                        _n(printed),
-                        _n(ours),
-                        f"{diff:+,}" if diff else "0",
-                        "ok" if not diff else "MISMATCH",
-                    )
-                )
-                if diff:
-                    problems.append(
-                        f"{spec.source}: models[{i}].printed_params."
-                        f"{name.replace('-', '_')}: the paper "
-                        f"prints {_n(printed)}; the spec's layers give {_n(ours)} ({diff:+,})"
-                    )
-            out.append(
-                tabulate(
-                    rows2,
-                    headers=["params", "printed (paper)", "inferred (spec)", "difference", ""],
-                    tablefmt="simple",
-                )
-            )
-    return "\n".join(out), problems
-
-
-@contextmanager
-def spec_fields(spec: Spec) -> Iterator[None]:
-    """Errors that name a spec field (data.root, ...) also name the spec file."""
-    try:
-        yield
-    except UserError as e:
-        if e.message.split(":", 1)[0].split(".", 1)[0] in Spec.model_fields:
-            e.message = f"{spec.source}: {e.message}"
-        raise
-
-
-def check_counts(problems: list[str], where: str) -> None:
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(
-            problems[0] + more, f"fix the layers, the printed_params or your --set options; {where}"
-        )
-
-
-def data_section(spec: Spec, cache_dir: Path) -> str:
-    """Split sizes, positives and leakage, without decoding images; or why not available."""
-    from harness.data import render_split, summarize_without_cache
-
-    try:
-        with spec_fields(spec):
-            summary = summarize_without_cache(spec.data, cache_dir)
-    except UserError as e:
-        return f"\nData: not available here: {e.message}"
-    return f"\nData ({spec.data.dataset}, {spec.data.split.strategy}-level split)\n" + render_split(
-        summary.describe()
-    )
-
-
-def plan_table(
-    spec: Spec, args: argparse.Namespace, results_dir: Path, data_hash: str | None
-) -> str:
-    from harness.plan import plan_runs
-    from harness.runner import plan_status
-
-    keys = plan_runs(spec, args.models, args.backends, args.seeds)
-    status = plan_status(spec, keys, results_dir, data_hash)
-    rows = [(k.model, k.backend, k.seed, status[k.id]) for k in keys]
-    done = sum(1 for s in status.values() if s == "done")
-    return f"\nRun plan: {len(keys)} runs ({done} done) -> {results_dir}\n" + tabulate(
-        rows, headers=["model", "backend", "seed", "status"], tablefmt="simple"
-    )
-
-
-def _data_hash_if_cached(spec: Spec, args: argparse.Namespace) -> str | None:
-    """The data hash when the image cache exists (nothing is decoded), else None."""
-    from harness.data import prepare_data
-
-    try:
-        done = prepare_data(spec.data, _cache_dir(args), progress=False, build=False)
-    except UserError:
-        return None
-    return done.data_hash if done else None
+def _selection(args: argparse.Namespace) -> Selection:
+    return Selection(models=args.models, backends=args.backends, seeds=args.seeds)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec, args.overrides)
-    tables, problems = model_tables(spec)
-    print(
-        f"{args.spec}: spec '{spec.name}' is valid: {len(spec.models)} models, "
-        f"seeds {list(spec.seeds)}"
+    return validate(
+        ValidateRequest(args.spec, tuple(args.overrides), _selection(args), _where(args))
     )
-    print(tables)
-    check_counts(problems, "the table above shows every count")
-    print(data_section(spec, _cache_dir(args)))
-    print(plan_table(spec, args, _results_dir(args, spec), _data_hash_if_cached(spec, args)))
-    print(
-        f"\nAssumptions: {len(spec.assumptions)} (values the paper does not state; see the report)"
-    )
-    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.data import data_record, prepare_data, render_split
-    from harness.plan import plan_runs
-    from harness.runner import run_all
+    from harness.pipeline import RunRequest, run
 
-    # SIGTERM before the runner takes over (data generation, cache build) must clean up too
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    spec = load_spec(args.spec, args.overrides)
-    _, problems = model_tables(spec)
-    check_counts(problems, f"`python -m harness validate {args.spec}` prints every count")
-    keys = plan_runs(spec, args.models, args.backends, args.seeds)
-    results_dir = _results_dir(args, spec)
-    cache_dir = _cache_dir(args)
-    if args.dry_run:
-        print(data_section(spec, cache_dir))
-        print(plan_table(spec, args, results_dir, _data_hash_if_cached(spec, args)))
-        return 0
-    from harness.report import write_report
-    from harness.results import clean_temp_files, results_lock, write_json_atomic
-
-    with results_lock(results_dir):
-        clean_temp_files(results_dir)
-        with spec_fields(spec):
-            data = prepare_data(spec.data, cache_dir, progress=not args.quiet)
-        assert data is not None
-        if not args.quiet:
-            print(f"Data ({spec.data.dataset}): cache {data.cache.folder}")
-            print(render_split(data.describe()))
-        write_json_atomic(
-            results_dir / "spec.json",
-            {
-                "source": str(args.spec),
-                "overrides": args.overrides,
-                "spec": spec.model_dump(mode="json"),
-            },
+    return run(
+        RunRequest(
+            args.spec,
+            tuple(args.overrides),
+            _selection(args),
+            _where(args),
+            fresh=args.fresh,
+            dry_run=args.dry_run,
+            quiet=args.quiet,
+            verbose=args.verbose,
         )
-        write_json_atomic(results_dir / "data.json", data_record(data, spec.data))
-        from harness.plan import run_hash
-
-        all_keys = plan_runs(spec)
-        write_json_atomic(
-            results_dir / "plan.json",
-            {
-                "data_hash": data.data_hash,
-                "runs": {k.id: run_hash(spec, k, data.data_hash) for k in all_keys},
-            },
-        )
-        interrupted = False
-        try:
-            outcomes = run_all(
-                spec,
-                keys,
-                results_dir,
-                cache_dir,
-                data.data_hash,
-                fresh=args.fresh,
-                quiet=args.quiet,
-                verbose=args.verbose,
-            )
-        except KeyboardInterrupt:
-            interrupted = True
-            outcomes = []
-        report = write_report(results_dir)
-        print(f"\nreport: {report}")
-        if interrupted:
-            print(
-                "interrupted: finished runs are kept; run the same command again to resume",
-                file=sys.stderr,
-            )
-            return EXIT_INTERRUPTED
-    failed = [o for o in outcomes if o.status == "failed"]
-    if failed:
-        print(f"{len(failed)} run(s) failed; reasons are in the report and logs/", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _raise_interrupt(*_: Any) -> None:
-    raise KeyboardInterrupt
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from harness.analyze import (
 )
 from harness.monitor import fmt_measure, not_measured
 from harness.results import write_text_atomic
-from harness.shapes import Counts
+from harness.spec import ParamCounts
 from harness.stats import Interval
 
 # Rates shown as percentages; AUROC and kappa are not proportions, they are shown as numbers.
@@ -452,7 +452,7 @@ def _data(a: Analysis) -> str:
     return "\n".join(out)
 
 
-def _counts_row(label: str, c: Counts | None) -> list[object]:
+def _counts_row(label: str, c: ParamCounts | None) -> list[object]:
     if c is None:
         return [label, "—", "—", "—"]
     return [label, f"{c.total:,}", f"{c.trainable:,}", f"{c.non_trainable:,}"]

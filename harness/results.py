@@ -5,8 +5,11 @@
         runs/<model>__<backend>__seed<k>.json       one RunResult each
         logs/<run id>.log                            the worker's stderr
 
-A RunResult is only ever read once complete: files are written to a temp file, fsynced and
-renamed; a file that does not parse, or lacks the completion marker, is ignored.
+This module alone turns the records of harness/records.py into JSON and back: RunResult files,
+job files and the worker's progress lines. A RunResult is only ever read once complete: files are
+written to a temp file, fsynced and renamed; a file that does not parse, or lacks the completion
+marker, is not a result (a killed writer). A complete file of an older schema is migrated on
+reading; one this harness cannot read raises RunFileError, naming the file and why.
 """
 
 from __future__ import annotations
@@ -15,14 +18,30 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from pydantic import TypeAdapter, ValidationError
 
-SCHEMA_VERSION = 1
+from harness.errors import UserError
+from harness.records import BuiltEvent, EpochEvent, Job, ProgressEvent, RunResult
+
+# 2: error.message became error.reason; every field typed (harness.records.RunResult).
+SCHEMA_VERSION = 2
+READS = (1, 2)  # schemas read_run understands (older ones are migrated on reading)
+PROGRESS_PREFIX = "@@progress "
+
+
+class RunFileError(ValueError):
+    """A complete run file that is not a RunResult this harness can read (newer harness,
+    edited by hand, ...). It is reported and kept aside, never read as a result."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -48,27 +67,134 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_run(path: Path) -> dict[str, Any] | None:
-    """A complete RunResult, or None for anything unreadable or incomplete."""
+# ---------------------------------------------------------------------------------------------
+# RunResult files
+
+
+def run_to_json(result: RunResult) -> dict[str, Any]:
+    """The file's content: the record plus its schema, id and the completion marker."""
+    # python mode, not "json": that would turn NaN inside resources or environment into null
+    return {"schema": SCHEMA_VERSION, "run_id": result.run_id, "complete": True,
+            **result.model_dump()}
+
+
+def run_from_json(obj: Any, where: Path | str = "run") -> RunResult:
+    """A RunResult from a parsed file (older schemas migrated); RunFileError otherwise."""
+    if not isinstance(obj, dict):
+        raise RunFileError(where, f"expected a JSON object; got {type(obj).__name__}")
+    schema = obj.get("schema")
+    if schema not in READS:
+        raise RunFileError(
+            where,
+            f"RunResult schema {schema!r}; this harness reads schema "
+            f"{', '.join(map(str, READS))}. Kept as is; rerun with the harness that wrote it, "
+            "or delete it to rerun the run",
+        )
+    fields = {k: v for k, v in obj.items() if k not in ("schema", "run_id", "complete")}
+    if schema == 1:
+        fields = _from_schema_1(fields)
     try:
-        run = read_json(path)
+        result = RunResult.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        at = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise RunFileError(where, f"not a valid RunResult: {at}: {first['msg']}{more}") from None
+    if "run_id" in obj and obj["run_id"] != result.run_id:
+        raise RunFileError(where, f"run_id {obj['run_id']!r} does not match its key "
+                                  f"({result.run_id})")
+    return result
+
+
+def _from_schema_1(fields: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 (hand-built dicts): error.message -> error.reason; a stderr tail at the top
+    level moves into the error."""
+    out = dict(fields)
+    tail = out.pop("stderr_tail", None)
+    error = out.get("error")
+    if isinstance(error, dict):
+        error = dict(error)
+        if "message" in error:
+            error["reason"] = error.pop("message")
+        if tail is not None and "stderr_tail" not in error:
+            error["stderr_tail"] = tail
+        out["error"] = error
+    return out
+
+
+def run_path(results_dir: Path, run_id: str) -> Path:
+    return results_dir / "runs" / f"{run_id}.json"
+
+
+def write_run(path: Path, result: RunResult) -> None:
+    write_json_atomic(path, run_to_json(result))
+
+
+def read_run(path: Path) -> RunResult | None:
+    """The complete RunResult at `path`; None when there is none (missing, or a half-written
+    file without the completion marker); RunFileError for a complete file it cannot read."""
+    try:
+        obj = read_json(path)
     except (OSError, ValueError):
         return None
-    if not isinstance(run, dict) or run.get("complete") is not True:
+    if not isinstance(obj, dict) or obj.get("complete") is not True:
         return None
-    return run
+    return run_from_json(obj, path)
 
 
-def read_runs(results_dir: Path) -> list[dict[str, Any]]:
+def read_runs(results_dir: Path) -> tuple[list[RunResult], list[RunFileError]]:
+    """Every complete RunResult of runs/, and the complete files that could not be read."""
     runs_dir = results_dir / "runs"
     if not runs_dir.is_dir():
-        return []
-    out = []
+        return [], []
+    runs, problems = [], []
     for p in sorted(runs_dir.glob("*.json")):
-        run = read_run(p)
+        try:
+            run = read_run(p)
+        except RunFileError as e:
+            problems.append(e)
+            continue
         if run is not None:
-            out.append(run)
-    return out
+            runs.append(run)
+    return runs, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs, progress lines, the plan
+
+
+def write_job(folder: Path, job: Job) -> Path:
+    """The job file a worker reads, under a temp name (clean_temp_files removes leftovers)."""
+    fd, name = tempfile.mkstemp(prefix=".job.", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(job.model_dump(mode="json"), f)
+    return Path(name)
+
+
+def read_job(path: Path) -> Job:
+    return Job.model_validate(read_json(path))
+
+
+_PROGRESS: TypeAdapter[ProgressEvent] = TypeAdapter(ProgressEvent)
+
+
+def progress_line(event: BuiltEvent | EpochEvent) -> str:
+    """One line of the worker's stdout for the runner."""
+    return PROGRESS_PREFIX + json.dumps(event.model_dump(), allow_nan=True)
+
+
+def parse_progress(line: str) -> BuiltEvent | EpochEvent | None:
+    """The event of a progress line; None for any other line (the frameworks' output)."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    return _PROGRESS.validate_python(json.loads(line[len(PROGRESS_PREFIX) :]))
+
+
+def write_plan(results_dir: Path, data_hash: str, run_hashes: Mapping[str, str]) -> None:
+    """plan.json: the run hash of every run the current spec plans (analyze counts only these)."""
+    write_json_atomic(
+        results_dir / "plan.json", {"data_hash": data_hash, "runs": dict(run_hashes)}
+    )
 
 
 def clean_temp_files(results_dir: Path) -> int:

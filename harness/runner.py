@@ -1,7 +1,10 @@
 """The runner: one fresh worker process per run, results as files, resumable.
 
     python -m harness run specs/demo.yaml [--models cnn --backends torch --seeds 0 --fresh]
+    outcomes = run_all(plan, job_data, results_dir, cache_dir)     # harness/pipeline.py
 
+It turns each selected run of a Plan into a Job (the plan's run hash and code version, a fresh
+attempt nonce, the data prepared once) and returns one RunOutcome per run.
 Runs are sequential on this machine (one GPU, or the CPU). Each worker gets its own environment
 (PYTHONHASHSEED, visible devices, the backend's import-time flags), a timeout, and its stderr in
 logs/. Finished runs whose run hash matches are skipped. Ctrl-C or SIGTERM stops the worker,
@@ -11,23 +14,21 @@ keeps every finished run and exits 130; the interrupted run leaves no result.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from harness.plan import RunKey, run_hash, training_code_version
-from harness.results import read_run, write_json_atomic
-from harness.spec import Spec, spec_digest
+from harness.plan import Plan, run_status
+from harness.records import BuiltEvent, EpochEvent, Job, JobData, RunKey, RunResult
+from harness.results import RunFileError, parse_progress, read_run, run_path, write_job, write_run
+from harness.spec import Spec
 
 STDERR_TAIL_LINES = 25
 TERM_GRACE_S = 10.0
@@ -65,16 +66,15 @@ class Reporter:
                 f"seed {key.seed}: started"
             )
 
-    def event(self, key: RunKey, ev: dict[str, Any]) -> None:
+    def event(self, key: RunKey, ev: BuiltEvent | EpochEvent) -> None:
         if self.quiet:
             return
-        if self.verbose and ev.get("event") == "built":
-            p = ev.get("params", {})
-            self.write(
-                f"    built: {p.get('total', 0):,} parameters ({p.get('trainable', 0):,} trainable)"
-            )
-        if ev.get("event") != "epoch":
+        if isinstance(ev, BuiltEvent):
+            if self.verbose:
+                p = ev.params
+                self.write(f"    built: {p.total:,} parameters ({p.trainable:,} trainable)")
             return
+        r = ev.record
         if self.verbose:
             fields = (
                 "loss",
@@ -86,23 +86,22 @@ class Reporter:
                 "val_recall",
                 "val_precision",
             )
+            values = {f: getattr(r, f) for f in fields}
             self.write(
                 "    epoch {}/{}: {} ({:.1f} s, train {:.1f} s)".format(
-                    ev["epoch"],
-                    ev["epochs"],
-                    " ".join(f"{f} {ev[f]:.4f}" for f in fields if isinstance(ev.get(f), float)),
-                    ev["seconds"],
-                    ev.get("train_seconds", float("nan")),
+                    r.epoch,
+                    ev.epochs,
+                    " ".join(f"{f} {v:.4f}" for f, v in values.items() if isinstance(v, float)),
+                    r.seconds,
+                    r.train_seconds,
                 )
             )
             return
-        left = (ev["epochs"] - ev["epoch"]) * ev["seconds"]
-        val = ev.get("val_accuracy")
-        val_txt = f" val_acc {val:.3f}" if isinstance(val, float) else ""
+        left = (ev.epochs - r.epoch) * r.seconds
+        val_txt = f" val_acc {r.val_accuracy:.3f}" if isinstance(r.val_accuracy, float) else ""
         self.write(
-            f"    epoch {ev['epoch']}/{ev['epochs']}: loss {ev['loss']:.4f} "
-            f"acc {ev['accuracy']:.3f}"
-            f"{val_txt} ({ev['seconds']:.1f} s, run ETA {_fmt_s(left)})"
+            f"    epoch {r.epoch}/{ev.epochs}: loss {r.loss:.4f} acc {r.accuracy:.3f}"
+            f"{val_txt} ({r.seconds:.1f} s, run ETA {_fmt_s(left)})"
         )
 
     def finish(self, outcome: RunOutcome) -> None:
@@ -158,43 +157,30 @@ def _tail(path: Path, n: int = STDERR_TAIL_LINES) -> str:
 
 
 def run_one(
-    spec: Spec,
-    key: RunKey,
-    job_base: dict[str, Any],
+    job: Job,
     results_dir: Path,
+    env: dict[str, str],
     reporter: Reporter,
     stop: threading.Event,
 ) -> RunOutcome:
-    """Run one key in a worker; always leaves either a complete RunResult or nothing."""
-    out = results_dir / "runs" / f"{key.id}.json"
+    """Run one job in a worker; always leaves either a complete RunResult or nothing."""
+    key = job.key
     log = results_dir / "logs" / f"{key.id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    job = {
-        **job_base,
-        "key": {"model": key.model, "backend": key.backend, "seed": key.seed},
-        "run_id": key.id,
-        "run_hash": job_base["hashes"][key.id],
-        "attempt": uuid.uuid4().hex,  # a result counts only if this attempt wrote it
-        "code_version": training_code_version(key.backend),
-        "out": str(out),
-    }
-    job.pop("hashes")
-    _supersede(out, job["run_hash"])
-    fd, job_path = tempfile.mkstemp(prefix=".job.", suffix=".json", dir=results_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(job, f)
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    _supersede(job.out, job.run_hash)
+    job_path = write_job(results_dir, job)
     t0 = time.time()
     clock = time.monotonic()
     reporter.start(key)
-    timeout = spec.runtime.timeout_s
+    timeout = job.spec.runtime.timeout_s
     timed_out = False
     with open(log, "w", encoding="utf-8") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.worker", job_path],
+            [sys.executable, "-m", "harness.worker", str(job_path)],
             stdout=subprocess.PIPE,
             stderr=err,
-            env=worker_env(spec, key, Path(job_base["cache_dir"])),
+            env=env,
             text=True,
             encoding="utf-8",
             errors="replace",
@@ -206,8 +192,9 @@ def run_one(
             assert proc.stdout is not None
             for line in proc.stdout:
                 try:  # never stop draining the pipe, or the worker blocks on a full pipe
-                    if line.startswith("@@progress "):
-                        reporter.event(key, json.loads(line[len("@@progress ") :]))
+                    event = parse_progress(line)
+                    if event is not None:
+                        reporter.event(key, event)
                     else:
                         err.write(line)
                 except Exception:  # noqa: BLE001 - progress display is best effort
@@ -225,23 +212,22 @@ def run_one(
                     break
         except Interrupted:
             _terminate(proc)
-            Path(job_path).unlink(missing_ok=True)
+            job_path.unlink(missing_ok=True)
             # a result this attempt finished just before the signal is complete and kept
-            finished = _own_result(out, job)
-            status = finished["status"] if finished else "interrupted"
+            finished = _own_result(job)
+            status = finished.status if finished else "interrupted"
             return RunOutcome(key, status, time.time() - t0, None)
         finally:
             _reap(proc)
             reader.join(timeout=5)
-    Path(job_path).unlink(missing_ok=True)
+    job_path.unlink(missing_ok=True)
     seconds = time.time() - t0
-    result = _own_result(out, job)
+    result = _own_result(job)
     if result is not None:  # written by this attempt, even if it then overran at exit
-        reason = None if result["status"] == "ok" else result.get("error", {}).get("message")
-        if result["status"] != "ok":
-            result.setdefault("error", {})["stderr_tail"] = _tail(log)
-            write_json_atomic(out, result)
-        return RunOutcome(key, result["status"], seconds, reason)
+        if result.error is None:
+            return RunOutcome(key, result.status, seconds, None)
+        write_run(job.out, result.with_stderr_tail(_tail(log)))
+        return RunOutcome(key, result.status, seconds, result.error.reason)
     # the worker died without a result: record why
     rc = proc.returncode
     if timed_out:
@@ -250,34 +236,35 @@ def run_one(
         reason = f"worker killed by signal {signal.Signals(-rc).name}"
     else:
         reason = f"worker exited with code {rc} without a result"
-    from harness.worker import envelope
-
-    write_json_atomic(
-        out,
-        envelope(
-            {**job, "started": t0},
-            "failed",
-            error={"type": "WorkerDied", "message": reason, "stderr_tail": _tail(log)},
-        ),
-    )
+    write_run(job.out, RunResult.failed(job, reason, "WorkerDied", _tail(log), started=t0))
     return RunOutcome(key, "failed", seconds, reason)
 
 
-def _own_result(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
+def _own_result(job: Job) -> RunResult | None:
     """The complete result written by this very attempt (not one left by an earlier one)."""
-    run = read_run(out)
-    if run and run.get("run_hash") == job["run_hash"] and run.get("attempt") == job["attempt"]:
+    try:
+        run = read_run(job.out)
+    except RunFileError:
+        return None
+    if run is not None and run.run_hash == job.run_hash and run.attempt == job.attempt:
         return run
     return None
 
 
 def _supersede(out: Path, new_hash: str) -> None:
-    """Keep a finished result of another configuration instead of overwriting it."""
-    old = read_run(out)
-    if old is not None and old.get("run_hash") != new_hash and old.get("status") == "ok":
-        dest = out.parent / "superseded" / f"{out.stem}.{old.get('run_hash')}.json"
-        dest.parent.mkdir(exist_ok=True)
-        os.replace(out, dest)
+    """Keep a finished result of another configuration, or a file this harness cannot read,
+    instead of overwriting it."""
+    try:
+        old = read_run(out)
+    except RunFileError as e:
+        dest = out.parent / "superseded" / f"{out.stem}.unreadable.json"
+        print(f"warning: {e}; moved to {dest}", file=sys.stderr)
+    else:
+        if old is None or old.run_hash == new_hash or old.status != "ok":
+            return
+        dest = out.parent / "superseded" / f"{out.stem}.{old.run_hash}.json"
+    dest.parent.mkdir(exist_ok=True)
+    os.replace(out, dest)
 
 
 def _reap(proc: subprocess.Popen[str]) -> None:
@@ -306,54 +293,23 @@ def _terminate(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-def plan_status(
-    spec: Spec, keys: list[RunKey], results_dir: Path, data_hash: str | None
-) -> dict[str, str]:
-    """For each run id: done | failed | stale (older spec or code) | pending | unknown."""
-    status = {}
-    for key in keys:
-        run = read_run(results_dir / "runs" / f"{key.id}.json")
-        if run is None:
-            status[key.id] = "pending"
-        elif data_hash is None:
-            status[key.id] = "unknown (data not available)"
-        elif run.get("run_hash") != run_hash(spec, key, data_hash):
-            status[key.id] = "stale"
-        else:
-            status[key.id] = "done" if run.get("status") == "ok" else "failed"
-    return status
-
-
 def run_all(
-    spec: Spec,
-    keys: list[RunKey],
+    plan: Plan,
+    data: JobData,
     results_dir: Path,
     cache_dir: Path,
-    data_hash: str,
     fresh: bool = False,
     quiet: bool = False,
     verbose: bool = False,
 ) -> list[RunOutcome]:
-    """Run every key not already done; Ctrl-C/SIGTERM raises KeyboardInterrupt after cleanup."""
-    hashes = {k.id: run_hash(spec, k, data_hash) for k in keys}
-    job_base = {
-        "spec": spec.model_dump(mode="json"),
-        "spec_hash": spec_digest(spec)[:20],
-        "data_hash": data_hash,
-        "cache_dir": str(cache_dir),
-        "command": ["python", "-m", "harness", *sys.argv[1:]],
-        "hashes": hashes,
-    }
+    """Run every selected run of the plan not already done; Ctrl-C/SIGTERM raises
+    KeyboardInterrupt after cleanup."""
+    assert plan.data_hash is not None, "run_all needs a plan with its data (Plan.with_data)"
+    status = run_status(plan, results_dir)
     todo = []
     outcomes = []
-    for key in keys:
-        run = read_run(results_dir / "runs" / f"{key.id}.json")
-        if (
-            not fresh
-            and run
-            and run.get("run_hash") == hashes[key.id]
-            and run.get("status") == "ok"
-        ):
+    for key in plan.selected:
+        if not fresh and status[key.id] == "done":
             outcomes.append(RunOutcome(key, "skipped", 0.0, "already done"))
         else:
             todo.append(key)
@@ -363,13 +319,27 @@ def run_all(
             f"{len(outcomes)} run(s) already done (same spec, data and code): skipped; "
             "--fresh reruns them"
         )
+    command = ("python", "-m", "harness", *sys.argv[1:])
     stop = threading.Event()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
         signal.signal(s, lambda *_: stop.set())
     try:
         for key in todo:
-            outcome = run_one(spec, key, job_base, results_dir, reporter, stop)
+            job = Job(
+                spec=plan.spec,
+                key=key,
+                run_hash=plan.run_hashes[key.id],
+                attempt=uuid.uuid4().hex,  # a result counts only if this attempt wrote it
+                spec_hash=plan.spec_hash,
+                data_hash=plan.data_hash,
+                code_version=plan.code_versions[key.backend],
+                data=data,
+                out=run_path(results_dir, key.id),
+                command=command,
+            )
+            env = worker_env(plan.spec, key, cache_dir)
+            outcome = run_one(job, results_dir, env, reporter, stop)
             if outcome.status == "interrupted":
                 print(
                     f"interrupted: {key.id} stopped; its partial work is discarded", file=sys.stderr

@@ -24,6 +24,7 @@ from harness.spec import (
     GlobalAvgPool,
     Layer,
     Model,
+    ParamCounts,
     Pool2D,
     PretrainedModel,
     RandomModel,
@@ -34,21 +35,7 @@ from harness.spec import (
 Shape = tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Counts:
-    total: int
-    trainable: int
-    non_trainable: int
-
-    def __add__(self, other: Counts) -> Counts:
-        return Counts(
-            self.total + other.total,
-            self.trainable + other.trainable,
-            self.non_trainable + other.non_trainable,
-        )
-
-
-ZERO = Counts(0, 0, 0)
+ZERO = ParamCounts(total=0, trainable=0, non_trainable=0)
 
 
 @dataclass(frozen=True)
@@ -56,7 +43,7 @@ class LayerRow:
     name: str  # e.g. "conv2d_1"
     kind: str  # e.g. "Conv2D"
     shape: Shape
-    params: Counts
+    params: ParamCounts
 
 
 @dataclass(frozen=True)
@@ -64,24 +51,34 @@ class Inference:
     model: str
     input_shape: Shape
     rows: tuple[LayerRow, ...]
-    counts: Counts
+    counts: ParamCounts
     output_shape: Shape
 
 
 @dataclass(frozen=True)
 class BaseInfo:
     channels: int  # output feature channels
-    counts: Counts  # unfrozen: trainable vs BatchNorm moving statistics
+    counts: ParamCounts  # unfrozen: trainable vs BatchNorm moving statistics
     min_size: int
 
 
 # Counts of keras.applications.<Base>(include_top=False) (Keras 3): total / trainable / BN stats.
 BASE_TABLE: dict[str, BaseInfo] = {
-    "densenet121": BaseInfo(1024, Counts(7_037_504, 6_953_856, 83_648), 32),
-    "densenet169": BaseInfo(1664, Counts(12_642_880, 12_484_480, 158_400), 32),
-    "densenet201": BaseInfo(1920, Counts(18_321_984, 18_092_928, 229_056), 32),
-    "resnet50": BaseInfo(2048, Counts(23_587_712, 23_534_592, 53_120), 32),
-    "vgg16": BaseInfo(512, Counts(14_714_688, 14_714_688, 0), 32),
+    "densenet121": BaseInfo(1024, ParamCounts(
+        total=7_037_504, trainable=6_953_856, non_trainable=83_648
+    ), 32),
+    "densenet169": BaseInfo(1664, ParamCounts(
+        total=12_642_880, trainable=12_484_480, non_trainable=158_400
+    ), 32),
+    "densenet201": BaseInfo(1920, ParamCounts(
+        total=18_321_984, trainable=18_092_928, non_trainable=229_056
+    ), 32),
+    "resnet50": BaseInfo(2048, ParamCounts(
+        total=23_587_712, trainable=23_534_592, non_trainable=53_120
+    ), 32),
+    "vgg16": BaseInfo(512, ParamCounts(
+        total=14_714_688, trainable=14_714_688, non_trainable=0
+    ), 32),
 }
 
 
@@ -126,7 +123,7 @@ _KIND = {
 }
 
 
-def infer_layer(layer: Layer, shape: Shape, index: int) -> tuple[Shape, Counts]:
+def infer_layer(layer: Layer, shape: Shape, index: int) -> tuple[Shape, ParamCounts]:
     """Output shape and parameter counts of one layer on an input shape."""
     rank_needed = {"conv2d": 3, "maxpool2d": 3, "avgpool2d": 3, "global_avg_pool": 3}
     need = rank_needed.get(layer.type)
@@ -144,7 +141,7 @@ def infer_layer(layer: Layer, shape: Shape, index: int) -> tuple[Shape, Counts]:
             )
         n = layer.kernel[0] * layer.kernel[1] * c * layer.filters
         n += layer.filters if layer.use_bias else 0
-        return (*out_hw, layer.filters), Counts(n, n, 0)
+        return (*out_hw, layer.filters), ParamCounts(total=n, trainable=n, non_trainable=0)
     if isinstance(layer, Pool2D):
         h, w, c = shape
         strides = layer.strides or layer.pool
@@ -160,7 +157,7 @@ def infer_layer(layer: Layer, shape: Shape, index: int) -> tuple[Shape, Counts]:
     if isinstance(layer, BatchNorm):
         c = shape[-1]
         trainable = c * (int(layer.center) + int(layer.scale))
-        return shape, Counts(trainable + 2 * c, trainable, 2 * c)
+        return shape, ParamCounts(total=trainable + 2 * c, trainable=trainable, non_trainable=2 * c)
     if isinstance(layer, Dropout | ActivationLayer):
         return shape, ZERO
     if isinstance(layer, Flatten):
@@ -175,7 +172,7 @@ def infer_layer(layer: Layer, shape: Shape, index: int) -> tuple[Shape, Counts]:
                 "add a flatten or global_avg_pool before it",
             )
         n = shape[0] * layer.units + (layer.units if layer.use_bias else 0)
-        return (layer.units,), Counts(n, n, 0)
+        return (layer.units,), ParamCounts(total=n, trainable=n, non_trainable=0)
     raise ShapeError(index, f"unknown layer type {layer.type!r}")  # pragma: no cover
 
 
@@ -220,7 +217,9 @@ def infer_model(spec: Spec, model: Model, index: int | None = None) -> Inference
         side = _base_spatial(model.base.name, size)
         base_counts = info.counts
         if model.base.frozen:
-            base_counts = Counts(base_counts.total, 0, base_counts.total)
+            base_counts = ParamCounts(
+                total=base_counts.total, trainable=0, non_trainable=base_counts.total
+            )
         base_shape = (side, side, info.channels)
         rows.append(LayerRow(model.base.name, "Functional", base_shape, base_counts))
         out = _layers(rows, model.head, base_shape, f"{spec.source}: models[{index}].head")

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeAlias, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from backends.registry import REGISTRY
 from harness.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ Initializer = Literal[
     "ones",
 ]
 Metric = Literal["accuracy", "recall", "precision", "specificity", "f1", "auroc", "kappa"]
-BackendName = Literal["reference", "keras", "keras-torch", "keras-jax", "torch"]
+BackendName: TypeAlias = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]  # registry names
 PosInt = Annotated[int, Field(gt=0)]
 Pair = tuple[PosInt, PosInt]
 
@@ -396,9 +397,19 @@ class TrainSpec(Strict):
 
 
 class ParamCounts(Strict):
+    """Parameter counts, Keras' way (BatchNorm moving statistics are non-trainable): what the
+    paper printed, what harness.shapes infers, and what a backend's built model holds."""
+
     total: int = Field(ge=0)
     trainable: int = Field(ge=0)
     non_trainable: int = Field(ge=0)
+
+    def __add__(self, other: ParamCounts) -> ParamCounts:
+        return ParamCounts(
+            total=self.total + other.total,
+            trainable=self.trainable + other.trainable,
+            non_trainable=self.non_trainable + other.non_trainable,
+        )
 
     @model_validator(mode="after")
     def _sum(self) -> ParamCounts:

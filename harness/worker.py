@@ -2,16 +2,18 @@
 
     python -m harness.worker JOB.json          (started by harness/runner.py, never by hand)
 
-The job file holds the resolved spec, the RunKey, the run hash, the cache folder and where to
-write the result. Progress goes to stdout as lines `@@progress {json}` for the runner; everything
-else the frameworks print goes to stderr (the runner keeps it in logs/). The result is written
-atomically and only at the end, so a killed worker leaves nothing that looks complete.
+The job file is a harness.records.Job: the resolved spec, the RunKey, the run hash, the attempt,
+the prepared data (cache folder, its content hash, the split's rows) and where to write the
+result. The worker checks what the runner planned (the cache still holds that content, the
+training code is the planned version) instead of preparing the data again. Progress goes to
+stdout as progress lines (harness.results.progress_line) for the runner; everything else the
+frameworks print goes to stderr (the runner keeps it in logs/). The result is written atomically
+and only at the end, so a killed worker leaves nothing that looks complete.
 Exit codes: 0 ok, 1 the run failed (a failed RunResult was written), 2 user error.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -19,109 +21,92 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from harness.errors import EXIT_USER_ERROR, UserError
-from harness.results import SCHEMA_VERSION, write_json_atomic
-from harness.spec import RandomModel, Spec
-
-FAULT_ENV = "HARNESS_FAULT_INJECT"
-
-
-def inject_fault(run_id: str, stage: str) -> None:
-    """Testing hook for the runner's reliability tests: `HARNESS_FAULT_INJECT=RUN_ID=FAULT`
-    (comma-separated) makes that run misbehave at `stage`. Faults: raise, nan, hang, kill."""
-    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        target, _, fault = item.partition("=")
-        if target != run_id:
-            continue
-        if fault == "raise" and stage == "fit":
-            raise RuntimeError("injected fault")
-        if fault == "hang" and stage == "fit":
-            progress("epoch", epochs=1, epoch=1, loss=0.5, accuracy=0.5, seconds=1.0)
-            time.sleep(3600)
-        if fault == "kill" and stage == "fit":
-            os.kill(os.getpid(), signal.SIGKILL)
+from harness.records import BuiltEvent, EpochEvent, EpochRecord, Job, RunResult, TestPredictions
+from harness.results import progress_line, read_job, write_run
+from harness.spec import RandomModel
 
 
-def progress(event: str, **fields: Any) -> None:
-    print("@@progress " + json.dumps({"event": event, **fields}, default=str), flush=True)
+def emit(event: BuiltEvent | EpochEvent) -> None:
+    print(progress_line(event), flush=True)
 
 
-def _groups(table: Any, rows: np.ndarray) -> dict[str, list[str]]:
-    return {
-        "patient": [str(x) for x in table["patient"].to_numpy()[rows]],
-        "study": [str(x) for x in table["study"].to_numpy()[rows]],
-    }
+def open_images(job: Job) -> np.ndarray:
+    """The cache's images (memory-mapped), after checking it is the data the run was planned on
+    and the training code is the planned version; RuntimeError otherwise."""
+    from harness.data.cache import open_cache
+    from harness.plan import training_code_version
+
+    if training_code_version(job.key.backend) != job.code_version:
+        raise RuntimeError("the training code changed since the run was planned; rerun the harness")
+    try:
+        cache = open_cache(job.data.cache_folder)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(
+            f"the image cache {job.data.cache_folder} cannot be opened ({e}); rerun the harness"
+        ) from None
+    content = cache.pixels_sha256 or cache.key
+    if content != job.data.cache_content or len(cache) != len(job.data.labels):
+        raise RuntimeError(
+            f"the image cache {job.data.cache_folder} changed since the run was planned "
+            f"(content {content} != {job.data.cache_content}); rerun the harness"
+        )
+    return cache.images
 
 
-def execute(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one job; returns the RunResult (status ok). Raises on failure."""
+def execute(job: Job, started: float) -> RunResult:
+    """Run one job; returns its RunResult (ok, or failed for a NaN loss). Raises on failure."""
     # Imported here: the backend registry may set environment variables (KERAS_BACKEND,
     # determinism flags) that must be in place before a framework is imported.
     from backends.base import EvalData, ModelInput, TrainData
     from backends.registry import create
-    from harness.data import prepare_data
     from harness.monitor import Monitor
     from harness.provenance import collect_provenance
 
-    spec = Spec.model_validate(job["spec"])
-    key = job["key"]
-    model = spec.model(key["model"])
-    result: dict[str, Any] = {"history": []}
+    spec, key, rows = job.spec, job.key, job.data
+    model = spec.model(key.model)
+    history: list[EpochRecord] = []
 
     mon = Monitor(interval_s=0.2)
     with mon:
         with mon.phase("data"):
-            data = prepare_data(spec.data, Path(job["cache_dir"]), progress=False)
-            assert data is not None  # build=True always returns the data
-            images = data.cache.images
-            labels = data.table["label"].to_numpy().astype(np.float32)
-            split = data.split
-        from harness.plan import training_code_version
-
-        if training_code_version(key["backend"]) != job["code_version"]:
-            raise RuntimeError(
-                "the training code changed since the run was planned; rerun the harness"
-            )
-        if data.data_hash != job["data_hash"]:
-            raise RuntimeError(
-                f"the data changed since the run was planned (hash {data.data_hash} != "
-                f"{job['data_hash']}); rerun the harness"
-            )
+            images = open_images(job)
+            labels = np.asarray(rows.labels, dtype=np.float32)
+            train_rows = np.asarray(rows.train, dtype=np.int64)
+            val_rows = np.asarray(rows.val, dtype=np.int64)
+            test_rows = np.asarray(rows.test, dtype=np.int64)
         with mon.phase("build"):
             backend = create(
-                key["backend"], device=spec.runtime.device, deterministic=spec.runtime.deterministic
+                key.backend, device=spec.runtime.device, deterministic=spec.runtime.deterministic
             )
-            backend.seed(key["seed"], spec.runtime.deterministic)
+            backend.seed(key.seed, spec.runtime.deterministic)
             model_input = ModelInput(
                 spec.data.image_size, spec.data.channels, spec.normalization(model)
             )
             handle = backend.build(model, model_input)
             counts = backend.count_params(handle)
-        progress("built", params=counts.__dict__)
-        inject_fault(job["run_id"], "fit")
+        emit(BuiltEvent(params=counts))
 
         if not isinstance(model, RandomModel):
             train = TrainData(
                 images,
-                split.train,
-                labels[split.train],
+                train_rows,
+                labels[train_rows],
                 spec.augmentation,
-                key["seed"],
+                key.seed,
                 model.train.shuffle,
             )
-            val = EvalData(np.asarray(images[np.sort(split.val)]), labels[np.sort(split.val)])
+            val = EvalData(np.asarray(images[val_rows]), labels[val_rows])
 
-            def on_epoch(rec: Any) -> None:
+            def on_epoch(rec: EpochRecord) -> None:
                 mon.record_epoch(epoch=rec.epoch, seconds=rec.seconds, images=rec.images)
-                progress("epoch", epochs=model.train.epochs, **rec.to_dict())
+                emit(EpochEvent(epochs=model.train.epochs, record=rec))
 
             with mon.phase("train"):
                 history = backend.fit(handle, train, val, model.train, on_epoch)
-            result["history"] = [h.to_dict() for h in history]
             train_s = sum(h.train_seconds for h in history)
             first = history[0].first_step_seconds if history else None
             seen = sum(h.images for h in history)
@@ -132,7 +117,11 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                 mon.record_throughput(
                     "train", images=max(seen - per_batch, 0), seconds=max(train_s - first, 1e-9)
                 )
-        test_rows = np.sort(split.test)
+            if any(math.isnan(h.loss) for h in history):
+                return RunResult.failed(
+                    job, "loss became NaN", "FloatingPointError", started=started,
+                    history=tuple(history),
+                )
         test_images = np.asarray(images[test_rows])
         with mon.phase("predict"):
             t0 = time.perf_counter()
@@ -143,86 +132,53 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         mon.set_framework_memory(backend.peak_memory())
 
     probs = np.asarray(probs, dtype=np.float64).reshape(-1)
-    if f"{job['run_id']}=nan" in os.environ.get(FAULT_ENV, ""):
-        probs[::7] = np.nan
     if probs.shape != (len(test_rows),):
         raise RuntimeError(f"predict returned {probs.shape} for {len(test_rows)} test images")
     if not np.all(np.isfinite(probs)):
         bad = int(np.sum(~np.isfinite(probs)))
         raise FloatingPointError(f"predict returned {bad} non-finite probabilities (NaN/inf)")
-    result.update(
-        params=counts.__dict__,
+    return RunResult.ok(
+        job,
+        TestPredictions(
+            rows=rows.test,
+            labels=tuple(int(x) for x in labels[test_rows]),
+            probs=tuple(probs.tolist()),
+            patient=rows.test_patient,
+            study=rows.test_study,
+        ),
+        history=tuple(history),
+        params=counts,
         environment=backend.environment(),
         resources=mon.summary(),
-        provenance=collect_provenance({"harness_command": job.get("command")}),
-        test={
-            "rows": test_rows.tolist(),
-            "labels": labels[test_rows].astype(int).tolist(),
-            "probs": probs.tolist(),
-            **_groups(data.table, test_rows),
-        },
-        skipped_images=list(data.skipped),
+        provenance=collect_provenance({"harness_command": list(job.command)}),
+        skipped_images=rows.skipped,
+        started=started,
     )
-    return result
-
-
-def envelope(job: dict[str, Any], status: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "schema": SCHEMA_VERSION,
-        "run_id": job["run_id"],
-        "key": job["key"],
-        "run_hash": job["run_hash"],
-        "attempt": job.get("attempt"),
-        "spec_name": job["spec"]["name"],
-        "spec_hash": job["spec_hash"],
-        "data_hash": job["data_hash"],
-        "code_version": job["code_version"],
-        "status": status,
-        "started": job.get("started"),
-        "finished": time.time(),
-        "complete": True,
-        **fields,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    job["started"] = time.time()
-    out = Path(job["out"])
+    started = time.time()
+    job = read_job(Path(argv[0]))
     # SIGTERM from the runner (Ctrl-C, timeout): leave without writing anything
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     try:
-        result = execute(job)
+        result = execute(job, started)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        write_json_atomic(
-            out, envelope(job, "failed", error={"type": "UserError", "message": e.message})
-        )
+        write_run(job.out, RunResult.failed(job, e.message, "UserError", started=started))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a failed run is a result, with its reason
         traceback.print_exc()
-        message = f"{type(e).__name__}: {e}"
+        reason = f"{type(e).__name__}: {e}"
         if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-            message = f"out of memory: {message}"
-        write_json_atomic(
-            out, envelope(job, "failed", error={"type": type(e).__name__, "message": message})
-        )
+            reason = f"out of memory: {reason}"
+        write_run(job.out, RunResult.failed(job, reason, type(e).__name__, started=started))
         return 1
-    if any(
-        isinstance(v, float) and math.isnan(v) for h in result["history"] for v in (h.get("loss"),)
-    ):
-        write_json_atomic(
-            out,
-            envelope(
-                job, "failed", error={"type": "FloatingPointError", "message": "loss became NaN"}
-            ),
-        )
-        return 1
-    write_json_atomic(out, envelope(job, "ok", **result))
-    return 0
+    write_run(job.out, result)
+    return 0 if result.status == "ok" else 1
 
 
 if __name__ == "__main__":

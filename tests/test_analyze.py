@@ -17,6 +17,7 @@ from harness.analyze import Bundle, analyze, load_bundle
 from harness.errors import UserError
 from harness.metrics import compute_metrics
 from harness.monitor import measured, not_measured
+from harness.results import run_from_json
 from harness.spec import Spec, load_spec
 from harness.stats import (
     bootstrap_metrics,
@@ -140,7 +141,8 @@ def failed_run(model: str, backend: str, seed: int) -> dict[str, Any]:
     rid = f"{model}__{backend}__seed{seed}"
     return {
         "schema": 1, "run_id": rid, "key": {"model": model, "backend": backend, "seed": seed},
-        "run_hash": f"hash-{rid}", "status": "failed", "complete": True, "finished": 1.7e9,
+        "run_hash": f"hash-{rid}", "spec_name": "paper", "spec_hash": "s", "data_hash": "d",
+        "code_version": "0.1.0+gabc", "status": "failed", "complete": True, "finished": 1.7e9,
         "error": {"type": "RuntimeError", "message": "out of memory: CUDA out of memory",
                   "stderr_tail": "Traceback (most recent call last):\n  File x\nRuntimeError: OOM"},
     }
@@ -190,7 +192,8 @@ def make_bundle(spec: Spec | None = None, runs: list[dict[str, Any]] | None = No
     return Bundle(
         results_dir="results/paper", spec=spec, source="specs/paper.yaml",
         overrides=OVERRIDES, data=data_json(), plan={"data_hash": "d", "runs": plan},
-        runs=(*runs, stale, dropped, failed_run("densenet", "torch", 0)),
+        runs=tuple(run_from_json(r) for r in (*runs, stale, dropped,
+                                              failed_run("densenet", "torch", 0))),
     )
 
 
@@ -425,10 +428,10 @@ def test_data_and_environment(analysis) -> None:  # type: ignore[no-untyped-def]
 
 def test_bad_result_becomes_a_failure_not_a_crash() -> None:
     runs = standard_runs()
-    runs[0]["test"]["probs"] = runs[0]["test"]["probs"][:10]
+    runs[0]["test"] = {k: [] for k in runs[0]["test"]}
     a = analyze(make_bundle(runs=runs))
-    assert any(f.error_type == "BadResult" and f.run_id == "baseline__reference__seed0"
-               for f in a.failed)
+    assert [(f.run_id, f.error_type, f.message) for f in a.failed if f.error_type == "BadResult"
+            ] == [("baseline__reference__seed0", "BadResult", "the result's test set is empty")]
     assert a.group("baseline", "reference").seeds == (1,)
     assert math.isnan(a.group("baseline", "reference").seed_summary["image"]["accuracy"].sd)
 

@@ -152,7 +152,7 @@ def test_importing_the_core_imports_no_framework() -> None:
     proc = python(
         "import sys\n"
         "import harness, harness.cli, harness.spec, harness.shapes, harness.plan, harness.runner,"
-        " harness.results, harness.worker\n"
+        " harness.results, harness.worker, harness.records, harness.pipeline, harness.validate\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))\n"
     )
     assert proc.returncode == 0, proc.stderr

@@ -39,7 +39,7 @@ from harness.report import (
     render_metrics_csv,
     render_report,
 )
-from harness.results import write_json_atomic
+from harness.results import run_from_json, write_json_atomic
 from harness.stats import Interval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def test_empty_results_still_render() -> None:
     assert "| accuracy | 75.09% (Wilson 73.12-76.96) | no runs | — | no runs | — |" in text
     assert "## Failed runs" not in text and "## Keras vs PyTorch" not in text
     only_failed = Bundle("results/paper", spec, plan={"runs": {"cnn__keras__seed0": "h"}},
-                         runs=({**failed_run("cnn", "keras", 0), "run_hash": "h"},))
+                         runs=(run_from_json({**failed_run("cnn", "keras", 0), "run_hash": "h"}),))
     text = render_report(analyze(only_failed))
     assert "## Failed runs" in text and "No finished run of the current spec." in text
 

@@ -1,14 +1,20 @@
 """End to end through the CLI, and the runner's reliability cases.
 
+    .venv/bin/python -m pytest tests/test_runner.py -q
+
 Uses the random baseline on a tiny generated dataset, so no framework is needed: these run in
-every tox env. Faults are injected into chosen worker processes with HARNESS_FAULT_INJECT.
+every tox env. Faults come from a test backend (tests/faulty_backend.py) installed as a
+third-party distribution with an entry point; which run misbehaves, and how, is that backend's
+own configuration (FAULTY_BACKEND), unknown to the harness.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +24,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from harness.plan import RunKey, plan_runs
+from harness.errors import UserError
+from harness.plan import RunKey, Selection, make_plan, plan_runs, run_hash, training_code_version
 from harness.results import read_run
 from harness.spec import load_spec
 
@@ -33,15 +40,35 @@ evaluation:
   bootstrap: {{resamples: 200}}
 """
 
+# The test backend, installed the way a user's backend would be: a distribution on the path
+# whose metadata declares an entry point in the `repro_harness.backends` group.
+ENTRY_POINTS = """\
+[repro_harness.backends]
+faulty = faulty_backend:FaultyBackend
+broken = no_such_module:Backend
+"""
+
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict:
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY.format(demo=ROOT / "specs" / "demo.yaml"))
-    return {"spec": spec, "out": tmp_path / "results", "cache": tmp_path / "cache"}
+    plugins = tmp_path / "plugins"
+    dist = plugins / "repro_faulty_backend-0.1.dist-info"
+    dist.mkdir(parents=True)
+    shutil.copy(Path(__file__).with_name("faulty_backend.py"), plugins / "faulty_backend.py")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: repro-faulty-backend\nVersion: 0.1\n"
+    )
+    (dist / "entry_points.txt").write_text(ENTRY_POINTS)
+    return {"spec": spec, "out": tmp_path / "results", "cache": tmp_path / "cache",
+            "plugins": plugins}
 
 
-def harness(tiny: dict, *args: str, fault: str = "", wait: bool = True, timeout: float = 180):
+def harness(tiny: dict, *args: str, faults: str = "", backend: str = "reference",
+            model: str = "baseline", wait: bool = True, timeout: float = 180):
+    """`python -m harness run` on the tiny spec; `faults` configures the test backend
+    (FAULTY_BACKEND="SEED:FAULT,..."), `backend` replaces the model's backends."""
     cmd = [
         sys.executable,
         "-m",
@@ -49,14 +76,16 @@ def harness(tiny: dict, *args: str, fault: str = "", wait: bool = True, timeout:
         "run",
         str(tiny["spec"]),
         "--models",
-        "baseline",
+        model,
+        "--set",
+        f"models.{model}.backends=[{backend}]",
         "--out",
         str(tiny["out"]),
         "--cache-dir",
         str(tiny["cache"]),
         *args,
     ]
-    env = {**os.environ, "HARNESS_FAULT_INJECT": fault}
+    env = {**os.environ, "PYTHONPATH": str(tiny["plugins"]), "FAULTY_BACKEND": faults}
     if not wait:
         return subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -64,8 +93,8 @@ def harness(tiny: dict, *args: str, fault: str = "", wait: bool = True, timeout:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_file(tiny: dict, seed: int) -> Path:
-    return tiny["out"] / "runs" / f"baseline__reference__seed{seed}.json"
+def run_file(tiny: dict, seed: int, backend: str = "reference", model: str = "baseline") -> Path:
+    return tiny["out"] / "runs" / f"{model}__{backend}__seed{seed}.json"
 
 
 def wait_for(predicate, timeout: float = 120.0) -> None:
@@ -82,12 +111,12 @@ def test_run_writes_report_and_skips_finished_runs(tiny):
     report = (tiny["out"] / "report.md").read_text()
     assert "| accuracy | 49.21% (Wilson 46.99-51.42) |" in report
     runs = [read_run(run_file(tiny, s)) for s in (0, 1)]
-    assert all(run["status"] == "ok" for run in runs)
+    assert [run.status for run in runs] == ["ok", "ok"]
     # the paper's rule: p ~ U[0, 1), label 1 when p >= 0.5; probabilities stored for re-analysis
-    probs = runs[0]["test"]["probs"]
-    assert len(probs) == len(runs[0]["test"]["labels"]) > 0
+    probs = runs[0].test.probs
+    assert len(probs) == len(runs[0].test.labels) > 0
     assert all(0 <= p < 1 for p in probs)
-    assert runs[0]["test"]["probs"] != runs[1]["test"]["probs"]  # seeds differ
+    assert runs[0].test.probs != runs[1].test.probs  # seeds differ
     metrics = (tiny["out"] / "metrics.csv").read_text()
     assert "baseline__reference__seed0" in metrics
     first = run_file(tiny, 0).stat().st_mtime_ns
@@ -101,7 +130,20 @@ def test_run_writes_report_and_skips_finished_runs(tiny):
     assert r3.returncode == 0
     assert run_file(tiny, 0).stat().st_mtime_ns != first
     # same seed, same data: the random baseline is reproducible
-    assert read_run(run_file(tiny, 0))["test"]["probs"] == probs
+    assert read_run(run_file(tiny, 0)).test.probs == probs
+
+
+def test_the_plan_is_written_once_for_every_run_and_jobs_carry_its_hashes(tiny):
+    assert harness(tiny, "--seeds", "0").returncode == 0
+    plan = json.loads((tiny["out"] / "plan.json").read_text())
+    # every run of the spec, not only the selected one (analyze counts runs against it)
+    assert sorted(plan["runs"]) == sorted(
+        f"{m}__{b}__seed{s}" for m, b in (("baseline", "reference"), ("cnn", "keras"),
+                                          ("cnn", "torch"), ("densenet", "keras"),
+                                          ("densenet", "torch")) for s in (0, 1))
+    run = read_run(run_file(tiny, 0))
+    assert run.run_hash == plan["runs"]["baseline__reference__seed0"]
+    assert run.data_hash == plan["data_hash"]
 
 
 def test_dry_run_lists_plan_and_done_runs(tiny):
@@ -116,81 +158,145 @@ def test_dry_run_lists_plan_and_done_runs(tiny):
     assert ["baseline", "reference", "1", "pending"] in lines
 
 
+def _n_nan(n: int) -> int:
+    return len(range(0, n, 7))  # the test backend's nan-probs fault: every 7th image
+
+
 @pytest.mark.parametrize(
-    ("fault", "reason"),
+    ("fault", "model", "error_type", "reason"),
     [
-        ("raise", "RuntimeError: injected fault"),
-        ("nan", "non-finite probabilities"),
-        ("kill", "worker killed by signal SIGKILL"),
+        ("raise", "baseline", "RuntimeError", "RuntimeError: faulty backend: predict raised"),
+        ("nan-probs", "baseline", "FloatingPointError",
+         "FloatingPointError: predict returned {nan} non-finite probabilities (NaN/inf)"),
+        ("nan-loss", "cnn", "FloatingPointError", "loss became NaN"),
+        ("kill", "baseline", "WorkerDied", "worker killed by signal SIGKILL"),
     ],
 )
-def test_a_failing_run_is_recorded_and_the_others_go_on(tiny, fault, reason):
-    r = harness(tiny, fault=f"baseline__reference__seed0={fault}")
+def test_a_failing_run_is_recorded_and_the_others_go_on(tiny, fault, model, error_type, reason):
+    r = harness(tiny, "--set", "models.cnn.train.epochs=2", faults=f"0:{fault}",
+                backend="faulty", model=model)
     assert r.returncode == 1
     assert "1 run(s) failed" in r.stderr
-    failed = read_run(run_file(tiny, 0))
-    assert failed["status"] == "failed"
-    assert reason in failed["error"]["message"]
-    assert "stderr_tail" in failed["error"]
-    assert read_run(run_file(tiny, 1))["status"] == "ok"
+    ok = read_run(run_file(tiny, 1, "faulty", model))
+    assert ok.status == "ok"
+    failed = read_run(run_file(tiny, 0, "faulty", model))
+    assert failed.status == "failed"
+    assert failed.error.type == error_type
+    reason = reason.format(nan=_n_nan(len(ok.test.rows)))
+    assert failed.error.reason == reason
+    assert failed.attempt is not None and failed.attempt != ok.attempt
+    log = (tiny["out"] / "logs" / f"{model}__faulty__seed0.log").read_text()
+    assert failed.error.stderr_tail == "\n".join(log.splitlines()[-25:])
+    if fault == "raise":
+        assert failed.error.stderr_tail.splitlines()[-1] == reason
+    if fault == "nan-loss":  # the history up to the NaN is kept
+        assert [h.epoch for h in failed.history] == [1, 2]
+        assert all(math.isnan(h.loss) for h in failed.history)
     report = (tiny["out"] / "report.md").read_text()
-    assert "## Failed runs" in report and "baseline__reference__seed0" in report
+    assert "## Failed runs" in report
+    assert f"| `{model}__faulty__seed0` | {error_type} | {reason} |" in report
     # a failed run is retried on the next invocation
-    assert harness(tiny).returncode == 0
-    assert read_run(run_file(tiny, 0))["status"] == "ok"
+    assert harness(tiny, backend="faulty", model=model).returncode == 0
+    assert read_run(run_file(tiny, 0, "faulty", model)).status == "ok"
+
+
+def test_progress_events_reach_the_terminal(tiny):
+    r = harness(tiny, "--seeds", "0", "-v", "--set", "models.cnn.train.epochs=2",
+                backend="faulty", model="cnn")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "    built: 0 parameters (0 trainable)" in lines
+    epochs = [line for line in lines if line.startswith("    epoch ")]
+    assert epochs == [
+        f"    epoch {e}/2: loss 0.5000 accuracy 0.5000 recall 0.5000 precision 0.5000 "
+        "(0.0 s, train 0.0 s)" for e in (1, 2)
+    ]
+
+
+def test_an_unknown_backend_lists_builtin_and_entry_point_backends(tiny):
+    r = harness(tiny, backend="nope")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[0].endswith(
+        "models[0].backends[0]: must be one of reference, keras, keras-torch, keras-jax, torch, "
+        "faulty, broken; got 'nope' (from --set models.baseline.backends=[nope])"
+    )
+    assert "Traceback" not in r.stderr
+
+
+def test_list_shows_entry_point_backends(tiny):
+    env = {**os.environ, "PYTHONPATH": str(tiny["plugins"])}
+    r = subprocess.run([sys.executable, "-m", "harness", "list"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("  ")[0] for line in r.stdout.splitlines()[3:10]]
+    assert rows == ["reference", "keras", "keras-torch", "keras-jax", "torch", "faulty", "broken"]
+    assert "entry point of repro-faulty-backend 0.1" in r.stdout
+
+
+def test_an_entry_point_that_does_not_import_is_a_clear_failed_run(tiny):
+    r = harness(tiny, "--seeds", "0", backend="broken")
+    assert r.returncode == 1
+    failed = read_run(run_file(tiny, 0, "broken"))
+    assert (failed.error.type, failed.error.reason) == (
+        "UserError",
+        "backend 'broken' (entry point repro_harness.backends: broken = no_such_module:Backend) "
+        "cannot be loaded: ModuleNotFoundError: No module named 'no_such_module'",
+    )
+    assert "Traceback" not in failed.error.stderr_tail
 
 
 def test_timeout_is_a_failed_run(tiny):
-    r = harness(tiny, "--set", "runtime.timeout_s=8", fault="baseline__reference__seed0=hang")
+    r = harness(tiny, "--set", "runtime.timeout_s=8", faults="0:hang", backend="faulty")
     assert r.returncode == 1
-    failed = read_run(run_file(tiny, 0))
-    assert failed["error"]["message"] == "timeout: exceeded runtime.timeout_s = 8 s"
-    assert read_run(run_file(tiny, 1))["status"] == "ok"
+    failed = read_run(run_file(tiny, 0, "faulty"))
+    assert (failed.error.type, failed.error.reason) == (
+        "WorkerDied", "timeout: exceeded runtime.timeout_s = 8 s")
+    assert read_run(run_file(tiny, 1, "faulty")).status == "ok"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_keeps_finished_runs_and_resumes(tiny, sig):
-    p = harness(tiny, fault="baseline__reference__seed1=hang", wait=False)
+    p = harness(tiny, faults="1:hang", backend="faulty", wait=False)
     wait_for(
         lambda: (
-            run_file(tiny, 0).exists()
-            and (tiny["out"] / "logs" / "baseline__reference__seed1.log").exists()
+            run_file(tiny, 0, "faulty").exists()
+            and (tiny["out"] / "logs" / "baseline__faulty__seed1.log").exists()
         )
     )
     time.sleep(1.0)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
-    assert "interrupted" in err
-    assert read_run(run_file(tiny, 0))["status"] == "ok"
-    assert not run_file(tiny, 1).exists()
+    assert "interrupted: baseline__faulty__seed1 stopped; its partial work is discarded" in err
+    assert read_run(run_file(tiny, 0, "faulty")).status == "ok"
+    assert not run_file(tiny, 1, "faulty").exists()
     assert not list(tiny["out"].rglob(".*.tmp")) and not list(tiny["out"].glob(".job.*"))
-    r = harness(tiny)
+    r = harness(tiny, backend="faulty")
     assert r.returncode == 0
     assert "1 run(s) already done" in r.stdout
-    assert read_run(run_file(tiny, 1))["status"] == "ok"
+    assert read_run(run_file(tiny, 1, "faulty")).status == "ok"
 
 
 def test_kill_9_of_the_harness_then_resume(tiny):
-    p = harness(tiny, fault="baseline__reference__seed1=hang", wait=False)
+    p = harness(tiny, faults="1:hang", backend="faulty", wait=False)
     wait_for(
         lambda: (
-            run_file(tiny, 0).exists()
-            and (tiny["out"] / "logs" / "baseline__reference__seed1.log").exists()
+            run_file(tiny, 0, "faulty").exists()
+            and (tiny["out"] / "logs" / "baseline__faulty__seed1.log").exists()
         )
     )
     time.sleep(1.0)
     p.kill()
     p.communicate(timeout=30)
     # a half-written file from a killed writer is never read as a result
-    (tiny["out"] / "runs" / ".baseline__reference__seed1.json.abc.tmp").write_text(
-        '{"complete": tr'
-    )
-    (tiny["out"] / "runs" / "baseline__reference__seed1.json").write_text('{"status": "ok", "comp')
-    r = harness(tiny)
+    runs = tiny["out"] / "runs"
+    (runs / ".baseline__faulty__seed1.json.abc.tmp").write_text('{"complete": tr')
+    (runs / "baseline__faulty__seed1.json").write_text('{"status": "ok", "comp')
+    r = harness(tiny, backend="faulty")
     assert r.returncode == 0, r.stderr
-    assert read_run(run_file(tiny, 1))["status"] == "ok"
-    assert not list(tiny["out"].rglob(".*.tmp"))
+    assert "1 run(s) already done" in r.stdout
+    assert read_run(run_file(tiny, 1, "faulty")).status == "ok"
+    assert not list(tiny["out"].rglob(".*.tmp")) and not list(tiny["out"].glob(".job.*"))
 
 
 def test_runs_of_an_older_spec_are_not_mixed_in(tiny):
@@ -204,19 +310,35 @@ def test_runs_of_an_older_spec_are_not_mixed_in(tiny):
     assert r.returncode == 0
     assert "already done" not in r.stdout  # the model changed: both reruns
     run = read_run(run_file(tiny, 0))
-    assert max(run["test"]["probs"]) < 0.5
+    assert max(run.test.probs) < 0.5
     # the results of the earlier configuration are kept aside, not overwritten
     kept = sorted(p.name.split(".")[0] for p in (tiny["out"] / "runs" / "superseded").iterdir())
     assert kept == ["baseline__reference__seed0", "baseline__reference__seed1"]
 
 
-def test_a_fresh_attempt_that_dies_is_not_taken_for_the_old_result(tiny):
+def test_a_result_this_harness_cannot_read_is_kept_aside_and_rerun(tiny):
     assert harness(tiny, "--seeds", "0").returncode == 0
-    r = harness(tiny, "--seeds", "0", "--fresh", fault="baseline__reference__seed0=kill")
+    path = run_file(tiny, 0)
+    future = {**json.loads(path.read_text()), "schema": 99}
+    path.write_text(json.dumps(future))
+    r = harness(tiny, "--seeds", "0", "--dry-run")
+    rows = [x.split() for x in r.stdout.splitlines()]
+    assert ["baseline", "reference", "0", "unreadable"] in rows
+    r = harness(tiny, "--seeds", "0")
+    assert r.returncode == 0, r.stderr
+    aside = tiny["out"] / "runs" / "superseded" / "baseline__reference__seed0.unreadable.json"
+    assert f"warning: {path}: RunResult schema 99; this harness reads schema 1, 2." in r.stderr
+    assert json.loads(aside.read_text()) == future
+    assert read_run(path).status == "ok"
+
+
+def test_a_fresh_attempt_that_dies_is_not_taken_for_the_old_result(tiny):
+    assert harness(tiny, "--seeds", "0", backend="faulty").returncode == 0
+    r = harness(tiny, "--seeds", "0", "--fresh", faults="0:kill", backend="faulty")
     assert r.returncode == 1
-    run = read_run(run_file(tiny, 0))
-    assert run["status"] == "failed"
-    assert run["error"]["message"] == "worker killed by signal SIGKILL"
+    run = read_run(run_file(tiny, 0, "faulty"))
+    assert run.status == "failed"
+    assert run.error.reason == "worker killed by signal SIGKILL"
 
 
 def test_a_second_harness_on_the_same_results_is_refused(tiny):
@@ -251,8 +373,6 @@ def test_plan_filters_and_errors():
     keys = plan_runs(spec, models=["cnn"], backends=["torch"], seeds=[1])
     assert keys == [RunKey("cnn", "torch", 1)]
     assert len(plan_runs(spec)) == 3 * 1 + 3 * 2 + 3 * 2
-    from harness.errors import UserError
-
     with pytest.raises(
         UserError, match="--models: unknown model 'cnnn'; this spec has: baseline, cnn, densenet"
     ):
@@ -261,13 +381,27 @@ def test_plan_filters_and_errors():
         plan_runs(spec, seeds=[9])
 
 
-def test_worker_envelope_is_json(tiny):
+def test_plan_hashes_every_run_once_and_selects_some():
+    spec = load_spec(ROOT / "specs" / "paper.yaml")
+    plan = make_plan(spec, Selection(models=["cnn"], seeds=[1]))
+    assert plan.selected == (RunKey("cnn", "keras", 1), RunKey("cnn", "torch", 1))
+    assert len(plan.runs) == 15 and plan.run_hashes == {} and plan.data_hash is None
+    hashed = plan.with_data("d" * 32)
+    assert sorted(hashed.run_hashes) == sorted(k.id for k in plan.runs)
+    key = RunKey("cnn", "torch", 1)
+    assert hashed.run_hashes[key.id] == run_hash(spec, key, "d" * 32,
+                                                 training_code_version("torch"))
+    assert hashed.with_data("e" * 32).run_hashes[key.id] != hashed.run_hashes[key.id]
+    with pytest.raises(UserError, match="--backends: unknown backend 'tf'"):
+        make_plan(spec, Selection(backends=["tf"]))
+
+
+def test_the_result_file_is_json_with_its_schema(tiny):
     assert harness(tiny, "--seeds", "0").returncode == 0
     run = json.loads(run_file(tiny, 0).read_text())
-    assert run["complete"] is True and run["key"] == {
-        "model": "baseline",
-        "backend": "reference",
-        "seed": 0,
-    }
+    assert (run["schema"], run["complete"], run["run_id"]) == (
+        2, True, "baseline__reference__seed0")
+    assert run["key"] == {"model": "baseline", "backend": "reference", "seed": 0}
+    assert run["params"] == {"total": 0, "trainable": 0, "non_trainable": 0}
     assert run["resources"]["gpu"]["memory_used_peak"]["value"] is None
     assert run["provenance"]["python"]

@@ -18,14 +18,13 @@ from harness.errors import UserError
 from harness.shapes import (
     BASE_TABLE,
     ZERO,
-    Counts,
     ShapeError,
     _base_spatial,
     check_output,
     infer_layer,
     infer_model,
 )
-from harness.spec import Layer, Spec, load_spec
+from harness.spec import Layer, ParamCounts, Spec, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "specs" / "paper.yaml"
@@ -91,7 +90,7 @@ def test_paper_cnn_rows(paper: Spec) -> None:
 
 def test_paper_cnn_totals(paper: Spec) -> None:
     inf = infer_model(paper, paper.models[CNN])  # index found by name
-    assert inf.counts == Counts(3_309_921, 3_309_441, 480)
+    assert inf.counts == ParamCounts(total=3_309_921, trainable=3_309_441, non_trainable=480)
     # the non-trainable 480 are the BatchNorm moving means and variances: 2 x (16+32+64+128)
     assert [r.params.non_trainable for r in inf.rows if r.kind == "BatchNormalization"] == \
         [32, 64, 128, 256]
@@ -104,11 +103,13 @@ def test_paper_cnn_totals(paper: Spec) -> None:
 def test_paper_densenet(paper: Spec) -> None:
     inf = infer_model(paper, paper.models[DENSENET], DENSENET)
     assert [(r.name, r.kind, r.shape, r.params) for r in inf.rows] == [
-        ("densenet169", "Functional", (7, 7, 1664), Counts(12_642_880, 0, 12_642_880)),
+        ("densenet169", "Functional", (7, 7, 1664), ParamCounts(
+            total=12_642_880, trainable=0, non_trainable=12_642_880
+        )),
         ("global_avg_pool_1", "GlobalAveragePooling2D", (1664,), ZERO),
-        ("dense_1", "Dense", (1,), Counts(1665, 1665, 0)),
+        ("dense_1", "Dense", (1,), ParamCounts(total=1665, trainable=1665, non_trainable=0)),
     ]
-    assert inf.counts == Counts(12_644_545, 1_665, 12_642_880)
+    assert inf.counts == ParamCounts(total=12_644_545, trainable=1_665, non_trainable=12_642_880)
     printed = paper.models[DENSENET].printed_params
     assert printed is not None and printed.total == inf.counts.total
 
@@ -116,8 +117,10 @@ def test_paper_densenet(paper: Spec) -> None:
 def test_unfrozen_base_counts_as_trainable() -> None:
     spec = load_spec(PAPER, ["models.densenet.base.frozen=false"])
     inf = infer_model(spec, spec.models[DENSENET], DENSENET)
-    assert inf.rows[0].params == Counts(12_642_880, 12_484_480, 158_400)  # BN statistics stay
-    assert inf.counts == Counts(12_644_545, 12_486_145, 158_400)
+    assert inf.rows[0].params == ParamCounts(
+        total=12_642_880, trainable=12_484_480, non_trainable=158_400
+    )  # BN statistics stay
+    assert inf.counts == ParamCounts(total=12_644_545, trainable=12_486_145, non_trainable=158_400)
 
 
 def test_baseline_has_no_parameters(paper: Spec) -> None:
@@ -131,7 +134,7 @@ def test_demo_cnn_at_64_px() -> None:
     inf = infer_model(demo, demo.model("cnn"))
     assert inf.rows[16].shape == (2048,)
     assert inf.rows[17].params.total == 262_272
-    assert inf.counts == Counts(360_801, 360_321, 480)
+    assert inf.counts == ParamCounts(total=360_801, trainable=360_321, non_trainable=480)
     dn = infer_model(demo, demo.model("densenet"))
     assert dn.rows[0].shape == (2, 2, 1664)
     assert dn.counts.total == 12_644_545  # the head does not depend on the image size
@@ -143,7 +146,9 @@ def test_base_table_is_consistent() -> None:
     assert BASE_TABLE["densenet169"].channels == 1664
     assert BASE_TABLE["densenet121"].counts.total == 7_037_504
     assert BASE_TABLE["resnet50"].counts.total == 23_587_712
-    assert BASE_TABLE["vgg16"].counts == Counts(14_714_688, 14_714_688, 0)
+    assert BASE_TABLE["vgg16"].counts == ParamCounts(
+        total=14_714_688, trainable=14_714_688, non_trainable=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -202,11 +207,13 @@ def test_infer_layer(fields: dict[str, Any], shape: tuple[int, ...], out: tuple[
 
 
 def test_batchnorm_counts() -> None:
-    assert infer_layer(layer(type="batchnorm"), (2, 2, 16), 0)[1] == Counts(64, 32, 32)
+    assert infer_layer(layer(type="batchnorm"), (2, 2, 16), 0)[1] == ParamCounts(
+        total=64, trainable=32, non_trainable=32
+    )
     assert infer_layer(layer(type="batchnorm", center=False), (2, 2, 16), 0)[1] == \
-        Counts(48, 16, 32)
+        ParamCounts(total=48, trainable=16, non_trainable=32)
     assert infer_layer(layer(type="batchnorm", center=False, scale=False), (16,), 0)[1] == \
-        Counts(32, 0, 32)
+        ParamCounts(total=32, trainable=0, non_trainable=32)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,135 @@
+"""The run verb, top to bottom: spec -> plan -> data (prepared once) -> runner -> report.
+
+    python -m harness run specs/demo.yaml [--models cnn] [--fresh] [--dry-run]
+
+`run(request)` returns the exit code: 0 every run ok, 1 some run failed, 130 interrupted (the
+report is written in every case). The plan's run hashes are computed once, after the data is
+prepared; plan.json, the skip-if-done check and every job take them from that one Plan.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from harness.errors import EXIT_INTERRUPTED
+from harness.plan import Selection, make_plan
+from harness.records import JobData
+from harness.spec import load_spec
+from harness.validate import (
+    Where,
+    check_counts,
+    data_hash_if_cached,
+    data_section,
+    model_tables,
+    plan_table,
+    spec_fields,
+)
+
+if TYPE_CHECKING:
+    from harness.data import PreparedData
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    spec: Path
+    overrides: tuple[str, ...] = ()
+    selection: Selection = Selection()
+    where: Where = Where()
+    fresh: bool = False
+    dry_run: bool = False
+    quiet: bool = False
+    verbose: bool = False
+
+
+def job_data(data: PreparedData) -> JobData:
+    """What every worker needs of the prepared data."""
+    test = np.sort(data.split.test)
+    return JobData(
+        cache_folder=data.cache.folder,
+        cache_content=data.cache.pixels_sha256 or data.cache.key,
+        labels=tuple(int(x) for x in data.table["label"].to_numpy()),
+        train=tuple(int(x) for x in data.split.train),
+        val=tuple(int(x) for x in np.sort(data.split.val)),
+        test=tuple(int(x) for x in test),
+        test_patient=tuple(str(x) for x in data.table["patient"].to_numpy()[test]),
+        test_study=tuple(str(x) for x in data.table["study"].to_numpy()[test]),
+        skipped=tuple(data.skipped),
+    )
+
+
+def run(request: RunRequest) -> int:
+    """Plan, prepare the data once, run what is not done, write the report."""
+    from harness.data import data_record, prepare_data, render_split
+    from harness.report import write_report
+    from harness.results import clean_temp_files, results_lock, write_json_atomic, write_plan
+    from harness.runner import run_all
+
+    # SIGTERM before the runner takes over (data generation, cache build) must clean up too
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    spec = load_spec(request.spec, list(request.overrides))
+    _, problems = model_tables(spec)
+    check_counts(problems, f"`python -m harness validate {request.spec}` prints every count")
+    plan = make_plan(spec, request.selection)
+    results_dir = request.where.results_dir(spec)
+    cache_dir = request.where.cache()
+    if request.dry_run:
+        print(data_section(spec, cache_dir))
+        print(plan_table(plan.with_data(data_hash_if_cached(spec, cache_dir)), results_dir))
+        return 0
+
+    with results_lock(results_dir):
+        clean_temp_files(results_dir)
+        with spec_fields(spec):
+            data = prepare_data(spec.data, cache_dir, progress=not request.quiet)
+        assert data is not None  # build=True always returns the data
+        if not request.quiet:
+            print(f"Data ({spec.data.dataset}): cache {data.cache.folder}")
+            print(render_split(data.describe()))
+        plan = plan.with_data(data.data_hash)
+        write_json_atomic(
+            results_dir / "spec.json",
+            {
+                "source": str(request.spec),
+                "overrides": list(request.overrides),
+                "spec": spec.model_dump(mode="json"),
+            },
+        )
+        write_json_atomic(results_dir / "data.json", data_record(data, spec.data))
+        write_plan(results_dir, data.data_hash, plan.run_hashes)
+        interrupted = False
+        try:
+            outcomes = run_all(
+                plan,
+                job_data(data),
+                results_dir,
+                cache_dir,
+                fresh=request.fresh,
+                quiet=request.quiet,
+                verbose=request.verbose,
+            )
+        except KeyboardInterrupt:
+            interrupted = True
+            outcomes = []
+        report = write_report(results_dir)
+        print(f"\nreport: {report}")
+        if interrupted:
+            print(
+                "interrupted: finished runs are kept; run the same command again to resume",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        print(f"{len(failed)} run(s) failed; reasons are in the report and logs/", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _raise_interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt

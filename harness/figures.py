@@ -223,7 +223,7 @@ def plot_results(rows: Sequence[ResultRow], path: Path | str, title: str) -> Fig
         handles.append(Line2D([], [], ls="", marker="o", ms=7, color="#555555", mfc="white",
                               mew=1.6))
         labels.append("hollow: not reproduced, or no verdict")
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)),
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(2, len(labels)),
                fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     return _save(fig, path)
@@ -312,7 +312,7 @@ def plot_differences(
         return None
     models = list(dict.fromkeys(r.model for r in rows))
     per_model = {m: [r for r in rows if r.model == m] for m in models}
-    heights = [0.28 * len(v) + 0.3 * len({r.metric for r in v}) + 0.7
+    heights = [0.17 * len(v) + 0.15 * len({r.metric for r in v}) + 0.7
                for v in per_model.values()]
     fig = _figure(sum(heights) + 0.8)
     axes = fig.subplots(len(models), 1, squeeze=False, height_ratios=heights)[:, 0]
@@ -330,13 +330,13 @@ def plot_differences(
                 excludes = (r.low > 0 or r.high < 0) and math.isfinite(r.low)
                 if math.isfinite(r.low) and math.isfinite(r.high):
                     ax.plot([100 * r.low, 100 * r.high], [y, y], color=DIFF_COLOUR, lw=2)
-                ax.plot([100 * r.value], [y], marker, color=DIFF_COLOUR, ms=6.5,
+                ax.plot([100 * r.value], [y], marker, color=DIFF_COLOUR, ms=6,
                         mfc=DIFF_COLOUR if excludes else "white", mew=1.5)
                 ys.append(y)
                 y -= 1
             ticks.append(float(np.mean(ys)))
             labels.append(metric)
-            y -= 0.6
+            y -= 0.8
         ax.axvline(0, color="#444444", lw=1)
         ax.set_yticks(ticks, labels)
         ax.set_title(model, loc="left", fontsize=10)

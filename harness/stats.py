@@ -585,8 +585,8 @@ def verdict_rule_text(confidence: float = 0.95, min_seeds: int = MIN_SEEDS) -> s
         "for it). Printed minus m then has variance V = e^2 + (1 + 1/S) t^2 + p^2: our test "
         "set, the paper's run being one draw of training (t^2), the uncertainty of our mean over "
         "S seeds (t^2/S), and the paper's test set. Our prediction interval is m +/- q sqrt(V), "
-        f"q the {q} Student-t quantile with df = (S-1) V / ((1 + 1/S) s^2) (the normal "
-        "quantile when s = 0). "
+        f"q the {q} Student-t quantile with df = (S-1) max(1, V / ((1 + 1/S) s^2)) (the "
+        "normal quantile when s = 0). "
         "**reproduced**: the printed value lies inside the interval; "
         "**not reproduced (higher|lower)**: it lies outside, our interval lying above|below it; "
         f"**too few seeds**: S < {min_seeds}, the training variance cannot be estimated and no "
@@ -641,8 +641,11 @@ class PredictionInterval:
                       f"(s {self.sd_seeds:.4f}, w {self.seed_noise:.2e})")
         parts += f", paper {self.sd_paper:.4f}{n}"
         df = "inf" if math.isinf(self.df) else f"{self.df:.1f}"
+        half = self.quantile * self.sd_total
+        clipped = (" clipped to the metric's range"
+                   if self.low > self.mean - half or self.high < self.mean + half else "")
         return (f"[{self.low:.4f}, {self.high:.4f}] = {self.mean:.4f} +/- {self.quantile:.2f} x "
-                f"{self.sd_total:.4f} ({parts}; {self.n_seeds} seeds, df {df})")
+                f"{self.sd_total:.4f}{clipped} ({parts}; {self.n_seeds} seeds, df {df})")
 
 
 def binomial_sd(p: float, n: int) -> float:
@@ -661,6 +664,7 @@ def prediction_interval(
     confidence: float = 0.95,
     n_paper: int | None = None,
     min_seeds: int = MIN_SEEDS,
+    limits: tuple[float, float] = (-math.inf, math.inf),
 ) -> PredictionInterval:
     """Interval for one run of our recipe on a test set of the paper's size (verdict_rule_text).
 
@@ -668,7 +672,9 @@ def prediction_interval(
     standard error of their mean (`bootstrap_seed_mean(...)[metric].se`); `sd_paper`: the paper's
     test-set sampling sd (`binomial_sd(mean, n)` from its counts); `seed_noise`: the part of the
     seeds' variance our test set alone produces (`bootstrap_seed_noise`), taken off s^2 so the
-    test set is not counted twice. Undefined inputs give NaN bounds.
+    test set is not counted twice. `limits`: the metric's range ((0, 1) for a rate or AUROC,
+    (-1, 1) for kappa); the bounds are clipped to it, which changes no verdict (a printed value
+    lies in the range). Undefined inputs give NaN bounds.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1); got {confidence!r}")
@@ -697,14 +703,16 @@ def prediction_interval(
         # that share, not squared as in Welch-Satterthwaite: with plug-in s^2 and S = 3 the
         # squared form covered only 92% when training is most of V, the linear one 94-96% at
         # every share (tests/tools/coverage.py).
-        df = (n_seeds - 1) * var / (inflate * sd**2)
+        # Never below S - 1: with s^2 - w clipped at 0, V can be smaller than (1 + 1/S) s^2.
+        df = (n_seeds - 1) * max(1.0, var / (inflate * sd**2))
         q = float(student_t.ppf(1 - alpha, df))
     else:
         df = math.inf
         q = float(ndtri(1 - alpha))
     half = q * math.sqrt(var)
+    low, high = max(mean - half, limits[0]), min(mean + half, limits[1])
     return PredictionInterval(mean, n_seeds, sd, float(se_test), float(sd_paper), n_paper,
-                              math.sqrt(var), df, q, mean - half, mean + half, confidence,
+                              math.sqrt(var), df, q, low, high, confidence,
                               with_training, float(seed_noise))
 
 
@@ -902,8 +910,8 @@ def difference_interval(
     """Interval of the difference of two recipes' expected scores (their seed means).
 
     V = se_test^2 + t_A^2 / S_A + t_B^2 / S_B, with t^2 = max(s^2 - w, 0) as in
-    `prediction_interval`; q is the Student-t quantile with df = (S_min - 1) V / (s_A^2/S_A +
-    s_B^2/S_B), the normal one when both spreads are 0. With fewer than 2 seeds on a side the
+    `prediction_interval`; q is the Student-t quantile with df = (S_min - 1) max(1, V / (s_A^2/S_A
+    + s_B^2/S_B)), the normal one when both spreads are 0. With fewer than 2 seeds on a side the
     training terms cannot be estimated: `with_training` is False and the interval holds the
     test sets alone.
     """
@@ -934,7 +942,7 @@ def difference_interval(
     raw = s_a**2 / n_a + s_b**2 / n_b if with_training else 0.0
     alpha = (1 - confidence) / 2
     if raw > 0:
-        df = (min(n_a, n_b) - 1) * var / raw
+        df = (min(n_a, n_b) - 1) * max(1.0, var / raw)
         q = float(student_t.ppf(1 - alpha, df))
     else:
         df, q = math.inf, float(ndtri(1 - alpha))

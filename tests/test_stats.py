@@ -424,7 +424,7 @@ def test_prediction_interval_by_hand() -> None:
     pi = prediction_interval([0.74, 0.76, 0.75], 0.006, p, seed_noise=4e-5, n_paper=1951)
     training = (1 + 1 / 3) * (0.01**2 - 4e-5)  # (1 + 1/S)(s^2 - w) = 8e-5
     var = 0.006**2 + training + p**2
-    df = var**2 * 2 / ((1 + 1 / 3) * 0.01**2) ** 2
+    df = 2 * var / ((1 + 1 / 3) * 0.01**2)  # (S - 1) V / ((1 + 1/S) s^2)
     q = sps.t.ppf(0.975, df)
     assert pi.mean == pytest.approx(0.75, abs=1e-15)
     assert pi.sd_seeds == pytest.approx(0.01, abs=1e-15)
@@ -435,13 +435,13 @@ def test_prediction_interval_by_hand() -> None:
     half = q * math.sqrt(var)
     assert (pi.low, pi.high) == pytest.approx((0.75 - half, 0.75 + half), abs=1e-15)
     # The worked numbers, as a reviewer gets them on paper: V = 3.6e-5 + 8e-5 + 9.61e-5 =
-    # 2.121e-4, df = 2 V^2 / (1.333e-4)^2 = 5.06, t(0.975, 5.06) = 2.561, half width 0.0373.
-    assert round(pi.df, 2) == 5.06 and round(pi.quantile, 3) == 2.561
-    assert (round(pi.low, 4), round(pi.high, 4)) == (0.7127, 0.7873)
+    # 2.121e-4, df = 2 V / 1.333e-4 = 3.18, t(0.975, 3.18) = 3.082, half width 0.0449.
+    assert round(pi.df, 2) == 3.18 and round(pi.quantile, 3) == 3.082
+    assert (round(pi.low, 4), round(pi.high, 4)) == (0.7051, 0.7949)
     assert pi.with_training and pi.n_paper == 1951
     assert pi.describe() == (
-        "[0.7127, 0.7873] = 0.7500 +/- 2.56 x 0.0146 (test 0.0060, training 0.0077 x "
-        "sqrt(1 + 1/3) (s 0.0100, w 4.00e-05), paper 0.0098 at n = 1,951; 3 seeds, df 5.1)"
+        "[0.7051, 0.7949] = 0.7500 +/- 3.08 x 0.0146 (test 0.0060, training 0.0077 x "
+        "sqrt(1 + 1/3) (s 0.0100, w 4.00e-05), paper 0.0098 at n = 1,951; 3 seeds, df 3.2)"
     )
 
 
@@ -482,13 +482,13 @@ def test_prediction_verdict_labels() -> None:
     pi = prediction_interval([0.74, 0.76, 0.75], 0.006, p, seed_noise=4e-5, n_paper=1951)
     assert prediction_verdict(0.7509, pi).label == "reproduced"
     assert prediction_verdict(0.7509, pi).rule_text.startswith(
-        "printed 0.7509 lies inside [0.7127, 0.7873] = 0.7500 +/- 2.56 x 0.0146")
-    low = prediction_verdict(0.71, pi)
+        "printed 0.7509 lies inside [0.7051, 0.7949] = 0.7500 +/- 3.08 x 0.0146")
+    low = prediction_verdict(0.70, pi)
     assert low.label == "not reproduced (higher)"
-    assert low.rule_text.startswith("printed 0.7100 lies below [0.7127, 0.7873]")
-    high = prediction_verdict(0.79, pi)
+    assert low.rule_text.startswith("printed 0.7000 lies below [0.7051, 0.7949]")
+    high = prediction_verdict(0.80, pi)
     assert high.label == "not reproduced (lower)"
-    assert high.rule_text.startswith("printed 0.7900 lies above [0.7127, 0.7873]")
+    assert high.rule_text.startswith("printed 0.8000 lies above [0.7051, 0.7949]")
     assert prediction_verdict(None, pi).label == "no printed value"
     assert prediction_verdict(0.75, None).label == "not computable"
     two = prediction_interval([0.74, 0.76], 0.006, p, n_paper=1951)
@@ -700,3 +700,10 @@ def test_difference_interval_by_hand() -> None:
     assert single.quantile == pytest.approx(1.959964, abs=1e-6)
     flat = difference_interval([0.5, 0.5], [0.5, 0.5], 0.01, paired=True)
     assert math.isinf(flat.df) and not flat.excludes_zero()
+
+
+def test_prediction_interval_is_clipped_to_the_metric_range() -> None:
+    pi = prediction_interval([0.97, 0.99, 0.98], 0.01, 0.01, limits=(0.0, 1.0))
+    assert pi.high == 1.0 and pi.low == pytest.approx(0.98 - pi.quantile * pi.sd_total)
+    assert "clipped to the metric's range" in pi.describe()
+    assert "clipped" not in prediction_interval([0.5, 0.6, 0.7], 0.01, 0.01).describe()

@@ -78,7 +78,7 @@ def fmt_interval(metric: str, iv: Interval | None, point: float | None = None) -
         return fmt_value(metric, point) if point is not None else "—"
     value = iv.point if point is None else point
     text = f"{fmt_value(metric, value)} {_bounds(metric, iv.low, iv.high)}"
-    if iv.dropped_notable:
+    if iv.dropped_notable and _finite(value):  # an undefined value says so already
         text += f" ({100 * iv.dropped_share:.0f}% of resamples undefined)"
     return text
 

@@ -167,6 +167,9 @@ def test_dropped_resamples_are_shown() -> None:
     assert fmt_interval("precision", iv) == "100.00% [100.00, 100.00] (35% of resamples undefined)"
     few = Interval(0.5, 0.4, 0.6, "bca", 0.95, 1000, "patient", n_dropped=10)
     assert fmt_interval("precision", few) == "50.00% [40.00, 60.00]"
+    nan = float("nan")
+    none = Interval(nan, nan, nan, "bca", 0.95, 1000, "patient", n_dropped=1000)
+    assert fmt_interval("precision", none) == "undefined [undefined]"
 
 
 def test_long_tables_are_folded(report: str) -> None:

@@ -234,7 +234,13 @@ def test_metrics_csv_rows() -> None:
     rows = list(csv.DictReader(io.StringIO(render_metrics_csv(a))))
     assert tuple(rows[0]) == CSV_COLUMNS
     # 6 runs x 3 metrics x (image: patient + image unit, study: patient) + 3 groups x 2 levels x 3
-    assert len(rows) == 6 * 3 * 3 + 3 * 2 * 3
+    # + the prediction intervals of 3 groups x 3 metrics
+    assert len(rows) == 6 * 3 * 3 + 3 * 2 * 3 + 3 * 3
+    pred = next(r for r in rows if r["run_id"] == "cnn__keras__prediction"
+                and r["metric"] == "accuracy")
+    assert (pred["seed"], pred["level"], pred["method"]) == (
+        "prediction", "image", "prediction interval (verdict: too few seeds)")
+    assert (float(pred["low"]), float(pred["high"])) == pytest.approx((0.9126, 0.9674), abs=5e-5)
     row = next(r for r in rows if r["run_id"] == "cnn__keras__seed0" and r["level"] == "image"
                and r["metric"] == "accuracy" and r["unit"] == "patient")
     assert float(row["value"]) == 0.95 and row["method"] == "bca"

@@ -831,13 +831,14 @@ def render_metrics_csv(analysis: Analysis) -> str:
                 w.writerow([f"{g.model}__{g.backend}__mean", g.model, g.backend, "mean", level,
                             metric, _num(g.seed_summary[level][metric].mean), _num(iv.low),
                             _num(iv.high), iv.unit, f"{iv.method} (seed mean)"])
-    for r in analysis.headline:
-        for c in r.cells:
+    for row in analysis.headline:
+        for c in row.cells:
             pi = c.prediction
             if pi is None:
                 continue
-            w.writerow([f"{r.model}__{c.backend}__prediction", r.model, c.backend, "prediction",
-                         "image", r.metric, _num(pi.mean), _num(pi.low), _num(pi.high),
+            w.writerow([f"{row.model}__{c.backend}__prediction", row.model, c.backend,
+                         "prediction", "image", row.metric, _num(pi.mean), _num(pi.low),
+                         _num(pi.high),
                          analysis.spec.evaluation.bootstrap.unit,
                          f"prediction interval (verdict: {c.verdict.label})"])
     return buf.getvalue()

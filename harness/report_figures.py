@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,22 @@ def _difference_rows(a: Analysis, backend_a: str, backend_b: str) -> list[Differ
     return rows
 
 
+def _draw_results(rows: list[ResultRow], path: Path) -> object:
+    return plot_results(rows, path, "Results against the paper (verdict intervals)")
+
+
+def _draw_training(model: str, curves: list[SeedCurves], path: Path) -> object:
+    return plot_training_curves(model, curves, path)
+
+
+def _draw_roc(model: str, sets: list[RocSet], path: Path) -> object:
+    return plot_roc(model, sets, path)
+
+
+def _draw_differences(rows: list[DifferenceRow], a: str, b: str, path: Path) -> object:
+    return plot_differences(rows, path, f"{a} - {b}, paired on the same test images", a, b)
+
+
 def figure_specs(a: Analysis) -> list[_Planned]:
     """Which figures this analysis makes, each with its drawing function; pure."""
     plans: list[_Planned] = []
@@ -132,8 +149,7 @@ def figure_specs(a: Analysis) -> list[_Planned]:
                        "beside our seed mean per framework with its prediction interval, the "
                        "interval the verdict uses; a hollow marker is a verdict other than "
                        "reproduced. The counterpart of the paper's Fig. 6."),
-            lambda path, rows=results: plot_results(  # type: ignore[misc]
-                rows, path, "Results against the paper (verdict intervals)")))
+            partial(_draw_results, results)))
     for m in a.spec.models:
         curves = _training_curves(a, m.name)
         if curves and any(np.isfinite(c.values).any() for c in curves):
@@ -142,15 +158,14 @@ def figure_specs(a: Analysis) -> list[_Planned]:
                            "Loss and accuracy per epoch, train (solid) and validation (dashed); "
                            "line: seed mean, band: min to max over seeds. The counterpart of the "
                            "paper's Fig. 2 and 5.", m.name),
-                lambda path, name=m.name, cs=curves: plot_training_curves(  # type: ignore[misc]
-                    name, cs, path)))
+                partial(_draw_training, m.name, curves)))
         sets = _roc_sets(a, m.name)
         if sets:
             plans.append(_Planned(
                 FigureFile(f"{m.name}: ROC curves", f"roc-{m.name}.png",
                            "ROC curves on the test set per framework (mean over seeds, band: "
                            "min to max), AUROC in the legend.", m.name),
-                lambda path, name=m.name, ss=sets: plot_roc(name, ss, path)))  # type: ignore[misc]
+                partial(_draw_roc, m.name, sets)))
     pairs = list(dict.fromkeys((c.backend_a, c.backend_b) for c in a.comparisons if c.pairs))
     for ba, bb in pairs:
         rows = _difference_rows(a, ba, bb)
@@ -161,8 +176,7 @@ def figure_specs(a: Analysis) -> list[_Planned]:
                            f"{ta} minus {tb} per metric and seed pair on the same test images, "
                            "with the paired bootstrap interval; a filled marker is an interval "
                            "that excludes 0."),
-                lambda path, rs=rows, x=ta, y=tb: plot_differences(  # type: ignore[misc]
-                    rs, path, f"{x} - {y}, paired on the same test images", x, y)))
+                partial(_draw_differences, rows, ta, tb)))
     return plans
 
 

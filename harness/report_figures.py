@@ -73,7 +73,8 @@ def _result_rows(a: Analysis) -> list[ResultRow]:
             low, high = (pi.low, pi.high) if pi is not None else (math.nan, math.nan)
             label = (f"{_title(c.backend)}: seed mean, {conf} prediction interval")
             points.append(ResultPoint(c.backend, label, c.mean, low, high, c.verdict.label))
-        rows.append(ResultRow(r.model, r.metric, tuple(points)))
+        if len(points) > 1:  # a model with no finished run has nothing to set beside the paper
+            rows.append(ResultRow(r.model, r.metric, tuple(points)))
     return rows
 
 

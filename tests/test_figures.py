@@ -199,3 +199,25 @@ def test_palette_is_okabe_ito() -> None:
     assert OKABE_ITO == ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7",
                          "#F0E442")
     assert set(BACKEND_COLOURS.values()) <= set(OKABE_ITO)
+
+
+def test_report_figures_from_an_analysis() -> None:
+    from test_report import small_analysis
+
+    from harness.report_figures import _result_rows, figure_specs
+
+    a = small_analysis()
+    names = [p.figure.name for p in figure_specs(a)]
+    # No training curves for the random baseline, nothing for densenet (no finished run).
+    assert names == ["results.png", "roc-baseline.png", "training-cnn.png", "roc-cnn.png",
+                     "differences-keras-torch.png"]
+    rows = {(r.model, r.metric): r for r in _result_rows(a)}
+    assert set(rows) == {("baseline", "accuracy"), ("baseline", "recall"), ("cnn", "accuracy"),
+                         ("cnn", "recall")}  # printed claims of models that ran
+    paper, keras, torch = rows[("cnn", "accuracy")].points
+    assert (paper.value, paper.low, paper.high) == pytest.approx((0.7509, 0.7312, 0.7696),
+                                                                 abs=5e-5)
+    cell = next(r for r in a.headline if (r.model, r.metric) == ("cnn", "accuracy")).cells[0]
+    assert (keras.value, keras.low, keras.high, keras.verdict) == (
+        cell.mean, cell.prediction.low, cell.prediction.high, "too few seeds")
+    assert torch.source == "torch" and torch.label == "PyTorch: seed mean, 95% prediction interval"

@@ -98,6 +98,7 @@ def _difference(
         seed_noise_a=other.seed_noise.get("image", {}).get(metric, 0.0),
         seed_noise_b=ref.seed_noise.get("image", {}).get(metric, 0.0),
         confidence=analysis.spec.evaluation.bootstrap.confidence,
+        limits=(-2.0, 2.0) if metric == "kappa" else (-1.0, 1.0),
     )
 
 

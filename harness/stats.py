@@ -906,6 +906,7 @@ def difference_interval(
     seed_noise_a: float = 0.0,
     seed_noise_b: float = 0.0,
     confidence: float = 0.95,
+    limits: tuple[float, float] = (-math.inf, math.inf),
 ) -> DifferenceInterval:
     """Interval of the difference of two recipes' expected scores (their seed means).
 
@@ -913,7 +914,7 @@ def difference_interval(
     `prediction_interval`; q is the Student-t quantile with df = (S_min - 1) max(1, V / (s_A^2/S_A
     + s_B^2/S_B)), the normal one when both spreads are 0. With fewer than 2 seeds on a side the
     training terms cannot be estimated: `with_training` is False and the interval holds the
-    test sets alone.
+    test sets alone. `limits`: the range a difference can take ((-1, 1) for rates), to clip to.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1); got {confidence!r}")
@@ -947,5 +948,6 @@ def difference_interval(
     else:
         df, q = math.inf, float(ndtri(1 - alpha))
     half = q * math.sqrt(var)
+    low, high = max(diff - half, limits[0]), min(diff + half, limits[1])
     return DifferenceInterval(diff, float(se_test), t_a, t_b, n_a, n_b, paired, math.sqrt(var),
-                              df, q, diff - half, diff + half, confidence, with_training)
+                              df, q, low, high, confidence, with_training)

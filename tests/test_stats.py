@@ -707,3 +707,10 @@ def test_prediction_interval_is_clipped_to_the_metric_range() -> None:
     assert pi.high == 1.0 and pi.low == pytest.approx(0.98 - pi.quantile * pi.sd_total)
     assert "clipped to the metric's range" in pi.describe()
     assert "clipped" not in prediction_interval([0.5, 0.6, 0.7], 0.01, 0.01).describe()
+
+
+def test_difference_interval_is_clipped_to_the_range() -> None:
+    d = difference_interval([0.0, 1.0, 0.5], [0.5, 0.5, 0.5], 0.05, paired=False,
+                            limits=(-1.0, 1.0))
+    assert (d.low, d.high) == (-1.0, 1.0)
+    assert d.quantile * d.sd_total > 1.0  # before clipping it is wider than the range

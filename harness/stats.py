@@ -1,8 +1,9 @@
 """Uncertainty around the metrics: bootstrap intervals, seeds, paired comparison, verdicts.
 
-    from harness.stats import bootstrap_metrics, verdict, wilson_interval
-    ci = bootstrap_metrics(labels, probs, 0.5, ("accuracy", "auroc"), rng=0)
-    verdict(0.7509, ci["accuracy"], wilson_interval(1465, 1951))
+    from harness.stats import bootstrap_seed_mean, prediction_interval, prediction_verdict
+    ci = bootstrap_seed_mean(labels, probs_by_seed, 0.5, ("accuracy",), rng=0)["accuracy"]
+    pi = prediction_interval(seed_accuracies, ci.se, binomial_sd(ci.point, 1951), n_paper=1951)
+    prediction_verdict(0.7509, pi)               # the report's verdict (verdict_rule_text)
 
 The bootstrap is vectorized: every resample is a row of a (B, n) count matrix (how many times
 each item is drawn) and all metrics come from matrix products on it, in chunks of rows so memory
@@ -36,7 +37,7 @@ _CHUNK_ELEMENTS = 2**16
 # defined in a visibly biased subset of test sets; the report says how many were dropped.
 DROPPED_SHARE_SHOWN = 0.01
 
-VERDICT_RULE = (
+OVERLAP_VERDICT_RULE = (
     "reproduced: the printed value lies inside our interval; "
     "consistent: it does not, but our interval overlaps the Wilson interval of the paper's own "
     "counts; not reproduced (higher|lower): the two intervals do not overlap, and ours lies "
@@ -423,12 +424,13 @@ def _check_predictions(
     return y, preds[0], preds[1]
 
 
-def verdict(
+def overlap_verdict(
     printed: float | None,
     ours: Interval,
     printed_interval: tuple[float, float] | None = None,
 ) -> Verdict:
-    """Compare a printed value with our interval by VERDICT_RULE.
+    """The superseded rule (OVERLAP_VERDICT_RULE), kept so the simulations can show how it fails:
+    it ignores training variance (tests/tools/coverage.py). The report uses prediction_verdict.
 
     reproduced: printed in [ours.low, ours.high]. consistent: not, but our interval overlaps the
     paper's own (Wilson) interval. not reproduced (higher|lower): no overlap; ours lies above or

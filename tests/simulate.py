@@ -36,9 +36,9 @@ from harness.stats import (
     bootstrap_seed_noise,
     clustered_mcnemar,
     mcnemar,
+    overlap_verdict,
     prediction_interval,
     prediction_verdict,
-    verdict,
     wilson_interval,
 )
 
@@ -145,7 +145,7 @@ def verdict_outcomes(
         pi = prediction_interval(values, mean_iv.se, binomial_sd(m, world.n_paper),
                                  seed_noise=noise, n_paper=world.n_paper)
         new[prediction_verdict(printed, pi).label] += 1
-        old[verdict(printed, mean_iv, wilson_interval(k, world.n_paper)).label] += 1
+        old[overlap_verdict(printed, mean_iv, wilson_interval(k, world.n_paper)).label] += 1
     return new, old
 
 

@@ -12,7 +12,7 @@ from simulate import bootstrap_coverage, mcnemar_rejections, verdict_outcomes
 
 from harness.metrics import METRICS, compute_metrics
 from harness.stats import (
-    VERDICT_RULE,
+    OVERLAP_VERDICT_RULE,
     VERDICT_RULE_PREDICTION,
     Interval,
     SeedSummary,
@@ -25,13 +25,13 @@ from harness.stats import (
     clustered_mcnemar_from_counts,
     difference_interval,
     mcnemar,
+    overlap_verdict,
     paired_bootstrap_difference,
     paired_test,
     prediction_interval,
     prediction_verdict,
     study_level,
     summarize_seeds,
-    verdict,
     wilson_interval,
 )
 
@@ -396,21 +396,23 @@ CNN_WILSON = wilson_interval(1465, 1951)
     ],
 )
 def test_verdict_labels(ours: Interval, label: str) -> None:
-    v = verdict(CNN_PRINTED, ours, CNN_WILSON)
+    v = overlap_verdict(CNN_PRINTED, ours, CNN_WILSON)
     assert v.label == label
     assert "0.7509" in v.rule_text
 
 
 def test_verdict_special_cases() -> None:
     ours = interval(0.745, 0.726, 0.764)
-    assert verdict(None, ours, None).label == "no printed value"
+    assert overlap_verdict(None, ours, None).label == "no printed value"
     nan = float("nan")
-    assert verdict(0.75, interval(nan, nan, nan), CNN_WILSON).label == "not computable"
+    assert overlap_verdict(0.75, interval(nan, nan, nan), CNN_WILSON).label == "not computable"
     # Without the paper's interval the printed point stands for it.
-    assert verdict(0.7509, interval(0.715, 0.696, 0.734), None).label == "not reproduced (lower)"
-    text = verdict(CNN_PRINTED, ours, CNN_WILSON).rule_text
+    lower = overlap_verdict(0.7509, interval(0.715, 0.696, 0.734), None)
+    assert lower.label == "not reproduced (lower)"
+    text = overlap_verdict(CNN_PRINTED, ours, CNN_WILSON).rule_text
     assert text == "printed 0.7509 lies inside our 95% percentile interval [0.7260, 0.7640]"
-    assert VERDICT_RULE.startswith("reproduced: the printed value lies inside our interval;")
+    assert OVERLAP_VERDICT_RULE.startswith(
+        "reproduced: the printed value lies inside our interval;")
 
 
 # ---------------------------------------------------------------------------------------------

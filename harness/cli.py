@@ -3,12 +3,13 @@
     python -m harness validate specs/paper.yaml        # parse, shapes, counts vs the paper, plan
     python -m harness run specs/demo.yaml [--dry-run]  # train every model x backend x seed, report
     python -m harness report results/demo              # re-render the report from runs/
+    python -m harness compare results/demo results/demo-patient-split [--out FILE]
     python -m harness list [SPEC]                      # models, backends, vocabulary
     python -m harness make-data DIR                    # a generated MURA-layout tree
 
 This module parses arguments and calls one function per verb (validate: harness/validate.py,
-run: harness/pipeline.py, report: harness/report.py). User errors exit 2 with one line (and a
-hint); a bug keeps its traceback.
+run: harness/pipeline.py, report: harness/report.py, compare: harness/compare.py). User errors
+exit 2 with one line (and a hint); a bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -155,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_report)
 
+    p = verbs.add_parser(
+        "compare",
+        help="two or more results folders side by side",
+        description="Set results folders beside each other per model, backend and metric: "
+        "each folder's seed mean and its difference from the first, paired where the test "
+        "images are the same. Writes markdown (default: compare.md in the first folder) and "
+        "its figure.",
+    )
+    p.add_argument("results_dirs", type=Path, nargs="+", metavar="RESULTS_DIR")
+    p.add_argument("--out", type=Path, default=None, help="the markdown file to write")
+    p.set_defaults(func=cmd_compare)
+
     p = verbs.add_parser("list", help="models of a spec, backends, layer and base vocabulary")
     p.add_argument("spec", type=Path, nargs="?")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
@@ -237,6 +250,24 @@ def cmd_report(args: argparse.Namespace) -> int:
             "pass a results folder written by `python -m harness run`, e.g. results/demo",
         )
     print(f"report: {write_report(args.results_dir)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.compare import write_comparison
+
+    if len(args.results_dirs) < 2:
+        raise UserError(
+            f"compare: needs two or more results folders; got {len(args.results_dirs)}",
+            "e.g. python -m harness compare results/demo results/demo-patient-split",
+        )
+    for folder in args.results_dirs:
+        if not (folder / "runs").is_dir():
+            raise UserError(
+                f"{folder}: no runs/ folder here",
+                "pass results folders written by `python -m harness run`, e.g. results/demo",
+            )
+    print(f"comparison: {write_comparison(args.results_dirs, args.out)}")
     return 0
 
 

@@ -134,6 +134,23 @@ def compute_metrics(
     return {name: out[name] for name in names}
 
 
+def roc_curve_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) at every distinct threshold, from (0, 0) to
+    (1, 1), as scikit-learn's roc_curve(drop_intermediate=False); ties move diagonally.
+    ValueError without both classes."""
+    y, p = check_inputs(labels, probs)
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("a ROC curve needs both classes in the labels")
+    order = np.argsort(-p, kind="mergesort")
+    ps, ys = p[order], pos[order]
+    last = np.r_[np.flatnonzero(ps[1:] != ps[:-1]), ps.shape[0] - 1]
+    tp = np.cumsum(ys)[last]
+    fp = np.cumsum(~ys)[last]
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
+
+
 class RankedSample:
     """Items sorted once by (prob, label), for evaluating many weightings of them quickly.
 

@@ -1,10 +1,12 @@
-"""The markdown report and metrics.csv of a results folder.
+"""The markdown report, its figures and metrics.csv of a results folder.
 
-    python -m harness report results/demo        # rewrites results/demo/report.md, metrics.csv
+    python -m harness report results/demo        # rewrites report.md, metrics.csv, figures/*.png
 
-`render_report(analysis)` and `render_metrics_csv(analysis)` are pure: text out, no file, no
-clock (every date in the report comes from the runs). `write_report(results_dir)` is the edge:
-load_bundle -> analyze -> render, then both files are written atomically (temp file + rename).
+The report opens with a summary (one sentence per model, the split's leakage, failed and
+degenerate runs), then the figures, then the tables; long tables are folded in <details>.
+`render_report(analysis, figures)` and `render_metrics_csv(analysis)` are pure: text out, no
+file, no clock (every date in the report comes from the runs). `write_report(results_dir)` is
+the edge: load_bundle -> analyze -> figures -> render, each file written atomically.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from harness.analysis.prose import unit_plural
 from harness.analyze import (
     Analysis,
     BackendComparison,
+    ClaimCell,
     ClaimRow,
     DataInfo,
     ResourceStat,
@@ -25,9 +29,10 @@ from harness.analyze import (
     load_bundle,
 )
 from harness.monitor import fmt_measure, not_measured
+from harness.report_figures import FigureFile, write_figures
 from harness.results import write_text_atomic
 from harness.spec import ParamCounts
-from harness.stats import Interval
+from harness.stats import MIN_SEEDS, Interval
 
 # Rates shown as percentages; AUROC and kappa are not proportions, they are shown as numbers.
 PERCENT_METRICS = frozenset({"accuracy", "recall", "precision", "specificity", "f1"})
@@ -67,11 +72,15 @@ def _bounds(metric: str, low: float, high: float) -> str:
 
 
 def fmt_interval(metric: str, iv: Interval | None, point: float | None = None) -> str:
-    """'71.32% [68.10, 74.40]' (value, then the interval's bounds)."""
+    """'71.32% [68.10, 74.40]' (value, then the interval's bounds), with the share of resamples
+    dropped as undefined when it is over 1%: '100.00% [100.00, 100.00] (35% undefined)'."""
     if iv is None:
         return fmt_value(metric, point) if point is not None else "—"
     value = iv.point if point is None else point
-    return f"{fmt_value(metric, value)} {_bounds(metric, iv.low, iv.high)}"
+    text = f"{fmt_value(metric, value)} {_bounds(metric, iv.low, iv.high)}"
+    if iv.dropped_notable and _finite(value):  # an undefined value says so already
+        text += f" ({100 * iv.dropped_share:.0f}% of resamples undefined)"
+    return text
 
 
 def fmt_difference(metric: str, diff: float | None) -> str:
@@ -107,6 +116,11 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
              "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _details(summary: str, body: str) -> str:
+    """A folded block; GitHub renders the markdown inside when blank lines surround it."""
+    return f"<details><summary>{summary}</summary>\n\n{body}\n\n</details>"
 
 
 def _backend(name: str) -> str:
@@ -161,6 +175,117 @@ def _title(a: Analysis) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# Summary: the report at a glance
+
+
+def _and(items: Sequence[str]) -> str:
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _claim_phrase(r: ClaimRow) -> str:
+    printed = r.printed_text or fmt_value(r.metric, r.printed)
+    ran = [c for c in r.cells if c.mean is not None]
+    if not ran:
+        return f"{r.metric} (paper {printed}): no finished run"
+    values = [f"{_backend(c.backend)} {fmt_value(r.metric, c.mean)}" for c in ran]
+    labels = {c.verdict.label for c in ran}
+    if labels == {"too few seeds"}:
+        return f"{r.metric} {_and(values)} (paper {printed})"
+    if len(labels) == 1 and len(ran) > 1:
+        both = "both" if len(ran) == 2 else f"all {len(ran)}"
+        label = ran[0].verdict.label
+        return f"{r.metric} (paper {printed}) {label} in {both} ({', '.join(values)})"
+    parts = [f"{c.verdict.label} in {_backend(c.backend)} ({fmt_value(r.metric, c.mean)})"
+             for c in ran]
+    return f"{r.metric} (paper {printed}) {_and(parts)}"
+
+
+def _model_sentence(a: Analysis, model: str) -> str:
+    m = a.spec.model(model)
+    groups = [g for b in m.backends if (g := a.group(model, b)) is not None]
+    if not groups:
+        return f"**{model}**: no finished run yet."
+    seeds = sorted({len(g.seeds) for g in groups})
+    seed_text = _plural(seeds[0], "seed") if len(seeds) == 1 else \
+        f"{seeds[0]}-{seeds[-1]} seeds"
+    claims = [r for r in a.headline if r.model == model and r.status == "printed"]
+    few = bool(claims) and all(c.verdict.label == "too few seeds"
+                               for r in claims for c in r.cells if c.mean is not None)
+    text = f"**{model}** ({seed_text} per framework"
+    text += f", too few for a verdict: needs {MIN_SEEDS}): " if few else "): "
+    text += "; ".join(_claim_phrase(r) for r in claims) if claims else \
+        "the paper prints no value to compare"
+    text += "."
+    for c in a.comparisons:
+        if c.model != model or not c.pairs:
+            continue
+        ta, tb = _backend(c.backend_a), _backend(c.backend_b)
+        if c.distinguishable_on:
+            text += (f" {ta} and {tb} are distinguishable on {_and(c.distinguishable_on)} "
+                     "(every seed pair's paired interval excludes 0).")
+        else:
+            text += f" {ta} and {tb} are not distinguishable on any metric."
+    flagged = [f"{_backend(g.backend)} is {g.degenerate}" for g in groups if g.degenerate]
+    if flagged:
+        text += " **" + "; ".join(flagged) + ".**"
+    return text
+
+
+def _leakage_sentence(a: Analysis) -> str:
+    d = a.data
+    strategy = (d.split.get("strategy") if d else None) or a.spec.data.split.strategy
+    leak = d.leakage.get("test") if d else None
+    if not leak:
+        return f"Split by {strategy}; its leakage was not measured (no data.json)."
+    patient, study = leak.get("patient"), leak.get("study")
+    if strategy == "image":
+        return (f"The split is by image, as in the paper: {_pct(patient)} of the test images "
+                f"share a patient with the training images ({_pct(study)} a study), so the test "
+                "set is not independent of training and its numbers are optimistic; "
+                "`python -m harness compare` sets them beside a patient-grouped split.")
+    return (f"The split is by {strategy}: {_pct(patient)} of the test images share a patient "
+            f"with the training images ({_pct(study)} a study).")
+
+
+def _runs_sentence(a: Analysis) -> str:
+    n_ok = len(a.runs)
+    degenerate = [f"{g.model} on {_backend(g.backend)} ({len(g.degenerate_runs)} of "
+                  f"{len(g.seeds)} seeds)" for g in a.groups if g.degenerate_runs]
+    n_deg = sum(len(g.degenerate_runs) for g in a.groups)
+    parts = []
+    if a.failed:
+        ids = ", ".join(f"`{f.run_id}` ({f.error_type})" for f in a.failed)
+        parts.append(f"{_plural(len(a.failed), 'run')} failed: {ids}")
+    if degenerate:
+        parts.append(f"{_plural(n_deg, 'run')} predict one class for every test image: "
+                     + "; ".join(degenerate))
+    if a.missing:
+        parts.append(f"{len(a.missing)} planned not run yet")
+    if not parts:
+        return f"All {_plural(n_ok, 'run')} finished; none is degenerate."
+    return f"{n_ok} of {n_ok + len(a.failed)} runs finished. " + "; ".join(parts) + "."
+
+
+def _summary(a: Analysis) -> str:
+    out = ["## Summary", ""]
+    out += [f"- {_model_sentence(a, m.name)}" for m in a.spec.models]
+    out += [f"- {_leakage_sentence(a)}", f"- {_runs_sentence(a)}"]
+    return "\n".join(out)
+
+
+def _figures(figures: Sequence[FigureFile]) -> str:
+    if not figures:
+        return ""
+    out = ["## Figures"]
+    for f in figures:
+        out += ["", f"### {f.title}", "", f"![{f.title}](figures/{f.name})", "", f.caption]
+    return "\n".join(out)
+
+
 def _paper_cell(row: ClaimRow) -> str:
     if row.status == "printed":
         assert row.printed is not None
@@ -172,25 +297,51 @@ def _paper_cell(row: ClaimRow) -> str:
     return "not printed" if row.status == "not printed" else "—"
 
 
+def _verdict_cell(r: ClaimRow, c: ClaimCell, degenerate: str | None) -> str:
+    if r.printed is None:
+        text = "—"
+    elif c.diff_pp is not None and c.verdict.label not in ("not computable",):
+        text = f"{c.verdict.label}, {_pp(c.diff_pp)}"
+    else:
+        text = c.verdict.label
+    return f"{text}; **degenerate**" if degenerate and text != "—" else (
+        "**degenerate**" if degenerate else text)
+
+
+def _prediction_bounds(metric: str, c: ClaimCell) -> str:
+    pi = c.prediction
+    if pi is None:
+        return fmt_interval(metric, c.interval, c.mean)
+    text = f"{fmt_value(metric, c.mean)} {_bounds(metric, pi.low, pi.high)}"
+    if not pi.with_training:
+        text += " (test sets only)"
+    return text
+
+
 def _headline(a: Analysis) -> str:
     out = ["## Headline", ""]
     conf = f"{a.spec.evaluation.bootstrap.confidence:.0%}"
     if not a.runs:
         out += ["No run has finished yet: the table shows the paper's values only.", ""]
     out.append(
-        f"Our value is the mean over seeds at image level (the paper's level) with the {conf} "
-        "interval of that mean; the paper's column shows the printed value with the Wilson "
-        "interval of its own counts (k/n), its sampling uncertainty."
+        "Our value is the mean over seeds at image level (the paper's level). The interval beside "
+        f"it is the {conf} prediction interval of the verdict rule: where one run of our recipe "
+        "would score on a test set of the paper's size (for metrics the paper does not print, "
+        "its own test-set size is taken as ours). The paper's column shows the printed value "
+        "with the Wilson interval of its own counts (k/n)."
     )
     for m in a.spec.models:
         rows = [r for r in a.headline if r.model == m.name]
         if not rows:
             continue
         headers = ["metric", "paper"]
+        flags = []
         for backend in m.backends:
             g = a.group(m.name, backend)
             seeds = f", {_plural(len(g.seeds), 'seed')}" if g else ""
-            headers += [f"{_backend(backend)}{seeds}: mean [{conf} CI]", "verdict"]
+            headers += [f"{_backend(backend)}{seeds}: mean [{conf} prediction]", "verdict"]
+            if g is not None and g.degenerate:
+                flags.append(f"**{_backend(backend)} is {g.degenerate}.**")
         body = []
         for r in rows:
             line = [r.metric, _paper_cell(r)]
@@ -198,18 +349,16 @@ def _headline(a: Analysis) -> str:
                 if c.mean is None:
                     line += ["no runs", "—"]
                     continue
-                line.append(fmt_interval(r.metric, c.interval, c.mean))
-                if r.printed is None:
-                    line.append("—")
-                elif c.diff_pp is not None and c.verdict.label not in ("not computable",):
-                    line.append(f"{c.verdict.label}, {_pp(c.diff_pp)}")
-                else:
-                    line.append(c.verdict.label)
+                g = a.group(m.name, c.backend)
+                line.append(_prediction_bounds(r.metric, c))
+                line.append(_verdict_cell(r, c, g.degenerate if g else None))
             body.append(line)
         out += ["", f"### {m.name}", ""]
         if m.description:
             out += [m.description, ""]
         out.append(_table(headers, body))
+        if flags:
+            out += [""] + flags
         where = list(dict.fromkeys(r.where for r in rows if r.where))
         counts = [f"{r.metric} {r.counts[0]:,}/{r.counts[1]:,}" for r in rows if r.counts]
         if where:
@@ -219,6 +368,11 @@ def _headline(a: Analysis) -> str:
             out += ["", note]
     out += ["", f"**Verdict rule.** {a.verdict_rule} The pp figure is ours minus printed, in "
             "percentage points."]
+    checks = [f"- {r.model} {r.metric}, {_backend(c.backend)}: {c.verdict.label}: "
+              f"{c.verdict.rule_text}"
+              for r in a.headline if r.printed is not None for c in r.cells if c.mean is not None]
+    if checks:
+        out += ["", _details("Each verdict's arithmetic, to check by hand", "\n".join(checks))]
     return "\n".join(out)
 
 
@@ -230,14 +384,16 @@ def _runs(a: Analysis) -> str:
         out.append("No finished run of the current spec.")
     else:
         out.append(f"Each run's test-set metrics at image level with {_interval_words(a)} "
-                   f"(resampling {unit}s).")
+                   f"(resampling {unit_plural(unit)}).")
         rows = [
             [r.model, _backend(r.backend), r.seed,
              *(fmt_interval(m, r.intervals["image"][m], r.points["image"][m]) for m in metrics),
-             r.epochs, _seconds(r.train_s)]
+             r.epochs, _seconds(r.train_s)
+             + (f"; **degenerate**: {r.degenerate}" if r.degenerate else "")]
             for r in a.runs
         ]
-        out += ["", _table(["model", "backend", "seed", *metrics, "epochs", "train time"], rows)]
+        table = _table(["model", "backend", "seed", *metrics, "epochs", "train time"], rows)
+        out += ["", _details(f"Per run: {_plural(len(a.runs), 'run')}", table)]
         if unit != "image":
             out += ["", _widening(a)]
     if a.missing:
@@ -247,7 +403,7 @@ def _runs(a: Analysis) -> str:
 
 def _interval_words(a: Analysis) -> str:
     b = a.spec.evaluation.bootstrap
-    return f"{b.confidence:.0%} {b.method} bootstrap intervals"
+    return f"{b.confidence:.0%} {'BCa' if b.method == 'bca' else b.method} bootstrap intervals"
 
 
 def _widening(a: Analysis) -> str:
@@ -269,10 +425,12 @@ def _widening(a: Analysis) -> str:
         rows.append(row)
     if not rows:
         return ""
-    text = (f"Images of one {unit} are correlated; resampling whole {unit}s accounts for that "
+    plural = unit_plural(unit)
+    text = (f"Images of one {unit} are correlated; resampling whole {plural} accounts for that "
             "and usually widens the intervals. Mean interval width over seeds when resampling "
-            f"{unit}s, and in brackets its ratio to the width when resampling single images:")
-    return text + "\n\n" + _table(["model", "backend", *metrics], rows)
+            f"{plural}, and in brackets its ratio to the width when resampling single images:")
+    return text + "\n\n" + _details("Interval widths", _table(["model", "backend", *metrics],
+                                                                rows))
 
 
 def _seeds(a: Analysis) -> str:
@@ -327,12 +485,15 @@ def _comparison(c: BackendComparison, a: Analysis) -> str:
         rows.append(row)
     out.append(_table(headers, rows))
     mc_rows = [
-        [p.seed, p.mcnemar.b, p.mcnemar.c,
-         "exact binomial" if p.mcnemar.exact else "chi-square, continuity-corrected",
+        [p.seed, p.mcnemar.b, p.mcnemar.c, p.mcnemar.test
+         or ("exact binomial" if p.mcnemar.exact else "chi-square, continuity-corrected"),
          f"{p.mcnemar.p_value:.3g}"]
         for p in c.pairs
     ]
-    out += ["", "McNemar's test on the same test images (threshold "
+    unit = a.spec.evaluation.bootstrap.unit
+    how = ("" if unit == "image" else
+           f", adjusted for clusters of {unit_plural(unit)} (Obuchowski 1998)")
+    out += ["", f"McNemar's test on the same test images{how} (threshold "
             f"{a.spec.evaluation.threshold:g}):", "",
             _table(["seed", f"{ta} right, {tb} wrong", f"{ta} wrong, {tb} right", "test",
                     "p-value"], mc_rows)]
@@ -359,7 +520,8 @@ def _across_backends(a: Analysis) -> str:
     out.append(
         "Both backends score the same test images, so each seed pair is compared paired: the "
         "difference of each metric on the same bootstrap resamples, and McNemar's test on the "
-        "images where exactly one backend is right."
+        "images where exactly one backend is right (with clusters as the bootstrap resamples "
+        "them)."
     )
     for c in a.comparisons:
         out += ["", _comparison(c, a)]
@@ -372,7 +534,7 @@ def _study(a: Analysis) -> str:
         return ""
     out = ["## Study level", ""]
     b = a.spec.evaluation.bootstrap
-    unit = "patients" if b.unit == "patient" else "studies"
+    unit = unit_plural(b.unit) if b.unit != "image" else "studies"
     out.append(
         "MURA labels studies, not images: a study's probability is the mean of its images' "
         f"probabilities, thresholded at {a.spec.evaluation.threshold:g}. Seed means with their "
@@ -518,7 +680,8 @@ def _resources(a: Analysis) -> str:
         rows.append([q, *(_resource_cell(r.stats[i]) for r in a.resources)])
     seeds = [f"{r.model} / {_backend(r.backend)}: {_plural(r.stats[0].n_runs, 'run')}"
              for r in a.resources]
-    out += ["", _table(headers, rows), "", f"Runs per column: {'; '.join(seeds)}."]
+    out += ["", _details("Resources per model and backend", _table(headers, rows)), "",
+            f"Runs per column: {'; '.join(seeds)}."]
     return "\n".join(out)
 
 
@@ -606,15 +769,17 @@ def _environment(a: Analysis) -> str:
         return "\n".join(out + ["No run recorded its environment yet."])
     out.append("Gathered from the runs; values that differ between runs are separated by ` / `.")
     for env in a.environment:
-        out += ["", f"### {_backend(env.backend)}", "",
-                _table(["", "value"], [[k, v] for k, v in env.rows])]
+        out += ["", _details(_backend(env.backend),
+                             _table(["", "value"], [[k, v] for k, v in env.rows]))]
     return "\n".join(out)
 
 
-def render_report(analysis: Analysis) -> str:
-    """The whole report as markdown text (pure)."""
+def render_report(analysis: Analysis, figures: Sequence[FigureFile] = ()) -> str:
+    """The whole report as markdown text (pure); `figures` are embedded with relative links."""
     sections = [
         _title(analysis),
+        _summary(analysis),
+        _figures(figures),
         _headline(analysis),
         _runs(analysis),
         _seeds(analysis),
@@ -644,7 +809,8 @@ def _num(x: float) -> str:
 
 
 def render_metrics_csv(analysis: Analysis) -> str:
-    """One row per (run, level, metric, resampling unit), then the seed means (seed 'mean')."""
+    """One row per (run, level, metric, resampling unit), then the seed means (seed 'mean'), then
+    the verdicts' prediction intervals (seed 'prediction')."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
@@ -665,6 +831,16 @@ def render_metrics_csv(analysis: Analysis) -> str:
                 w.writerow([f"{g.model}__{g.backend}__mean", g.model, g.backend, "mean", level,
                             metric, _num(g.seed_summary[level][metric].mean), _num(iv.low),
                             _num(iv.high), iv.unit, f"{iv.method} (seed mean)"])
+    for row in analysis.headline:
+        for c in row.cells:
+            pi = c.prediction
+            if pi is None:
+                continue
+            w.writerow([f"{row.model}__{c.backend}__prediction", row.model, c.backend,
+                         "prediction", "image", row.metric, _num(pi.mean), _num(pi.low),
+                         _num(pi.high),
+                         analysis.spec.evaluation.bootstrap.unit,
+                         f"prediction interval (verdict: {c.verdict.label})"])
     return buf.getvalue()
 
 
@@ -673,12 +849,14 @@ def render_metrics_csv(analysis: Analysis) -> str:
 
 
 def write_report(results_dir: Path | str) -> Path:
-    """Analyse a results folder and write report.md and metrics.csv there; returns report.md."""
+    """Analyse a results folder; write figures/*.png, metrics.csv and report.md there; returns
+    report.md."""
     folder = Path(results_dir)
     analysis = analyze(load_bundle(folder))
     report = folder / "report.md"
+    figures = write_figures(analysis, folder / "figures")
     write_text_atomic(folder / "metrics.csv", render_metrics_csv(analysis))
-    write_text_atomic(report, render_report(analysis))
+    write_text_atomic(report, render_report(analysis, figures))
     return report
 
 

@@ -22,7 +22,7 @@ from harness.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "specs" / "paper.yaml"
-VERBS = ("validate", "run", "parity", "report", "list", "make-data")
+VERBS = ("validate", "run", "parity", "report", "compare", "list", "make-data")
 FRAMEWORKS = ("tensorflow", "keras", "torch", "torchvision", "jax")
 
 

@@ -26,8 +26,10 @@ from test_analyze import (
     fake_run,
     make_bundle,
     paper_spec,
+    probs_with_correct,
     resources,
     standard_runs,
+    test_groups,
 )
 
 from harness.analyze import Analysis, Bundle, analyze
@@ -71,7 +73,8 @@ def test_render_is_pure_and_repeatable() -> None:
 def test_sections_in_order(report: str) -> None:
     titles = [line for line in report.splitlines() if line.startswith("## ")]
     assert titles == [
-        "## Headline", "## Runs", "## Across seeds", "## Keras vs PyTorch", "## Study level",
+        "## Summary", "## Headline", "## Runs", "## Across seeds", "## Keras vs PyTorch",
+        "## Study level",
         "## Data", "## Architecture check", "## Resources", "## Failed runs", "## Ignored runs",
         "## The paper's internal contradiction", "## Assumptions", "## Environment",
     ]
@@ -79,12 +82,100 @@ def test_sections_in_order(report: str) -> None:
 
 
 def test_headline_rows(report: str) -> None:
-    assert "| accuracy | 49.21% (Wilson 46.99-51.42) | 48.50% [" in report
-    assert ("| accuracy | 75.09% (Wilson 73.12-76.96) | 94.00% [91.22, 96.23] | "
-            "not reproduced (higher), +18.91 pp | 75.50% [") in report
-    assert "| precision | not printed | 96.26% [" in report
+    assert ("| accuracy | 49.21% (Wilson 46.99-51.42) | 48.50% [43.21, 53.79] (test sets only) "
+            "| too few seeds, -0.71 pp |") in report
+    assert ("| accuracy | 75.09% (Wilson 73.12-76.96) | 94.00% [91.26, 96.74] (test sets only) | "
+            "too few seeds, +18.91 pp | 75.50% [70.86, 80.14] (test sets only) | too few seeds, "
+            "+0.41 pp |") in report
+    # A prediction interval is clipped to the metric's range.
+    assert "| precision | not printed | 96.26% [90.99, 100.00] (test sets only) | — |" in report
     assert "| accuracy | 78.99% (Wilson 77.12-80.74) | no runs | — | no runs | — |" in report
-    assert "**Verdict rule.** reproduced: the printed value lies inside our interval" in report
+    assert "**Verdict rule.** The paper printed ONE training run scored on ITS test set" in report
+    assert ("- cnn accuracy, Keras: too few seeds: 2 seeds: the spread across training runs "
+            "cannot be estimated (needs 3); on test-set sampling alone, printed 0.7509 lies "
+            "outside [0.9126, 0.9674] = 0.9400 +/- 1.96 x 0.0140 (test 0.0129, paper 0.0054 at "
+            "n = 1,951; 2 seeds, df inf)") in report
+
+
+def test_summary_sentences(report: str) -> None:
+    summary = report.split("## Summary\n\n")[1].split("\n\n## ")[0].splitlines()
+    assert summary == [
+        "- **baseline** (2 seeds per framework, too few for a verdict: needs 3): accuracy "
+        "reference (numpy) 48.50% (paper 49.21%); recall reference (numpy) 44.59% (paper "
+        "48.61%).",
+        "- **cnn** (2 seeds per framework, too few for a verdict: needs 3): accuracy Keras "
+        "94.00% and PyTorch 75.50% (paper 75.09%); recall Keras 92.79% and PyTorch 74.77% (paper "
+        "60.13%). Keras and PyTorch are distinguishable on accuracy, recall and precision (every "
+        "seed pair's paired interval excludes 0).",
+        "- **densenet**: no finished run yet.",
+        "- The split is by image, as in the paper: 93.40% of the test images share a patient with "
+        "the training images (92.10% a study), so the test set is not independent of training "
+        "and its numbers are optimistic; `python -m harness compare` sets them beside a "
+        "patient-grouped split.",
+        "- 6 of 7 runs finished. 1 run failed: `densenet__torch__seed0` (RuntimeError); 1 "
+        "planned not run yet.",
+    ]
+
+
+def test_summary_with_verdicts_and_degenerate_models() -> None:
+    labels, _, _ = test_groups()
+    runs = [fake_run("cnn", b, s, probs_with_correct(labels, k, 10 * i + s))
+            for i, (b, ks) in enumerate((("keras", (190, 186, 188)), ("torch", (150, 152, 151))))
+            for s, k in enumerate(ks)]
+    runs += [fake_run("densenet", b, s, np.full(N_TEST, 0.2)) for b in ("keras", "torch")
+             for s in (0, 1, 2)]
+    a = analyze(make_bundle(spec=paper_spec("seeds=[0, 1, 2]", *SMALL), runs=runs))
+    text = render_report(a)
+    lines = text.split("## Summary\n\n")[1].split("\n\n## ")[0].splitlines()
+    assert lines[1] == (
+        "- **cnn** (3 seeds per framework): accuracy (paper 75.09%) not reproduced (higher) in "
+        "Keras (94.00%) and reproduced in PyTorch (75.50%); recall (paper 60.13%) not reproduced "
+        "(higher) in both (Keras 92.19%, PyTorch 77.48%). Keras and PyTorch are distinguishable "
+        "on accuracy, recall and precision (every seed pair's paired interval excludes 0).")
+    assert lines[2].endswith(
+        "**Keras is degenerate: every run predicts one class (negative) for all 200 test images; "
+        "PyTorch is degenerate: every run predicts one class (negative) for all 200 test "
+        "images.**")
+    assert lines[4] == ("- 12 of 13 runs finished. 1 run failed: `densenet__torch__seed0` "
+                        "(RuntimeError); 6 runs predict one class for every test image: "
+                        "densenet on Keras (3 of 3 seeds); densenet on PyTorch (3 of 3 seeds).")
+    # ... and in its table, and each degenerate run in the per-run table.
+    assert "| recall | 68.73% (Wilson 65.42-71.87) | 0.00% [" in text
+    assert "not reproduced (lower), -68.73 pp; **degenerate** |" in text
+    assert "**Keras is degenerate: every run predicts one class (negative)" in text
+    assert "; **degenerate**: predicts negative for all 200 test images |" in text
+
+
+def test_method_sentence_true_for_each_unit() -> None:
+    sentences = {
+        unit: analyze(make_bundle(spec=paper_spec(*SMALL, f"evaluation.bootstrap.unit={unit}")))
+        .method_sentence for unit in ("image", "study", "patient")}
+    assert "resamples of the test set's patients (whole patients are drawn, since one " \
+        "patient's images are correlated;" in sentences["patient"]
+    assert "resamples of the test set's studies (whole studies are drawn, since a study's " \
+        "views are correlated; studies of one patient are still treated as independent" \
+        in sentences["study"]
+    assert "resamples of the test set's images (single images are drawn as if independent; " \
+        "images of one study or patient are correlated and this correlation is NOT handled" \
+        in sentences["image"]
+    assert all(s.startswith("Intervals are 95% BCa bootstrap intervals from 300 resamples")
+               for s in sentences.values())
+
+
+def test_dropped_resamples_are_shown() -> None:
+    iv = Interval(1.0, 1.0, 1.0, "bca", 0.95, 1000, "patient", n_dropped=350)
+    assert fmt_interval("precision", iv) == "100.00% [100.00, 100.00] (35% of resamples undefined)"
+    few = Interval(0.5, 0.4, 0.6, "bca", 0.95, 1000, "patient", n_dropped=10)
+    assert fmt_interval("precision", few) == "50.00% [40.00, 60.00]"
+    nan = float("nan")
+    none = Interval(nan, nan, nan, "bca", 0.95, 1000, "patient", n_dropped=1000)
+    assert fmt_interval("precision", none) == "undefined [undefined]"
+
+
+def test_long_tables_are_folded(report: str) -> None:
+    assert "<details><summary>Per run: 6 runs</summary>\n\n| model | backend | seed |" in report
+    assert "<details><summary>Resources per model and backend</summary>\n\n|" in report
+    assert report.count("<details>") == report.count("</details>") == 7
 
 
 def test_not_measured_never_zero(report: str) -> None:
@@ -143,10 +234,16 @@ def test_metrics_csv_rows() -> None:
     rows = list(csv.DictReader(io.StringIO(render_metrics_csv(a))))
     assert tuple(rows[0]) == CSV_COLUMNS
     # 6 runs x 3 metrics x (image: patient + image unit, study: patient) + 3 groups x 2 levels x 3
-    assert len(rows) == 6 * 3 * 3 + 3 * 2 * 3
+    # + the prediction intervals of 3 groups x 3 metrics
+    assert len(rows) == 6 * 3 * 3 + 3 * 2 * 3 + 3 * 3
+    pred = next(r for r in rows if r["run_id"] == "cnn__keras__prediction"
+                and r["metric"] == "accuracy")
+    assert (pred["seed"], pred["level"], pred["method"]) == (
+        "prediction", "image", "prediction interval (verdict: too few seeds)")
+    assert (float(pred["low"]), float(pred["high"])) == pytest.approx((0.9126, 0.9674), abs=5e-5)
     row = next(r for r in rows if r["run_id"] == "cnn__keras__seed0" and r["level"] == "image"
                and r["metric"] == "accuracy" and r["unit"] == "patient")
-    assert float(row["value"]) == 0.95 and row["method"] == "percentile"
+    assert float(row["value"]) == 0.95 and row["method"] == "bca"
     mean = next(r for r in rows if r["run_id"] == "cnn__torch__mean" and r["level"] == "image"
                 and r["metric"] == "accuracy")
     assert float(mean["value"]) == 0.755 and mean["seed"] == "mean"
@@ -188,6 +285,19 @@ def test_cli_report_writes_report_and_csv(tmp_path: Path) -> None:
     assert {r["run_id"] for r in rows} >= {"cnn__keras__seed0", "cnn__torch__mean"}
     assert "cnn__torch__seed5" not in {r["run_id"] for r in rows}
     assert not list(folder.glob(".*.tmp"))
+    # The figures, drawn into figures/ and linked relatively; the random baseline has no
+    # training curves, densenet (never run) has no figure at all.
+    names = sorted(f.name for f in (folder / "figures").glob("*.png"))
+    assert names == ["differences-keras-torch.png", "results.png", "roc-baseline.png",
+                     "roc-cnn.png", "training-cnn.png"]
+    for name in names:
+        assert "![" in text and f"](figures/{name})" in text
+    # A re-render removes a figure the analysis no longer makes, and nothing else.
+    (folder / "figures" / "training-densenet.png").write_bytes(b"old")
+    (folder / "figures" / "notes.txt").write_text("mine")
+    assert harness("report", str(folder)).returncode == 0
+    assert not (folder / "figures" / "training-densenet.png").exists()
+    assert (folder / "figures" / "notes.txt").read_text() == "mine"
 
 
 def test_cli_report_without_runs_folder(tmp_path: Path) -> None:

@@ -176,7 +176,7 @@ def analyze(bundle: Bundle) -> Analysis:
         finished_span=(_utc(min(finished)), _utc(max(finished))) if finished else None,
         notes=tuple(notes),
         verdict_rule=verdict_rule(opt.confidence),
-        distinguishable_rule=distinguishable_rule(opt.confidence, opt.unit),
+        distinguishable_rule=distinguishable_rule(opt.confidence, opt.unit, spec.runtime.init),
     )
 
 

@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,8 +443,8 @@ if __name__ == "__main__":
     os._exit(code)  # leave without waiting on framework threads
 
 
-def parity_verb(spec_path: Path, overrides: tuple[str, ...], models: list[str] | None,
-                backends: list[str] | None, steps: int, where: Any) -> int:
+def parity_verb(spec_path: Path, overrides: tuple[str, ...], models: Sequence[str] | None,
+                backends: Sequence[str] | None, steps: int, where: Any) -> int:
     """`python -m harness parity`: prepare the data, compare, write parity.json, print the
     table. Exit 0 when every pair passes (or is not portable), 1 otherwise."""
     from harness.data import prepare_data
@@ -463,7 +464,8 @@ def parity_verb(spec_path: Path, overrides: tuple[str, ...], models: list[str] |
         log = results_dir / "logs" / "parity.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("", encoding="utf-8")
-        result = run_parity(spec, data, models, backends, steps, log)
+        result = run_parity(spec, data, list(models) if models else None,
+                            list(backends) if backends else None, steps, log)
         write_json_atomic(results_dir / "parity.json", result.to_json())
     print(render_parity(result.to_json()))
     print(f"parity: {results_dir / 'parity.json'} (logs: {log})")

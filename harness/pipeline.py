@@ -156,14 +156,9 @@ def run(request: RunRequest) -> int:
 def _write_report(results_dir: Path, outcomes: list[Any]) -> tuple[Path, list[str]]:
     """report.md and metrics.csv (as `report` writes them), and the runs of this invocation
     that finished ok but that the analysis counts as failed (a result it could not use)."""
-    from harness.analyze import analyze, load_bundle
-    from harness.report import render_metrics_csv, render_report
-    from harness.results import write_text_atomic
+    from harness.report import write_report_files
 
-    analysis = analyze(load_bundle(results_dir))
-    write_text_atomic(results_dir / "metrics.csv", render_metrics_csv(analysis))
-    report = results_dir / "report.md"
-    write_text_atomic(report, render_report(analysis))
+    report, analysis = write_report_files(results_dir)
     ok_now = {o.key.id for o in outcomes if o.status == "ok"}
     bad = [f"{f.run_id}: {f.message}" for f in analysis.failed if f.run_id in ok_now]
     return report, bad

@@ -16,6 +16,7 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from harness.analysis.prose import unit_plural
 from harness.analyze import (
@@ -59,7 +60,7 @@ def fmt_value(metric: str, value: float | None) -> str:
     """75.09% for rates, 0.812 for AUROC and kappa; 'undefined' for NaN."""
     if not _finite(value):
         return UNDEFINED
-    assert value is not None
+    value = float(value)  # type: ignore[arg-type]  # _finite: not None
     return f"{100 * value:.2f}%" if metric in PERCENT_METRICS else f"{value:.3f}"
 
 
@@ -87,7 +88,7 @@ def fmt_difference(metric: str, diff: float | None) -> str:
     """'+2.30 pp' for rates, '+0.023' otherwise."""
     if not _finite(diff):
         return UNDEFINED
-    assert diff is not None
+    diff = float(diff)  # type: ignore[arg-type]  # _finite: not None
     return f"{100 * diff:+.2f} pp" if metric in PERCENT_METRICS else f"{diff:+.3f}"
 
 
@@ -287,8 +288,7 @@ def _figures(figures: Sequence[FigureFile]) -> str:
 
 
 def _paper_cell(row: ClaimRow) -> str:
-    if row.status == "printed":
-        assert row.printed is not None
+    if row.status == "printed" and row.printed is not None:
         text = row.printed_text or fmt_value(row.metric, row.printed)
         if row.wilson is not None:
             lo, hi = row.wilson
@@ -774,8 +774,10 @@ def _environment(a: Analysis) -> str:
     return "\n".join(out)
 
 
-def render_report(analysis: Analysis, figures: Sequence[FigureFile] = ()) -> str:
-    """The whole report as markdown text (pure); `figures` are embedded with relative links."""
+def render_report(analysis: Analysis, figures: Sequence[FigureFile] = (),
+                  checks: Sequence[str] = ()) -> str:
+    """The whole report as markdown text (pure); `figures` are embedded with relative links;
+    `checks` (parity, determinism, initial weights) follow the framework comparison."""
     sections = [
         _title(analysis),
         _summary(analysis),
@@ -784,6 +786,7 @@ def render_report(analysis: Analysis, figures: Sequence[FigureFile] = ()) -> str
         _runs(analysis),
         _seeds(analysis),
         _across_backends(analysis),
+        *checks,
         _study(analysis),
         _data(analysis),
         _architecture(analysis),
@@ -848,16 +851,54 @@ def render_metrics_csv(analysis: Analysis) -> str:
 # The edge: files
 
 
-def write_report(results_dir: Path | str) -> Path:
-    """Analyse a results folder; write figures/*.png, metrics.csv and report.md there; returns
-    report.md."""
+def checks_sections(folder: Path) -> list[str]:
+    """The sections of the checks written beside the runs: parity.json (`harness parity`),
+    determinism.json (`run --check-determinism`), and the initial weights the runs started from."""
+    from harness.parity import render_parity
+    from harness.results import read_json, read_runs
+
+    out = []
+    runs, _ = read_runs(folder)
+    inits = sorted({f"{r.key.model}: {r.provenance.get('extra', {}).get('init', 'not recorded')}"
+                    for r in runs if r.status == "ok"})
+    if inits:
+        out.append("## Initial weights\n\n" + "\n".join(f"- {line}" for line in inits))
+    for name, render in (("parity.json", render_parity), ("determinism.json", _determinism)):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            out.append(render(read_json(path)))
+        except (ValueError, KeyError, TypeError) as e:
+            out.append(f"## {name}\n\n{path} is unreadable ({e}); rerun the command that "
+                       "writes it.")
+    return out
+
+
+def _determinism(result: dict[str, Any]) -> str:
+    rows = [(g["model"], _backend(g["backend"]), g["seed"], g["grade"],
+             ", ".join(f"{k} {v}" for k, v in sorted(g.get("flags", {}).items())) or "-")
+            for g in result["grades"]]
+    return ("## Determinism, measured\n\nOne seed per model and backend rerun in a fresh process "
+            "(`run --check-determinism`); its test probabilities compared with the stored "
+            "result bit for bit.\n\n"
+            + _table(["model", "backend", "seed", "grade", "flags in force"], rows))
+
+
+def write_report_files(results_dir: Path | str) -> tuple[Path, Analysis]:
+    """Analyse a results folder; write figures/*.png, metrics.csv and report.md there."""
     folder = Path(results_dir)
     analysis = analyze(load_bundle(folder))
     report = folder / "report.md"
     figures = write_figures(analysis, folder / "figures")
     write_text_atomic(folder / "metrics.csv", render_metrics_csv(analysis))
-    write_text_atomic(report, render_report(analysis, figures))
-    return report
+    write_text_atomic(report, render_report(analysis, figures, checks_sections(folder)))
+    return report, analysis
+
+
+def write_report(results_dir: Path | str) -> Path:
+    """`harness report DIR`: write_report_files, returning report.md."""
+    return write_report_files(results_dir)[0]
 
 
 __all__ = [

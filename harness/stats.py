@@ -208,7 +208,8 @@ def _interval(
     alpha = (1 - confidence) / 2
     levels = np.array([alpha, 1 - alpha])
     if method == "bca":
-        assert jack is not None
+        if jack is None:
+            raise ValueError("BCa needs the jackknife estimates")
         # z0 as scipy.stats.bootstrap: ties with the point estimate count half (Efron 14.3).
         share = (np.sum(finite < point) + np.sum(finite <= point)) / (2 * finite.shape[0])
         z0 = ndtri(share)

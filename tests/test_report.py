@@ -319,3 +319,21 @@ def test_written_spec_json_round_trips(tmp_path: Path) -> None:
     write_results(tmp_path)
     d = json.loads((tmp_path / "spec.json").read_text(encoding="utf-8"))
     assert d["spec"]["evaluation"]["metrics"] == ["accuracy", "recall", "precision"]
+
+
+def test_checks_written_beside_the_runs_become_report_sections(tmp_path) -> None:
+    import json
+
+    from harness.report import checks_sections
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "determinism.json").write_text(json.dumps({"grades": [
+        {"model": "cnn", "backend": "torch", "seed": 0, "grade": "bit-identical",
+         "max_abs_difference": 0.0, "changed_predictions": 0,
+         "flags": {"use_deterministic_algorithms": True}}]}))
+    (tmp_path / "parity.json").write_text("{not json")
+    sections = checks_sections(tmp_path)
+    assert sections[0].startswith("## parity.json\n\n")
+    assert "is unreadable" in sections[0]
+    assert sections[1].splitlines()[0] == "## Determinism, measured"
+    assert "| cnn | PyTorch | 0 | bit-identical | use_deterministic_algorithms True |" in sections[1]

@@ -49,7 +49,7 @@ def method_sentence(
     )
 
 
-def distinguishable_rule(confidence: float, unit: str) -> str:
+def distinguishable_rule(confidence: float, unit: str, init: str = "per_backend") -> str:
     """The rule that calls two backends distinguishable, in words."""
     test = ("McNemar's test on the thresholded predictions of the same images" if unit == "image"
             else f"McNemar's test adjusted for clusters of {unit_plural(unit)} (Obuchowski "
@@ -59,8 +59,13 @@ def distinguishable_rule(confidence: float, unit: str) -> str:
         "paired-bootstrap interval of their difference (same resampled test units for both) "
         f"excludes 0, on the same side, for every seed pair; otherwise they are not "
         f"distinguishable at the {confidence:.0%} level. {test} is shown beside it as a second "
-        "view. Seeds do not carry across frameworks (each draws its own initial weights), so "
-        "pairs are matched by seed index only for bookkeeping."
+        "view. "
+        + ("Every framework starts seed s from the same initial weights (runtime.init: "
+           "shared, ported from the model's first backend), so a seed pair is paired for real."
+           if init == "shared" else
+           "Seeds do not carry across frameworks (each draws its own initial weights), so "
+           "pairs are matched by seed index only for bookkeeping (runtime.init: shared pairs "
+           "them for real).")
     )
 
 

@@ -22,10 +22,10 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
@@ -57,19 +57,23 @@ class RunFileError(ValueError):
         self.reason = reason
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """temp file + fsync + rename: a reader never sees half a file."""
+def _write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """temp file + fsync + rename: a reader never sees half a file, a kill leaves the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -229,17 +233,8 @@ def init_path(results_dir: Path, model: str, seed: int) -> Path:
 def write_arrays_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """An .npz of `arrays`, atomically (temp file + fsync + rename): a kill at any moment
     leaves the previous file or this one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # numpy's stub types **kwds as bool
+    _write_atomic(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray] | None:

@@ -107,11 +107,12 @@ def fit(
     clock: Callable[[], float] = time.perf_counter,
     resume: TrainState | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
+    checkpoint_every: int = 1,
 ) -> list[EpochRecord]:
     """Train `model.train.epochs` epochs on the harness's stream; validate after each epoch.
 
     With `resume`, restores that state and goes on with the next epoch; `on_checkpoint`
-    receives the state after every epoch but the last. Raises NonFiniteLoss (a
+    receives the state after every `checkpoint_every`-th epoch but the last. Raises NonFiniteLoss (a
     FloatingPointError) naming the epoch and step when the loss stops being finite; it carries
     the history of the epochs before.
     """
@@ -169,6 +170,6 @@ def fit(
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        if on_checkpoint is not None and epoch < recipe.epochs:
+        if on_checkpoint is not None and epoch < recipe.epochs and epoch % checkpoint_every == 0:
             on_checkpoint(TrainState(epoch, tuple(history), backend.get_state(handle)))
     return history

@@ -171,14 +171,15 @@ def execute(job: Job, started: float) -> RunResult:
                 print(f"resuming after epoch {resume.epoch} from {path}", file=sys.stderr)
 
             def on_checkpoint(state: TrainState) -> None:
-                if path is not None and state.epoch % every == 0:
+                if path is not None:
                     write_checkpoint(path, job.run_hash, state)
 
             with mon.phase("train"):
                 try:
                     history = fit(backend, handle, model, train, val, on_epoch,
                                   resume=resume,
-                                  on_checkpoint=on_checkpoint if path and every else None)
+                                  on_checkpoint=on_checkpoint if path and every else None,
+                                  checkpoint_every=max(every, 1))
                 except NonFiniteLoss as e:  # a result of its own: the epochs before are kept
                     return RunResult.failed(
                         job, str(e), "FloatingPointError", started=started, history=e.history

@@ -129,26 +129,28 @@ def _epoch_of(path) -> int | None:
         return None
 
 
-@pytest.mark.parametrize("every, expected", [(1, [1, 2]), (2, [2]), (0, [])])
+@pytest.mark.parametrize("every, expected", [(1, [1, 2, 3]), (2, [2]), (3, [3])])
 def test_checkpoint_every_sets_which_epochs_are_saved(tmp_path, every, expected):
-    """runtime.checkpoint_every: the worker writes after every N-th epoch (never after the
-    last: the result follows); 0 turns checkpoints off. Framework-free: the results module."""
-    from harness.records import EpochRecord, TrainState
+    """The loop hands over the state after every N-th epoch but the last (the result follows);
+    results.py writes and reads it back, for this run hash only. Framework-free."""
+    from test_loop import Scripted, data, spec_and_model
+
+    from backends.loop import fit
     from harness.results import read_checkpoint, write_checkpoint
 
-    saved = []
-    for epoch in (1, 2):
-        if every and epoch % every == 0:
-            rec = EpochRecord(epoch, 0.5, 0.5, 0.5, 0.5, None, None, None, None, 1.0, 1.0, 8)
-            write_checkpoint(tmp_path / "c.npz", "abc", TrainState(epoch, (rec,), {
-                "w": np.arange(3.0)}))
-            saved.append(epoch)
-    assert saved == expected
+    class Stateful(Scripted):
+        def get_state(self, handle):
+            return {"w": np.arange(3.0)}
+
+    spec, model = spec_and_model("models.cnn.train.epochs=4", "models.cnn.train.batch_size=5")
+    states = []
+    fit(Stateful([0.5] * 8), model, model, data(10, spec), None, on_checkpoint=states.append,
+        checkpoint_every=every)
+    assert [s.epoch for s in states] == expected
+    write_checkpoint(tmp_path / "c.npz", "abc", states[-1])
     state = read_checkpoint(tmp_path / "c.npz", "abc")
-    if not expected:
-        assert state is None
-        return
-    assert state.epoch == expected[-1] and state.history[0].epoch == expected[-1]
+    assert state.epoch == expected[-1] and [h.epoch for h in state.history] == list(
+        range(1, expected[-1] + 1))
     np.testing.assert_array_equal(state.backend["w"], np.arange(3.0))
     assert read_checkpoint(tmp_path / "c.npz", "another run hash") is None
     (tmp_path / "c.npz").write_bytes(b"PK\x03\x04 cut short")

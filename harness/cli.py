@@ -6,6 +6,7 @@
     python -m harness compare results/demo results/demo-patient-split [--out FILE]
     python -m harness list [SPEC]                      # models, backends, vocabulary
     python -m harness make-data DIR                    # a generated MURA-layout tree
+    python -m harness make-data DIR --layout folder    # or DIR/{train,test,val}/<class>/
 
 This module parses arguments and calls one function per verb (validate: harness/validate.py,
 run: harness/pipeline.py, report: harness/report.py, compare: harness/compare.py). User errors
@@ -28,6 +29,7 @@ from harness.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from harness.plan import Selection
 from harness.spec import load_spec
 from harness.validate import ValidateRequest, Where, validate
+from harness.vocab import SYNTHETIC_LAYOUTS
 
 
 def _csv(kind: type) -> Any:
@@ -188,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-noise", type=float, default=0.0)
     p.add_argument("--valid-fraction", type=float, default=0.15)
     p.add_argument("--difficulty", type=float, default=0.5)
+    p.add_argument("--layout", choices=SYNTHETIC_LAYOUTS, default="mura",
+                   help="mura: DIR/MURA-v1.1/ with its CSVs; folder: DIR/{train,test,val}/<class>/"
+                   "<images> (JPEG), as dataset: folder reads it")
+    p.add_argument("--classes", type=_csv(str), default=["NORMAL", "PNEUMONIA"],
+                   help="folder layout: the class folders of label 0 and 1")
+    p.add_argument("--test-fraction", type=float, default=0.15,
+                   help="folder layout: share of patients written to test/")
     p.set_defaults(func=cmd_make_data)
     return parser
 
@@ -290,7 +299,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_make_data(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from harness.data.synthetic import make_mura_tree
+    from harness.data.synthetic import make_folder_tree, make_mura_tree
     from harness.spec import BODY_PARTS, SyntheticSpec
 
     parts = tuple(p.upper().removeprefix("XR_") for p in args.body_parts)
@@ -306,8 +315,9 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         "valid_fraction": args.valid_fraction,
         "difficulty": args.difficulty,
     }
+    folder = {"classes": tuple(args.classes), "test_fraction": args.test_fraction}
     try:  # the same limits as data.synthetic in a spec
-        SyntheticSpec.model_validate(options)
+        SyntheticSpec.model_validate({**options, **folder, "layout": args.layout})
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         message = str(err["msg"]).replace("Input should be", "must be").replace("Value error, ", "")
@@ -317,7 +327,10 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         else:
             option, message = "--min-size/--max-size", message.replace("_", "-")
         raise UserError(f"make-data {option}: {message}") from None
-    root = make_mura_tree(args.dir, body_parts=parts, **options)
+    if args.layout == "folder":
+        root = make_folder_tree(args.dir, body_parts=parts, **options, **folder)
+    else:
+        root = make_mura_tree(args.dir, body_parts=parts, **options)
     print(f"wrote {root}")
     return 0
 

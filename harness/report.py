@@ -44,7 +44,8 @@ BACKEND_TITLES = {
     "keras-torch": "Keras on torch",
     "keras-jax": "Keras on JAX",
 }
-DATASET_TITLES = {"mura-v1.1": "MURA v1.1", "synthetic": "generated images in MURA's layout"}
+DATASET_TITLES = {"mura-v1.1": "MURA v1.1", "synthetic": "generated images",
+                  "folder": "images in class folders", "csv": "images listed in a csv table"}
 UNDEFINED = "undefined"
 
 

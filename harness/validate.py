@@ -151,7 +151,9 @@ def data_section(spec: Spec, cache_dir: Path) -> str:
 
 
 def data_root_configured(spec: Spec) -> bool:
-    """True when the spec reads MURA from a root it names (data.root or $MURA_ROOT)."""
+    """True when the spec reads data from a root it names (data.root, or $MURA_ROOT for MURA)."""
+    if spec.data.dataset in ("folder", "csv"):
+        return bool(spec.data.root)
     return spec.data.dataset == "mura-v1.1" and bool(spec.data.root or os.environ.get("MURA_ROOT"))
 
 

@@ -71,12 +71,18 @@ BACKENDS: tuple[str, ...] = get_args(BuiltinBackend)
 # ---------------------------------------------------------------------------------------------
 # Data
 
-Dataset = Literal["mura-v1.1", "synthetic"]
+Dataset = Literal["mura-v1.1", "folder", "csv", "synthetic"]
 BodyPart = Literal["ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST"]
 Channels = Literal[1, 3]
 ResizeFilter = Literal["bilinear", "nearest", "area", "lanczos"]
 Normalization = Literal["rescale", "imagenet", "none"]
-SplitStrategy = Literal["image", "study", "patient"]
+# "official": the dataset's own test part (MURA's valid set, a folder's test/, a csv split column)
+SplitStrategy = Literal["official", "image", "study", "patient"]
+GroupLevel = Literal["image", "study", "patient"]  # what a split keeps together
+# the generated data: MURA's tree and CSVs, or class folders (root/<split>/<class>/<images>)
+SyntheticLayout = Literal["mura", "folder"]
+# file names a folder or csv dataset may list (DICOM needs the `dicom` extra: pydicom)
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 ValidationSource = Literal["official", "train"]
 OnBadImage = Literal["fail", "skip"]
 
@@ -87,6 +93,8 @@ RESIZE_FILTERS: tuple[str, ...] = get_args(ResizeFilter)
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 SPLIT_STRATEGIES: tuple[str, ...] = get_args(SplitStrategy)
 VALIDATION_SOURCES: tuple[str, ...] = get_args(ValidationSource)
+GROUP_LEVELS: tuple[str, ...] = get_args(GroupLevel)
+SYNTHETIC_LAYOUTS: tuple[str, ...] = get_args(SyntheticLayout)
 ON_BAD_IMAGE: tuple[str, ...] = get_args(OnBadImage)
 
 # ---------------------------------------------------------------------------------------------

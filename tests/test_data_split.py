@@ -134,7 +134,8 @@ def test_empty_validation_names_the_field():
                                         r"leaves the validation set empty \(train \d+, test"):
         _split(table, strategy="study", fraction=0.25, source="train", val_fraction=0.05)
     no_valid = wrist_like_table(12, 3, 0)
-    with pytest.raises(UserError, match=r"^data.validation.source: 'official' but MURA's valid"):
+    with pytest.raises(UserError, match=r"^data.validation.source: 'official' but the dataset "
+                                        r"has no validation part \(MURA's valid set"):
         _split(no_valid)
 
 
@@ -142,7 +143,8 @@ def test_bad_values():
     table = wrist_like_table(12, 3, 3)
     with pytest.raises(UserError, match=r"data.split.test_fraction: got 1.0; allowed"):
         _split(table, fraction=1.0)
-    with pytest.raises(UserError, match=r"data.split.strategy: got 'random'; allowed: image, "):
+    with pytest.raises(UserError,
+                       match=r"data.split.strategy: got 'random'; allowed: official, image, "):
         _split(table, strategy="random")
     with pytest.raises(UserError, match=r"data.validation.source: got 'test'"):
         _split(table, source="test")

@@ -573,7 +573,7 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      "models[1].layers[0].kernel_initializer: must be one of glorot_uniform, glorot_normal, "
      "he_uniform, he_normal, lecun_uniform, lecun_normal, zeros, ones; got 'orthogonal'"),
     ("unknown-dataset", lambda d: d["data"].update(dataset="imagenet"),
-     "data.dataset: must be one of mura-v1.1, synthetic; got 'imagenet'"),
+     "data.dataset: must be one of mura-v1.1, folder, csv, synthetic; got 'imagenet'"),
     ("unknown-body-part", lambda d: d["data"].update(body_parts=["KNEE"]),
      "data.body_parts[0]: must be one of ELBOW, FINGER, FOREARM, HAND, HUMERUS, SHOULDER, WRIST; "
      "got 'KNEE'"),

@@ -42,6 +42,9 @@ SCHEMA_SETS: dict[str, tuple[Any, ...]] = {
     "relation": vocab.CLAIM_RELATIONS,
     "strategy": vocab.SPLIT_STRATEGIES,
     "source": vocab.VALIDATION_SOURCES,
+    "ValidationSpec.group": vocab.GROUP_LEVELS,
+    "layout": vocab.SYNTHETIC_LAYOUTS,
+    "DataSpec.classes": (0, 1),  # the labels a class name maps to
     "dataset": vocab.DATASETS,
     "body_parts": vocab.BODY_PARTS,
     "channels": vocab.CHANNELS,

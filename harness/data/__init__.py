@@ -28,9 +28,15 @@ from harness.data.cache import (
     default_cache_dir,
     open_cache,
 )
+from harness.data.folder import load_csv_table, load_folder_table
 from harness.data.mura import load_mura_table, resolve_mura_root
 from harness.data.split import Leakage, Split, describe_split, split_indices
-from harness.data.synthetic import ensure_synthetic, make_mura_tree
+from harness.data.synthetic import (
+    FOLDER_GROUP_PATTERN,
+    ensure_synthetic,
+    make_folder_tree,
+    make_mura_tree,
+)
 from harness.errors import UserError
 from harness.vocab import DATASETS
 
@@ -49,9 +55,13 @@ __all__ = [
     "describe_split",
     "epoch_plan",
     "ensure_synthetic",
+    "load_csv_table",
+    "load_folder_table",
     "load_mura_table",
     "load_table",
+    "make_folder_tree",
     "make_mura_tree",
+    "official_test_part",
     "prepare_data",
     "resolve_mura_root",
     "split_indices",
@@ -59,21 +69,44 @@ __all__ = [
 ]
 
 
+def _mura_layout(data_spec: Any) -> bool:
+    return data_spec.dataset == "mura-v1.1" or (
+        data_spec.dataset == "synthetic"
+        and getattr(data_spec.synthetic, "layout", "mura") == "mura"
+    )
+
+
+def official_test_part(data_spec: Any) -> str:
+    """The table's split value that strategy official tests on: MURA's valid set, else test."""
+    return "valid" if _mura_layout(data_spec) else "test"
+
+
 def load_table(data_spec: Any, cache_dir: Path | str) -> tuple[pd.DataFrame, Path]:
-    """The image table (sorted by path) and the folder containing MURA-v1.1 for a data spec."""
+    """The image table (sorted by path) and the folder its paths are relative to."""
+    follow = getattr(data_spec, "follow_symlinks", False)
     if data_spec.dataset == "synthetic":
         root: Path | str | None = ensure_synthetic(
             data_spec.synthetic, data_spec.body_parts, cache_dir
         )
-    elif data_spec.dataset == "mura-v1.1":
+    elif data_spec.dataset in ("mura-v1.1", "folder", "csv"):
         root = data_spec.root
     else:
         raise UserError(
             f"data.dataset: got {data_spec.dataset!r}; allowed: {', '.join(DATASETS)}"
         )
-    table = load_mura_table(
-        root, data_spec.body_parts, follow_symlinks=getattr(data_spec, "follow_symlinks", False)
-    )
+    if _mura_layout(data_spec):
+        table = load_mura_table(root, data_spec.body_parts, follow_symlinks=follow)
+    elif data_spec.dataset == "csv":
+        table = load_csv_table(root, data_spec.csv, data_spec.classes, data_spec.group_pattern,
+                               follow_symlinks=follow)
+    else:
+        classes = data_spec.classes
+        pattern = data_spec.group_pattern
+        if data_spec.dataset == "synthetic":  # the generator's names unless the spec has its own
+            negative, positive = data_spec.synthetic.classes
+            classes = classes or {negative: 0, positive: 1}
+            pattern = pattern or FOLDER_GROUP_PATTERN
+        table = load_folder_table(root, classes, pattern, follow_symlinks=follow)
     base = Path(table.attrs["base_dir"])
     # Sorted by path, the order the cache stores rows in: the split then depends only on the
     # set of images, not on the CSVs' line order.
@@ -85,7 +118,8 @@ def load_table(data_spec: Any, cache_dir: Path | str) -> tuple[pd.DataFrame, Pat
 def _split(table: pd.DataFrame, data_spec: Any) -> Split:
     s, v = data_spec.split, data_spec.validation
     return split_indices(
-        table, s.strategy, s.test_fraction, s.stratify, s.seed, v.source, v.fraction
+        table, s.strategy, s.test_fraction, s.stratify, s.seed, v.source, v.fraction,
+        validation_group=getattr(v, "group", None), official_test=official_test_part(data_spec),
     )
 
 
@@ -95,6 +129,8 @@ def _split_params(data_spec: Any) -> dict[str, Any]:
         "strategy": s.strategy, "test_fraction": float(s.test_fraction),
         "stratify": bool(s.stratify), "seed": int(s.seed), "validation_source": v.source,
         "validation_fraction": float(v.fraction),
+        # only when set, so the data hash of specs written before the field stays the same
+        **({"validation_group": v.group} if getattr(v, "group", None) is not None else {}),
     }
 
 

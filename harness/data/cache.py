@@ -15,6 +15,9 @@ Decoding to one channel (8 bit):
   first (Pillow's own convert clips at 255 instead of scaling).
 - RGBA, LA, PA and P with transparency: luma composited on black, round(L * A / 255), so
   transparent pixels become 0 like the background of a radiograph.
+- DICOM (.dcm, .dicom; the `dicom` extra, pydicom): the stored values scaled from BitsStored
+  bits to 8 (round(v * 255 / (2**bits - 1)), signed values shifted to start at 0 first),
+  inverted for MONOCHROME1 (where 0 is white); colour DICOMs go through Pillow's luma.
 Resizing: Pillow `resize` to a square with the spec's filter (bilinear, nearest, area = BOX,
 lanczos), no reducing_gap; Pillow filters widen their support when shrinking (antialiased).
 """
@@ -117,6 +120,15 @@ def _file_list(table: pd.DataFrame, base_dir: Path) -> list[tuple[str, int, int]
     return entries
 
 
+def _decoders(table: pd.DataFrame) -> dict[str, str]:
+    """The DICOM decoder's version, when the table has DICOM files (it makes their pixels)."""
+    if not table["path"].str.lower().str.endswith((".dcm", ".dicom")).any():
+        return {}
+    import pydicom
+
+    return {"pydicom": str(pydicom.__version__)}
+
+
 def cache_key(
     table: pd.DataFrame, base_dir: Path | str, image_size: int, resize: str
 ) -> str:
@@ -128,6 +140,7 @@ def cache_key(
             "image_size": int(image_size),
             "resize": resize,
             "files": _file_list(table, Path(base_dir)),
+            **_decoders(table),
         },
         separators=(",", ":"),
     )
@@ -152,9 +165,43 @@ def to_gray8(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
+def dicom_to_gray8(path: Path | str) -> Image.Image:
+    """One 8-bit channel from a single-frame DICOM file (see the module docstring)."""
+    import pydicom  # optional extra; the table loader has checked it is installed
+
+    try:
+        ds = pydicom.dcmread(path)
+        v = ds.pixel_array
+    except (pydicom.errors.InvalidDicomError, AttributeError, KeyError) as e:
+        raise ValueError(f"not a readable DICOM image ({e})") from None
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and v.ndim == 3 and v.shape[-1] == 3:
+        if photometric != "RGB":
+            v = pydicom.pixels.convert_color_space(v, photometric, "RGB")
+        return Image.fromarray(np.asarray(v, dtype=np.uint8), mode="RGB").convert("L")
+    if v.ndim != 2:
+        raise ValueError(f"DICOM with pixel shape {v.shape}: only single-frame grayscale or RGB")
+    bits = int(getattr(ds, "BitsStored", 8 * v.dtype.itemsize))
+    values = v.astype(np.int64)
+    if int(getattr(ds, "PixelRepresentation", 0)) == 1:
+        values = values + (1 << (bits - 1))
+    top = (1 << bits) - 1
+    values = np.clip(values, 0, top)
+    out = (values * 255 + top // 2) // top
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return Image.fromarray(out.astype(np.uint8), mode="L")
+
+
+def _open(path: Path | str) -> Image.Image:
+    if str(path).lower().endswith((".dcm", ".dicom")):
+        return dicom_to_gray8(path)
+    return Image.open(path)
+
+
 def load_image(path: Path | str, image_size: int, resize: str) -> tuple[np.ndarray, int, int]:
     """Decode, make one channel and resize one image; returns (pixels, width, height)."""
-    with Image.open(path) as im:
+    with _open(path) as im:
         im.load()
         w, h = im.size
         gray = to_gray8(im)

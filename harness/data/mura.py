@@ -253,9 +253,9 @@ def _permission_denied(path: Path) -> bool:
     return False
 
 
-def _check_inside(base: Path, paths: Iterable[str]) -> None:
-    """Refuse files (CSVs, images) whose real path, symlinks followed, leaves MURA-v1.1/."""
-    inside = os.path.realpath(base / DATASET_DIR) + os.sep
+def refuse_outside(folder: Path, base: Path, paths: Iterable[str]) -> None:
+    """Refuse files (base/path) whose real path, symlinks followed, leaves `folder`."""
+    inside = os.path.realpath(folder) + os.sep
     outside = []
     for p in paths:
         real = os.path.realpath(base / p)
@@ -263,10 +263,15 @@ def _check_inside(base: Path, paths: Iterable[str]) -> None:
             outside.append(f"{p} -> {real}")
     if outside:
         raise UserError(
-            f"{base / DATASET_DIR}: {len(outside)} file(s) are symlinks leading outside the data "
+            f"{folder}: {len(outside)} file(s) are symlinks leading outside the data "
             f"folder (first: {_first(outside, 1)}); copy the files in, or set "
             "data.follow_symlinks: true to read them where they lead"
         )
+
+
+def _check_inside(base: Path, paths: Iterable[str]) -> None:
+    """Refuse files (CSVs, images) whose real path, symlinks followed, leaves MURA-v1.1/."""
+    refuse_outside(base / DATASET_DIR, base, paths)
 
 
 def load_mura_table(

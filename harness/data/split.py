@@ -9,8 +9,12 @@ random split: sklearn `train_test_split(rows, test_size, random_state=seed, shuf
 stratify=labels or None)`, so 9,752 images give 1,951 test images. "study" / "patient" split whole
 groups: groups are shuffled with the seed and the test set takes the prefix whose image count is
 closest to the fraction (per label stratum of the group's majority label when stratified).
-Validation "official" is MURA's valid set; "train" splits the remaining train rows again with
-the same strategy and seed + 1.
+Strategy "official" takes the dataset's own test part instead (`official_test`: "valid" for
+MURA, whose valid set is the test set then; "test" for a folder's test/ or a csv split column).
+Validation "official" is the dataset's validation part (MURA's valid set, a folder's val/, a csv
+split value val); "train" splits the remaining train rows again with seed + 1, keeping
+`validation_group` (image | study | patient) together; by default the split strategy's group
+(image for official).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import UserError
-from harness.vocab import SPLIT_STRATEGIES, VALIDATION_SOURCES
+from harness.vocab import GROUP_LEVELS, SPLIT_STRATEGIES, VALIDATION_SOURCES
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ def split_indices(
     seed: int,
     validation_source: str,
     validation_fraction: float,
+    validation_group: str | None = None,
+    official_test: str = "test",
 ) -> Split:
     """Split the table's official train rows into train/test (+ val); see the module docstring."""
     if strategy not in SPLIT_STRATEGIES:
@@ -123,6 +129,10 @@ def split_indices(
             f"data.validation.source: got {validation_source!r}; allowed: "
             f"{', '.join(VALIDATION_SOURCES)}"
         )
+    if validation_group is not None and validation_group not in GROUP_LEVELS:
+        raise UserError(
+            f"data.validation.group: got {validation_group!r}; allowed: {', '.join(GROUP_LEVELS)}"
+        )
     _check_fraction("data.split.test_fraction", test_fraction)
     if validation_source == "train":
         _check_fraction("data.validation.fraction", validation_fraction)
@@ -130,17 +140,40 @@ def split_indices(
     pool = np.flatnonzero(split_col == "train").astype(np.int64)
     if len(pool) == 0:
         raise UserError("data.split: the official train set has no images for these body parts")
-    train, test = _divide(table, pool, strategy, test_fraction, stratify, seed)
+    if strategy == "official":
+        train = pool
+        test = np.flatnonzero(split_col == official_test).astype(np.int64)
+        if len(test) == 0:
+            raise UserError(
+                "data.split.strategy: 'official' but the dataset has no test part of its own "
+                "(MURA's valid set, a folder's test/, a csv split value test); use strategy "
+                "image, study or patient to split one off the training part"
+            )
+        if validation_source == "official" and official_test == "valid":
+            raise UserError(
+                "data.validation.source: 'official' is MURA's valid set, which split.strategy "
+                "'official' already uses as the test set; use data.validation.source: train "
+                "(with data.validation.group: patient)"
+            )
+    else:
+        train, test = _divide(table, pool, strategy, test_fraction, stratify, seed)
     if validation_source == "official":
         val = np.flatnonzero(split_col == "valid").astype(np.int64)
         if len(val) == 0:
             raise UserError(
-                "data.validation.source: 'official' but MURA's valid set has no images for these "
-                "body parts; use data.validation.source: train"
+                "data.validation.source: 'official' but the dataset has no validation part "
+                "(MURA's valid set for these body parts, a folder's val/, a csv split value "
+                "val); use data.validation.source: train"
             )
     else:
-        train, val = _divide(table, train, strategy, validation_fraction, stratify, seed + 1)
+        group = validation_group or (strategy if strategy != "official" else "image")
+        train, val = _divide(table, train, group, validation_fraction, stratify, seed + 1)
     sizes = f"train {len(train)}, test {len(test)}, validation {len(val)} images"
+    if len(train) == 0 and strategy == "official":
+        raise UserError(
+            f"data.validation.fraction: {validation_fraction} leaves no training images "
+            f"({sizes}); lower it"
+        )
     if len(test) == 0 or len(train) == 0:
         raise UserError(
             f"data.split.test_fraction: {test_fraction} with strategy {strategy!r} leaves an empty "

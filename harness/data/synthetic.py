@@ -1,6 +1,7 @@
 """Generated stand-in for MURA v1.1: same layout and CSV format, radiograph-like PNGs.
 
     root = make_mura_tree("/tmp/fake", patients=300, seed=0)   # -> /tmp/fake (holds MURA-v1.1/)
+    root = make_folder_tree("/tmp/cx", classes=("NORMAL", "PNEUMONIA"))  # {train,test,val}/<class>/
     root = ensure_synthetic(spec.data.synthetic, spec.data.body_parts, cache_dir)  # cached
 
 Each patient has fixed traits (bone angle, width, spacing, brightness, position, background) that
@@ -454,8 +455,142 @@ def _write_tree(
                 f.result()
 
 
+# Kermany et al.'s file names (person<N>_<bacteria|virus>_<k>.jpeg, IM-<NNNN>-<kkkk>.jpeg), whose
+# patient this regex's one group gives; the generated folder layout writes the same names.
+FOLDER_GROUP_PATTERN = r"^((?:NORMAL2-)?IM-\d+|person\d+)"
+FOLDER_SPLITS = ("train", "test", "val")
+JPEG_QUALITY = 95  # fixed (optimize off): the same pixels give the same bytes
+
+
+@dataclass(frozen=True)
+class _FolderImage:
+    split: str
+    label: int  # the folder it is written to (after label noise)
+    job: _ImageJob
+
+
+def _plan_folder(
+    patients: int, seed: int, classes: tuple[str, str], part: str, label_noise: float,
+    valid_fraction: float, test_fraction: float, min_size: int, max_size: int,
+    difficulty: float,
+) -> list[_FolderImage]:
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _PLAN, 2]))
+    n_test = max(1, int(round(test_fraction * patients)))
+    n_val = int(round(valid_fraction * patients))
+    out: list[_FolderImage] = []
+    for patient in range(1, patients + 1):
+        # the highest ids go to test, the next ones to val, as patients follow each other
+        split = ("test" if patient > patients - n_test
+                 else "val" if patient > patients - n_test - n_val else "train")
+        true_label = int(rng.random() < POSITIVE_SHARE)
+        label = 1 - true_label if rng.random() < label_noise else true_label
+        kind = "bacteria" if rng.random() < 0.65 else "virus"
+        for k in range(1, int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1])) + 1):
+            name = (f"person{patient}_{kind}_{k}.jpeg" if label
+                    else f"IM-{patient:04d}-{k:04d}.jpeg")
+            path = f"{split}/{classes[label]}/{name}"
+            job = _ImageJob(path, seed, patient, 1, k, part, bool(true_label), min_size,
+                            max_size, difficulty)
+            out.append(_FolderImage(split, label, job))
+    return out
+
+
+def _write_jpeg_chunk(jobs: list[_ImageJob], root: str) -> int:
+    for job in jobs:
+        Image.fromarray(render_image(job), mode="L").save(
+            os.path.join(root, job.path), format="JPEG", quality=JPEG_QUALITY, optimize=False,
+        )
+    return len(jobs)
+
+
+def make_folder_tree(
+    out_dir: Path | str,
+    *,
+    patients: int = 300,
+    seed: int = 0,
+    body_parts: Sequence[str] = ("WRIST",),
+    classes: Sequence[str] = ("NORMAL", "PNEUMONIA"),
+    min_size: int = 160,
+    max_size: int = 512,
+    label_noise: float = 0.0,
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.15,
+    difficulty: float = 0.5,
+    workers: int | None = None,
+) -> Path:
+    """Write out_dir/{train,test,val}/<class>/<images> (JPEG, Kermany's file names)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file, not a folder; name a new or empty folder")
+    taken = [n for n in FOLDER_SPLITS if (out / n).exists() or (out / n).is_symlink()]
+    if taken:
+        raise UserError(
+            f"{out / taken[0]}: already exists; make-data never overwrites data (its folders are "
+            "the labels): name another folder, or remove this one first"
+        )
+    if patients < 4:
+        raise UserError(f"data.synthetic.patients: got {patients}; needs at least 4")
+    part = str(body_parts[0]).upper().removeprefix("XR_")
+    if part not in BODY_PARTS:
+        raise UserError(
+            f"data.body_parts: got {list(body_parts)}; allowed: {', '.join(BODY_PARTS)}"
+        )
+    images = _plan_folder(patients, seed, (str(classes[0]), str(classes[1])), part, label_noise,
+                          valid_fraction, test_fraction, min_size, max_size, difficulty)
+    if {i.label for i in images if i.split == "train"} != {0, 1}:
+        raise UserError(
+            f"data.synthetic.patients: {patients} patients leave a class without training "
+            "images; use more patients"
+        )
+    tmp = out / f".folder.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for i in images:
+            (tmp / i.job.path).parent.mkdir(parents=True, exist_ok=True)
+        jobs = [i.job for i in images]
+        n_workers = workers or os.cpu_count() or 1
+        if n_workers <= 1 or len(jobs) < 32:
+            _write_jpeg_chunk(jobs, str(tmp))
+        else:
+            chunk = max(8, len(jobs) // (n_workers * 8))
+            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+                for f in [pool.submit(_write_jpeg_chunk, jobs[i : i + chunk], str(tmp))
+                          for i in range(0, len(jobs), chunk)]:
+                    f.result()
+        for split in FOLDER_SPLITS:
+            if (tmp / split).is_dir():
+                os.rename(tmp / split, out / split)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"{out}: out of disk space while generating the images; free space or name a "
+                "folder on another disk"
+            ) from None
+        raise UserError(
+            f"{out}: cannot write the generated images ({err.strerror or err}); name a writable "
+            "folder"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def synthetic_params(synthetic_spec: Any, body_parts: Sequence[str]) -> dict[str, Any]:
     """The generator parameters that define a tree (and its cache key)."""
+    if getattr(synthetic_spec, "layout", "mura") == "folder":
+        return {
+            "layout": "folder",
+            "patients": int(synthetic_spec.patients),
+            "seed": int(synthetic_spec.seed),
+            "body_parts": [p.upper().removeprefix("XR_") for p in body_parts],
+            "classes": list(synthetic_spec.classes),
+            "min_size": int(synthetic_spec.min_size),
+            "max_size": int(synthetic_spec.max_size),
+            "label_noise": float(synthetic_spec.label_noise),
+            "valid_fraction": float(synthetic_spec.valid_fraction),
+            "test_fraction": float(synthetic_spec.test_fraction),
+            "difficulty": float(synthetic_spec.difficulty),
+        }
     return {
         "patients": int(synthetic_spec.patients),
         "seed": int(synthetic_spec.seed),
@@ -485,7 +620,11 @@ def ensure_synthetic(
         return final
     tmp = parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        make_mura_tree(tmp, workers=workers, **params)
+        if params.get("layout") == "folder":
+            make_folder_tree(tmp, workers=workers,
+                             **{k: v for k, v in params.items() if k != "layout"})
+        else:
+            make_mura_tree(tmp, workers=workers, **params)
         (tmp / "params.json").write_text(blob + "\n", encoding="utf-8")
         (tmp / COMPLETE_MARKER).write_text("", encoding="utf-8")
         if (final / COMPLETE_MARKER).is_file():

@@ -59,7 +59,7 @@ def _describe(err: dict[str, Any]) -> str:
     got = err.get("input")
     if kind in ("unknown_key", "bool_for_number"):
         return str(err["msg"])
-    if kind == "cross_ref":
+    if kind in ("cross_ref", "dataset_field"):
         return str(err["msg"]).split(": ", 1)[1]
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"must be a mapping (key: value); got {_short(got)}"
@@ -89,7 +89,7 @@ def _describe(err: dict[str, Any]) -> str:
 
 def _error_path(err: dict[str, Any], raw: dict[str, Any]) -> str:
     ctx = err.get("ctx") or {}
-    if err["type"] == "cross_ref":
+    if err["type"] in ("cross_ref", "dataset_field"):
         return str(ctx["path"])
     where = _loc_to_path(err["loc"], raw)
     if err["type"] == "bool_for_number":  # raised by the mapping, about one of its fields

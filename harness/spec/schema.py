@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from typing import Annotated, Any, Literal, TypeAlias, get_args, get_origin
 
 from pydantic import (
@@ -39,6 +40,7 @@ from harness.vocab import (
     ClaimRelation,
     Dataset,
     Device,
+    GroupLevel,
     Initializer,
     InitMode,
     Level,
@@ -50,6 +52,7 @@ from harness.vocab import (
     Padding,
     ResizeFilter,
     SplitStrategy,
+    SyntheticLayout,
     ValidationSource,
 )
 
@@ -192,6 +195,9 @@ class SplitSpec(Strict):
 class ValidationSpec(Strict):
     source: ValidationSource = "official"
     fraction: float = Field(0.1, gt=0, lt=1)  # of the training part, when source is train
+    # what the validation split keeps together (source train); None: the split strategy's
+    # group, image for strategy official
+    group: GroupLevel | None = None
 
 
 class SyntheticSpec(Strict):
@@ -202,12 +208,36 @@ class SyntheticSpec(Strict):
     label_noise: float = Field(0.0, ge=0, lt=0.5)
     valid_fraction: float = Field(0.15, gt=0, lt=1)
     difficulty: float = Field(0.5, ge=0, le=1)
+    # mura: MURA-v1.1's tree and CSVs; folder: <split>/<class>/<images>, read as dataset folder
+    layout: SyntheticLayout = "mura"
+    classes: tuple[str, str] = ("NORMAL", "PNEUMONIA")  # folder layout: label 0, label 1
+    test_fraction: float = Field(0.15, gt=0, lt=1)  # folder layout: patients written to test/
 
     @model_validator(mode="after")
     def _sizes(self) -> SyntheticSpec:
         if self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) exceeds max_size ({self.max_size})")
+        bad = [c for c in self.classes if not _FOLDER_NAME.match(c)]
+        if bad or self.classes[0] == self.classes[1]:
+            raise ValueError(
+                f"classes must be two different folder names (letters, digits, _ - .); "
+                f"got {list(self.classes)}"
+            )
         return self
+
+
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+class CsvSpec(Strict):
+    """dataset csv: a table of image paths (relative to data.root) and labels."""
+
+    file: str  # relative to data.root, or absolute
+    path_column: str = "path"
+    label_column: str = "label"  # 0/1, or names mapped by data.classes
+    patient_column: str | None = None  # None: data.group_pattern, else each image its own
+    study_column: str | None = None  # None: each image its own study
+    split_column: str | None = None  # values train | test | val (valid); None: all train
 
 
 class DataSpec(Strict):
@@ -224,6 +254,65 @@ class DataSpec(Strict):
     # a file of the tree that is a symlink leading outside MURA-v1.1/ is refused unless true
     follow_symlinks: bool = False
     synthetic: SyntheticSpec = SyntheticSpec()
+    # dataset folder (and csv with named labels): folder / label name -> 0 or 1
+    classes: dict[str, Literal[0, 1]] | None = None
+    # a regex with one group on the file name giving the patient, e.g. 'person(\d+)_'
+    group_pattern: str | None = None
+    csv: CsvSpec | None = None
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            groups = re.compile(v).groups
+        except re.error as e:
+            raise ValueError(f"is not a valid regular expression ({e}); got {v!r}") from None
+        if groups != 1:
+            raise ValueError(
+                f"must have exactly one group (...) giving the patient; got {groups} in {v!r}"
+            )
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is not None and set(v.values()) != {0, 1}:
+            raise ValueError(
+                f"must map names to 0 and 1, both used (e.g. {{NORMAL: 0, PNEUMONIA: 1}}); "
+                f"got {v}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _dataset_fields(self) -> DataSpec:
+        folder_like = self.dataset in ("folder", "csv") or (
+            self.dataset == "synthetic" and self.synthetic.layout == "folder"
+        )
+        if self.dataset == "folder" and self.classes is None:
+            raise PydanticCustomError(
+                "dataset_field", "{path}: required for dataset folder (class folder name -> 0 or "
+                "1, e.g. {{NORMAL: 0, PNEUMONIA: 1}})", {"path": "data.classes"},
+            )
+        if self.dataset == "csv" and self.csv is None:
+            raise PydanticCustomError(
+                "dataset_field", "{path}: required for dataset csv (file, path_column, "
+                "label_column, ...)", {"path": "data.csv"},
+            )
+        if self.csv is not None and self.dataset != "csv":
+            raise PydanticCustomError(
+                "dataset_field", "{path}: only for dataset csv; got dataset {got}",
+                {"path": "data.csv", "got": self.dataset},
+            )
+        for name in ("classes", "group_pattern"):
+            if getattr(self, name) is not None and not folder_like:
+                raise PydanticCustomError(
+                    "dataset_field", "{path}: only for datasets folder and csv (and synthetic "
+                    "with layout folder); {got} has its own labels and patients",
+                    {"path": f"data.{name}", "got": self.dataset},
+                )
+        return self
 
     @field_validator("body_parts", mode="before")
     @classmethod

@@ -293,7 +293,7 @@ class DataSpec(Strict):
         if self.dataset == "folder" and self.classes is None:
             raise PydanticCustomError(
                 "dataset_field", "{path}: required for dataset folder (class folder name -> 0 or "
-                "1, e.g. {{NORMAL: 0, PNEUMONIA: 1}})", {"path": "data.classes"},
+                "1, e.g. {NORMAL: 0, PNEUMONIA: 1})", {"path": "data.classes"},
             )
         if self.dataset == "csv" and self.csv is None:
             raise PydanticCustomError(

@@ -44,7 +44,7 @@ BACKEND_TITLES = {
     "keras-torch": "Keras on torch",
     "keras-jax": "Keras on JAX",
 }
-DATASET_TITLES = {"mura-v1.1": "MURA v1.1", "synthetic": "generated images",
+DATASET_TITLES = {"mura-v1.1": "MURA v1.1", "synthetic": "generated images in MURA's layout",
                   "folder": "images in class folders", "csv": "images listed in a csv table"}
 UNDEFINED = "undefined"
 
@@ -145,7 +145,12 @@ def _title(a: Analysis) -> str:
     spec = a.spec
     dataset = (a.data.dataset if a.data and a.data.dataset else spec.data.dataset)
     dataset_text = DATASET_TITLES.get(dataset, dataset)
-    parts = ", ".join(p.lower() for p in spec.data.body_parts)
+    mura_like = dataset == "mura-v1.1" or (
+        dataset == "synthetic" and spec.data.synthetic.layout == "mura")
+    # body parts are MURA's; a folder or csv dataset has none
+    parts = [p.lower() for p in spec.data.body_parts] if mura_like else []
+    if dataset == "synthetic" and not mura_like:
+        dataset_text = "generated images in class folders"
     source = f" from `{a.source}`" if a.source else ""
     overrides = (f" with overrides {_list(f'`{o}`' for o in a.overrides)}" if a.overrides else "")
     counts = [f"{len(a.runs)} finished", f"{len(a.failed)} failed", f"{len(a.ignored)} ignored"]
@@ -157,12 +162,13 @@ def _title(a: Analysis) -> str:
         when = (f" Runs finished at {first}." if first == last
                 else f" Runs finished between {first} and {last}.")
     test_n = a.groups[0].n_test if a.groups else None
-    test_text = f", test set of {test_n:,} images" if test_n else ""
+    facts = parts + ([f"test set of {test_n:,} images"] if test_n else [])
+    about = f" ({', '.join(facts)})" if facts else ""
     lines = [
         f"# {spec.paper.title}: reproduction report",
         "",
-        f"Spec `{spec.name}`{source}{overrides}; dataset: {dataset_text} ({parts}"
-        f"{test_text}). Runs: {', '.join(counts)}; seeds {_list(spec.seeds)}.{when}",
+        f"Spec `{spec.name}`{source}{overrides}; dataset: {dataset_text}{about}. "
+        f"Runs: {', '.join(counts)}; seeds {_list(spec.seeds)}.{when}",
         "",
         a.method_sentence,
         "",

@@ -420,3 +420,19 @@ def test_make_data_folder_then_validate_refuses_a_stray_class(tmp_path: Path) ->
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"error: specs/chest-xray.yaml: data.classes: class folder {out}/train/COVID is not in "
         "data.classes (NORMAL, PNEUMONIA)")
+
+
+def test_synthetic_folder_layout_is_read_as_a_folder_dataset(tmp_path: Path) -> None:
+    spec = DataSpec.model_validate({
+        "dataset": "synthetic", "image_size": 16, "split": {"strategy": "official"},
+        "validation": {"source": "official"},
+        "synthetic": {"layout": "folder", "patients": 20, "min_size": 32, "max_size": 40,
+                      "test_fraction": 0.2, "valid_fraction": 0.1},
+    })
+    summary = summarize_without_cache(spec, tmp_path)
+    rows = {r["split"]: r for r in summary.describe()}
+    assert (rows["test"]["patients"], rows["val"]["patients"], rows["train"]["patients"]) == (
+        4, 2, 14)
+    assert rows["test"]["patient_in_train"] == 0.0
+    assert set(summary.table["study_type"]) == {"NORMAL", "PNEUMONIA"}
+    assert summary.table["path"].str.endswith(".jpeg").all()

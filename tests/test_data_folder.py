@@ -324,6 +324,8 @@ def test_generated_folder_tree_same_seed_same_bytes(tmp_path: Path) -> None:
     table = load_folder_table(a, CLASSES, FOLDER_GROUP_PATTERN)
     by_split = table.groupby("split")["patient"].nunique().to_dict()
     assert by_split == {"test": 3, "train": 8, "valid": 1}  # 25% and 10% of 12 patients
+    no_val = make_folder_tree(tmp_path / "c", workers=1, **{**kw, "valid_fraction": 0.0})
+    assert sorted(p.name for p in no_val.iterdir()) == ["test", "train"]
     with pytest.raises(UserError) as err:
         make_folder_tree(a, **kw)
     assert err.value.message.startswith(f"{a / 'train'}: already exists; make-data never "

@@ -206,7 +206,7 @@ class SyntheticSpec(Strict):
     min_size: int = Field(160, ge=16, le=512)
     max_size: int = Field(512, ge=16, le=512)
     label_noise: float = Field(0.0, ge=0, lt=0.5)
-    valid_fraction: float = Field(0.15, gt=0, lt=1)
+    valid_fraction: float = Field(0.15, ge=0, lt=1)  # 0: no valid set (folder layout only)
     difficulty: float = Field(0.5, ge=0, le=1)
     # mura: MURA-v1.1's tree and CSVs; folder: <split>/<class>/<images>, read as dataset folder
     layout: SyntheticLayout = "mura"
@@ -217,6 +217,9 @@ class SyntheticSpec(Strict):
     def _sizes(self) -> SyntheticSpec:
         if self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) exceeds max_size ({self.max_size})")
+        if self.layout == "mura" and self.valid_fraction == 0:
+            raise ValueError("valid_fraction must be above 0 for layout mura (MURA has a valid "
+                             "set); got 0")
         bad = [c for c in self.classes if not _FOLDER_NAME.match(c)]
         if bad or self.classes[0] == self.classes[1]:
             raise ValueError(

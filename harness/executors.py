@@ -388,11 +388,12 @@ class RayExecutor:
             stop: threading.Event) -> None:
         ray = require("ray", "ray", "--executor ray")
         root = str(Path(__file__).resolve().parent.parent)
-        if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": root}})
-        task = ray.remote(remote_worker).options(num_cpus=self.cpus, num_gpus=self.gpus,
-                                                 max_retries=0)
+        if not ray.is_initialized():  # else: the Ray the caller started (a test, a notebook)
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        # the task imports this checkout's harness (one the nodes see on the shared filesystem)
+        task = ray.remote(remote_worker).options(
+            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0,
+            runtime_env={"env_vars": {"PYTHONPATH": root}})
         refs = {}
         for launch in launches:
             env = {**launch.env, **placement_env(0, 1, [], self.cpus), "HARNESS_EXECUTOR": "ray"}

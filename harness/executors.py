@@ -387,9 +387,21 @@ class RayExecutor:
     def run(self, launches: list[Launch], start: StartLocal, done: Done, event: Event,
             stop: threading.Event) -> None:
         ray = require("ray", "ray", "--executor ray")
-        root = str(Path(__file__).resolve().parent.parent)
-        if not ray.is_initialized():  # else: the Ray the caller started (a test, a notebook)
+        started_here = not ray.is_initialized()  # else: the caller's Ray (a test, a notebook)
+        if started_here:
+            handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            for s, h in handlers.items():  # Ray installs its own; Ctrl-C must reach the runner
+                signal.signal(s, h)
+        try:
+            self._run(ray, launches, done, event, stop)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _run(self, ray: Any, launches: list[Launch], done: Done, event: Event,
+             stop: threading.Event) -> None:
+        root = str(Path(__file__).resolve().parent.parent)
         # the task imports this checkout's harness (one the nodes see on the shared filesystem)
         task = ray.remote(remote_worker).options(
             num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0,

@@ -521,7 +521,8 @@ def run_all(
                 reporter.event(launch.job.key, ev)
 
         try:
-            executor.run(launches, start, done, event, stop)
+            if launches:
+                executor.run(launches, start, done, event, stop)
         finally:
             finished = {o.key.id for o in outcomes}
             for launch in launches:  # never started (Ctrl-C): no job file left behind

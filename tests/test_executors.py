@@ -187,12 +187,21 @@ def test_slurm_job_array_through_submitits_local_backend(tiny):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_slurm_detach_returns_and_a_later_run_collects(tiny):  # noqa: F811
+def test_slurm_detach_returns_and_a_later_run_collects(tiny, monkeypatch):  # noqa: F811
     pytest.importorskip("submitit")
-    r = harness(tiny, "--executor", "slurm", "--cluster", "local", "--detach",
-                faults="0:slow,1:slow", backend="faulty")
-    assert r.returncode == 0, r.stderr
-    assert "detached: 2 run(s) submitted" in r.stdout
+    monkeypatch.setenv("FAULTY_BACKEND_SLOW_S", "30")  # still running when the second run starts
+    # output to a file: the jobs of submitit's local backend inherit it, a pipe would stay open
+    log = tiny["out"].parent / "detach.log"
+    cmd = [sys.executable, "-m", "harness", "run", str(tiny["spec"]), "--models", "baseline",
+           "--set", "models.baseline.backends=[faulty]", "--out", str(tiny["out"]),
+           "--cache-dir", str(tiny["cache"]), "--executor", "slurm", "--cluster", "local",
+           "--detach"]
+    env = {**os.environ, "PYTHONPATH": str(tiny["plugins"]), "FAULTY_BACKEND": "0:slow,1:slow"}
+    with open(log, "w") as f:
+        assert subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=f, timeout=120
+                              ).returncode == 0, log.read_text()
+    assert "detached: 2 run(s) submitted" in log.read_text()
+    assert not run_file(tiny, 0, "faulty").exists()  # returned while the jobs run
     submitted = json.loads((tiny["out"] / "submitted.json").read_text())
     r = harness(tiny, "--executor", "slurm", "--cluster", "local", backend="faulty")
     assert r.returncode == 0, r.stderr
@@ -200,7 +209,8 @@ def test_slurm_detach_returns_and_a_later_run_collects(tiny):  # noqa: F811
         run = read_run(run_file(tiny, seed, "faulty"))
         run_id = f"baseline__faulty__seed{seed}"
         assert run.attempt == submitted[run_id]["attempt"]
-    assert "submitted" not in r.stdout.replace("submitted earlier", "")
+    assert "waiting for 2 run(s) submitted earlier (--detach)" in r.stdout
+    assert "slurm: submitted" not in r.stdout
     assert (tiny["out"] / "report.md").exists()
 
 

@@ -68,6 +68,7 @@ from backends.base import (
     StepResult,
     check_weights,
 )
+from backends.keras_env import THREADS_ENV
 from backends.loop import last_layer
 from harness.errors import UserError
 from harness.spec import ACTIVATIONS as SPEC_ACTIVATIONS
@@ -602,6 +603,13 @@ class KerasBackend(Backend):
         self._deterministic = False
         self._seed: int | None = None
         self._thread_note: str | None = None
+        threads = os.environ.get(THREADS_ENV)  # the worker's share of the cores (executors)
+        if KERAS_BACKEND == "tensorflow" and threads and threads.isdigit():
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+                tf.config.threading.set_inter_op_parallelism_threads(int(threads))
+            except RuntimeError:  # the runtime already started (several backends in a process)
+                self._thread_note = f"{THREADS_ENV}={threads} not applied: TensorFlow was running"
         self.device = self._select_device(device)
 
     # -- device and environment ---------------------------------------------------------------

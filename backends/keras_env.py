@@ -24,3 +24,7 @@ PRE_IMPORT_ENV: dict[str, dict[str, str]] = {
         "TF_DETERMINISTIC_OPS": "1",
     },
 }
+
+# set by the harness's executors: this worker's share of the CPU cores (`KerasBackend` applies it
+# to TensorFlow's intra- and inter-op pools before the first op); unset, TF's default
+THREADS_ENV = "HARNESS_THREADS"

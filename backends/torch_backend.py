@@ -79,7 +79,7 @@ from backends.base import (
     check_weights,
 )
 from backends.loop import last_layer
-from backends.torch_env import PRE_IMPORT_ENV
+from backends.torch_env import PRE_IMPORT_ENV, THREADS_ENV
 from harness.errors import UserError
 from harness.spec import (
     SGD,
@@ -894,6 +894,13 @@ class TorchBackend(Backend):
         self._seed = seed
         self._deterministic = deterministic
         self._apply_determinism(deterministic)
+        threads = os.environ.get(THREADS_ENV)  # the worker's share of the cores (executors)
+        if threads and threads.isdigit():
+            torch.set_num_threads(int(threads))
+            try:
+                torch.set_num_interop_threads(int(threads))
+            except RuntimeError:  # only settable before the first parallel op
+                pass
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)  # seeds CUDA generators too

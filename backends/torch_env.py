@@ -12,3 +12,7 @@ PRE_IMPORT_ENV: dict[str, dict[str, str]] = {
     "deterministic": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
     "default": {},
 }
+
+# set by the harness's executors: this worker's share of the CPU cores (`TorchBackend.seed` applies
+# it with torch.set_num_threads); unset, torch keeps its default (every core)
+THREADS_ENV = "HARNESS_THREADS"

@@ -97,6 +97,50 @@ def _common(p: argparse.ArgumentParser, selection: bool = True) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="one line per run; for logs")
 
 
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "executors", "what runs the workers (README: Running on a cluster); the options can also "
+        "sit in --executor-config FILE.yaml (keys executor, jobs, cluster, partition, time, gpus, "
+        "cpus, account, address, detach), the command line wins")
+    g.add_argument("--executor", choices=("local", "slurm", "ray"), default=None,
+                   help="local worker processes (default), a Slurm job array through submitit, "
+                   "or Ray tasks")
+    g.add_argument("--executor-config", type=Path, default=None, metavar="FILE.yaml")
+    g.add_argument("-j", "--jobs", default=None, metavar="N|auto",
+                   help="local: N workers at once, each with its share of the CPU cores; auto = "
+                   "one worker per visible GPU (pinned with CUDA_VISIBLE_DEVICES), and 1 on a "
+                   "CPU-only machine, where the frameworks already use every core and more "
+                   "workers only split them (default 1)")
+    g.add_argument("--cluster", choices=("slurm", "local"), default=None,
+                   help="slurm: submit to Slurm (default) or run the same job array through "
+                   "submitit's local backend, on this machine")
+    g.add_argument("--partition", default=None, help="slurm: the partition")
+    g.add_argument("--time", default=None, metavar="MINUTES", help="slurm: time limit per run "
+                   "(default 60)")
+    g.add_argument("--gpus", default=None, metavar="N", help="slurm/ray: GPUs per run "
+                   "(default 0)")
+    g.add_argument("--cpus", default=None, metavar="N", help="slurm/ray: CPU cores per run "
+                   "(default 1; also each worker's thread count)")
+    g.add_argument("--account", default=None, help="slurm: the account to charge")
+    g.add_argument("--address", default=None, help="ray: the cluster to join (default: start "
+                   "a local Ray)")
+    g.add_argument("--detach", action="store_true", default=None,
+                   help="slurm: submit and return; a later `run` (same command) or `report` "
+                   "collects the results")
+
+
+def _executor(args: argparse.Namespace) -> Any:
+    from harness.executors import load_executor_config, make_options
+
+    config = load_executor_config(args.executor_config) if args.executor_config else {}
+    given = {"executor": args.executor, "jobs": args.jobs, "cluster": args.cluster,
+             "partition": args.partition, "time": args.time, "gpus": args.gpus,
+             "cpus": args.cpus, "account": args.account, "address": args.address,
+             "detach": args.detach}
+    where = str(args.executor_config) if args.executor_config else "run"
+    return make_options(given, config, where)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m harness",
@@ -134,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="then rerun one seed per model x backend in a fresh process and grade it "
         "(bit-identical / max abs difference / nondeterministic); writes determinism.json",
     )
+    _executor_options(p)
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser(
@@ -236,6 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             verbose=args.verbose,
             check_determinism=args.check_determinism,
+            executor=_executor(args),
         )
     )
 

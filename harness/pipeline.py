@@ -1,10 +1,12 @@
 """The run verb, top to bottom: spec -> plan -> data (prepared once) -> runner -> report.
 
-    python -m harness run specs/demo.yaml [--models cnn] [--fresh] [--dry-run]
+    python -m harness run specs/demo.yaml [--models cnn] [--fresh] [--dry-run] [--jobs 2]
 
 `run(request)` returns the exit code: 0 every run ok, 1 some run failed, 130 interrupted (the
 report is written in every case). The plan's run hashes are computed once, after the data is
 prepared; plan.json, the skip-if-done check and every job take them from that one Plan.
+The data cache is built here, once, before any worker starts (whatever executor runs them);
+workers only read it and check its content hash.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.errors import EXIT_INTERRUPTED
+from harness.executors import ExecutorOptions, make_executor
 from harness.plan import Selection, make_plan
 from harness.records import JobData
 from harness.spec import load_spec
@@ -47,6 +50,7 @@ class RunRequest:
     quiet: bool = False
     verbose: bool = False
     check_determinism: bool = False
+    executor: ExecutorOptions = ExecutorOptions()
 
 
 def job_data(data: PreparedData) -> JobData:
@@ -86,6 +90,8 @@ def run(request: RunRequest) -> int:
     results_dir = request.where.results_dir(spec)
     check_results_dir(results_dir, "--out" if request.where.out is not None else "results folder")
     cache_dir = request.where.cache()
+    # before any work: a missing extra or a missing Slurm is exit 2 with nothing computed
+    executor = make_executor(request.executor, spec.runtime.device, results_dir)
     if request.dry_run:
         print(data_section(spec, cache_dir))
         print(plan_table(plan.with_data(data_hash_if_cached(spec, cache_dir)), results_dir))
@@ -121,7 +127,14 @@ def run(request: RunRequest) -> int:
                 fresh=request.fresh,
                 quiet=request.quiet,
                 verbose=request.verbose,
+                executor=executor,
             )
+            submitted = [o for o in outcomes if o.status == "submitted"]
+            if submitted:  # --detach: the jobs write their results; a later run collects
+                print(f"detached: {len(submitted)} run(s) submitted; run the same command again "
+                      f"to wait for them and write the report, or `python -m harness report "
+                      f"{results_dir}` for what has finished")
+                return 0
             if request.check_determinism:
                 grades = check_determinism(plan, job_data(data), results_dir, cache_dir,
                                            request.quiet)

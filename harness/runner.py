@@ -1,19 +1,22 @@
 """The runner: one fresh worker process per run, results as files, resumable.
 
     python -m harness run specs/demo.yaml [--models cnn --backends torch --seeds 0 --fresh]
-    outcomes = run_all(plan, job_data, results_dir, cache_dir)     # harness/pipeline.py
+    python -m harness run specs/demo.yaml --jobs 2 | --executor ray | --executor slurm
+    outcomes = run_all(plan, job_data, results_dir, cache_dir, executor=...)  # harness/pipeline.py
 
 It turns each selected run of a Plan into a Job (the plan's run hash and code version, a fresh
-attempt nonce, the data prepared once) and returns one RunOutcome per run.
-Runs are sequential on this machine (one GPU, or the CPU). Each worker gets its own environment
-(PYTHONHASHSEED, visible devices, the backend's import-time flags), a timeout, and its stderr in
-logs/. Finished runs whose run hash matches are skipped. Ctrl-C or SIGTERM stops the worker,
-keeps every finished run and exits 130; the interrupted run leaves no result.
+attempt nonce, the data prepared once) and returns one RunOutcome per run. An executor
+(harness/executors.py: local `--jobs N`, ray, slurm) starts the workers; what a run means does not
+depend on which: each worker gets its own environment (PYTHONHASHSEED, visible devices, its
+threads, the backend's import-time flags), a timeout, and its stderr in logs/; the result counts
+only if this attempt wrote it, and a worker that died leaves a failed result with its reason.
+Finished runs whose run hash matches are skipped. Ctrl-C or SIGTERM stops the running workers,
+keeps every finished run and exits 130; an interrupted run leaves no result. Progress events
+(built, epoch) reach the Reporter, from a local worker's pipe or a remote one's progress file.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -29,6 +32,20 @@ from typing import Any
 
 import numpy as np
 
+from harness.executors import (
+    Ended,
+    ExecutorOptions,
+    Launch,
+    LocalExecutor,
+    RayExecutor,
+    SlurmExecutor,
+    make_executor,
+    read_submitted,
+    reap,
+    start_worker,
+    still_queued,
+    terminate,
+)
 from harness.plan import Plan, init_source, run_status
 from harness.records import BuiltEvent, EpochEvent, Job, JobData, RunKey, RunResult
 from harness.results import (
@@ -44,13 +61,12 @@ from harness.results import (
 from harness.spec import Spec
 
 STDERR_TAIL_LINES = 25
-TERM_GRACE_S = 10.0
 
 
 @dataclass
 class RunOutcome:
     key: RunKey
-    status: str  # ok | failed | skipped | interrupted
+    status: str  # ok | failed | skipped | interrupted | submitted (--detach)
     seconds: float = 0.0
     reason: str | None = None
 
@@ -65,27 +81,49 @@ class Reporter:
     done: int = 0
     durations: list[float] = field(default_factory=list)
     write: Callable[[str], None] = lambda s: print(s, flush=True)
+    parallel: bool = False  # several workers at once: every line names its run
+    running: dict[str, str] = field(default_factory=dict)  # run id -> where it stands
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _line(self, key: RunKey, text: str) -> None:
+        with self._lock:
+            self.write(f"    {key.id}: {text.strip()}" if self.parallel else text)
+
+    def _running(self) -> str:
+        if not self.parallel or not self.running:
+            return ""
+        return "; running: " + ", ".join(f"{k} ({v})" for k, v in self.running.items())
 
     def _eta(self) -> str:
         left = self.total - self.done
         if not self.durations or left <= 0:
             return ""
-        return f", about {_fmt_s(left * sum(self.durations) / len(self.durations))} left"
+        slots = max(1, len(self.running)) if self.parallel else 1
+        mean = sum(self.durations) / len(self.durations)
+        return f", about {_fmt_s(left * mean / slots)} left"
 
     def start(self, key: RunKey) -> None:
-        if not self.quiet:
-            self.write(
-                f"[{self.done + 1}/{self.total}] {key.model} / {key.backend} / "
-                f"seed {key.seed}: started"
-            )
+        with self._lock:
+            self.running[key.id] = "started"
+            if not self.quiet:
+                self.write(
+                    f"[{self.done + len(self.running)}/{self.total}] {key.model} / "
+                    f"{key.backend} / seed {key.seed}: started{self._running()}"
+                )
 
     def event(self, key: RunKey, ev: BuiltEvent | EpochEvent) -> None:
+        with self._lock:
+            if key.id in self.running:
+                self.running[key.id] = (
+                    "built" if isinstance(ev, BuiltEvent)
+                    else f"epoch {ev.record.epoch}/{ev.epochs}"
+                )
         if self.quiet:
             return
         if isinstance(ev, BuiltEvent):
             if self.verbose:
                 p = ev.params
-                self.write(f"    built: {p.total:,} parameters ({p.trainable:,} trainable)")
+                self._line(key, f"    built: {p.total:,} parameters ({p.trainable:,} trainable)")
             return
         r = ev.record
         if self.verbose:
@@ -100,7 +138,8 @@ class Reporter:
                 "val_precision",
             )
             values = {f: getattr(r, f) for f in fields}
-            self.write(
+            self._line(
+                key,
                 "    epoch {}/{}: {} ({:.1f} s, train {:.1f} s)".format(
                     r.epoch,
                     ev.epochs,
@@ -112,33 +151,34 @@ class Reporter:
             return
         left = (ev.epochs - r.epoch) * r.seconds
         val_txt = f" val_acc {r.val_accuracy:.3f}" if isinstance(r.val_accuracy, float) else ""
-        self.write(
+        self._line(
+            key,
             f"    epoch {r.epoch}/{ev.epochs}: loss {r.loss:.4f} acc {r.accuracy:.3f}"
             f"{val_txt} ({r.seconds:.1f} s, run ETA {_fmt_s(left)})"
         )
 
     def finish(self, outcome: RunOutcome) -> None:
-        self.done += 1
-        if outcome.status in ("ok", "failed"):
-            self.durations.append(outcome.seconds)
-        k = outcome.key
-        why = f": {outcome.reason}" if outcome.reason else ""
-        self.write(
-            f"[{self.done}/{self.total}] {k.model} / {k.backend} / seed {k.seed}: "
-            f"{outcome.status} ({_fmt_s(outcome.seconds)}){why}{self._eta()}"
-        )
+        with self._lock:
+            self.running.pop(outcome.key.id, None)
+            self.done += 1
+            if outcome.status in ("ok", "failed"):
+                self.durations.append(outcome.seconds)
+            k = outcome.key
+            why = f": {outcome.reason}" if outcome.reason else ""
+            self.write(
+                f"[{self.done}/{self.total}] {k.model} / {k.backend} / seed {k.seed}: "
+                f"{outcome.status} ({_fmt_s(outcome.seconds)}){why}{self._eta()}"
+                f"{self._running()}"
+            )
+
+    def drop(self, key: RunKey) -> None:
+        """A run that stopped without an outcome (interrupted)."""
+        with self._lock:
+            self.running.pop(key.id, None)
 
 
 def _fmt_s(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: the worker gets SIGKILL if the harness dies (kill -9), instead of training on."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def worker_env(spec: Spec, key: RunKey, cache_dir: Path) -> dict[str, str]:
@@ -157,10 +197,6 @@ def worker_env(spec: Spec, key: RunKey, cache_dir: Path) -> dict[str, str]:
     return env
 
 
-class Interrupted(Exception):
-    pass
-
-
 def _tail(path: Path, n: int = STDERR_TAIL_LINES) -> str:
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -169,37 +205,26 @@ def _tail(path: Path, n: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
-def run_one(
-    job: Job,
-    results_dir: Path,
-    env: dict[str, str],
-    reporter: Reporter,
-    stop: threading.Event,
-) -> RunOutcome:
-    """Run one job in a worker; always leaves either a complete RunResult or nothing."""
+def prepare(job: Job, results_dir: Path, env: dict[str, str]) -> Launch:
+    """Everything before a worker starts: an older configuration's result kept aside, the job
+    file written, the log's folder made."""
     key = job.key
     log = results_dir / "logs" / f"{key.id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     job.out.parent.mkdir(parents=True, exist_ok=True)
     _supersede(job.out, job.run_hash)
     job_path = write_job(results_dir, job)
-    t0 = time.time()
+    return Launch(job, job_path, env, log, log.with_suffix(".progress"),
+                  job.spec.runtime.timeout_s)
+
+
+def start_local(launch: Launch, env: dict[str, str], reporter: Reporter,
+                stop: threading.Event) -> Ended:
+    """One worker process on this machine, its progress piped to the reporter."""
+    key, timeout = launch.job.key, launch.timeout_s
     clock = time.monotonic()
-    reporter.start(key)
-    timeout = job.spec.runtime.timeout_s
-    timed_out = False
-    with open(log, "w", encoding="utf-8") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.worker", str(job_path)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=env,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            start_new_session=True,  # Ctrl-C reaches the harness, which stops the worker
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
+    with open(launch.log, "w", encoding="utf-8") as err:
+        proc = start_worker(launch.job_path, env, subprocess.PIPE, err)
 
         def pump() -> None:
             if proc.stdout is None:  # Popen(stdout=PIPE) always sets it
@@ -219,26 +244,29 @@ def run_one(
         try:
             while proc.poll() is None:
                 if stop.wait(0.2):
-                    raise Interrupted
+                    terminate(proc)
+                    return Ended(proc.returncode, interrupted=True)
                 if time.monotonic() - clock > timeout:
-                    timed_out = True
-                    _terminate(proc)
-                    break
-        except Interrupted:
-            _terminate(proc)
-            job_path.unlink(missing_ok=True)
-            # a result this attempt finished just before the signal is complete and kept
-            finished = _own_result(job)
-            if finished is not None and job.checkpoint is not None:
-                job.checkpoint.unlink(missing_ok=True)
-            status = finished.status if finished else "interrupted"
-            return RunOutcome(key, status, time.time() - t0, None)
+                    terminate(proc)
+                    return Ended(proc.returncode, timed_out=True)
         finally:
-            _reap(proc)
+            reap(proc)
             reader.join(timeout=5)
-    job_path.unlink(missing_ok=True)
-    seconds = time.time() - t0
+    return Ended(proc.returncode)
+
+
+def finish(launch: Launch, ended: Ended, started: float) -> RunOutcome:
+    """After the worker: always leaves either a complete RunResult or nothing (interrupted)."""
+    job, key, log = launch.job, launch.job.key, launch.log
+    launch.job_path.unlink(missing_ok=True)
+    launch.progress.unlink(missing_ok=True)
+    seconds = time.time() - started
     result = _own_result(job)
+    if ended.interrupted:
+        # a result this attempt finished just before the signal is complete and kept
+        if result is not None and job.checkpoint is not None:
+            job.checkpoint.unlink(missing_ok=True)
+        return RunOutcome(key, result.status if result else "interrupted", seconds, None)
     if result is not None:  # written by this attempt, even if it then overran at exit
         if job.checkpoint is not None:  # done with it; a worker that died keeps its own
             job.checkpoint.unlink(missing_ok=True)
@@ -247,15 +275,31 @@ def run_one(
         write_run(job.out, result.with_stderr_tail(_tail(log)))
         return RunOutcome(key, result.status, seconds, result.error.reason)
     # the worker died without a result: record why
-    rc = proc.returncode
-    if timed_out:
-        reason = f"timeout: exceeded runtime.timeout_s = {timeout:g} s"
+    rc = ended.returncode
+    if ended.timed_out:
+        reason = f"timeout: exceeded runtime.timeout_s = {launch.timeout_s:g} s"
     elif rc is not None and rc < 0:
         reason = f"worker killed by signal {signal.Signals(-rc).name}"
+    elif rc is None:
+        reason = "worker lost: its task or job ended without running it to the end"
     else:
         reason = f"worker exited with code {rc} without a result"
-    write_run(job.out, RunResult.failed(job, reason, "WorkerDied", _tail(log), started=t0))
+    write_run(job.out, RunResult.failed(job, reason, "WorkerDied", _tail(log), started=started))
     return RunOutcome(key, "failed", seconds, reason)
+
+
+def run_one(
+    job: Job,
+    results_dir: Path,
+    env: dict[str, str],
+    reporter: Reporter,
+    stop: threading.Event,
+) -> RunOutcome:
+    """Run one job in a local worker; always leaves either a complete RunResult or nothing."""
+    launch = prepare(job, results_dir, env)
+    t0 = time.time()
+    reporter.start(job.key)
+    return finish(launch, start_local(launch, env, reporter, stop), t0)
 
 
 def _own_result(job: Job) -> RunResult | None:
@@ -283,32 +327,6 @@ def _supersede(out: Path, new_hash: str) -> None:
         dest = out.parent / "superseded" / f"{out.stem}.{old.run_hash}.json"
     dest.parent.mkdir(exist_ok=True)
     os.replace(out, dest)
-
-
-def _reap(proc: subprocess.Popen[str]) -> None:
-    """Kill what is left of the worker's process group (grandchildren holding a GPU or the
-    pipe) once the worker itself is gone."""
-    if proc.poll() is not None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _terminate(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM to the worker's process group, SIGKILL after a grace period."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(TERM_GRACE_S)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 def make_job(plan: Plan, key: RunKey, data: JobData, results_dir: Path,
@@ -433,11 +451,15 @@ def run_all(
     fresh: bool = False,
     quiet: bool = False,
     verbose: bool = False,
+    executor: ExecutorOptions | LocalExecutor | RayExecutor | SlurmExecutor | None = None,
 ) -> list[RunOutcome]:
-    """Run every selected run of the plan not already done; Ctrl-C/SIGTERM raises
-    KeyboardInterrupt after cleanup."""
+    """Run every selected run of the plan not already done, through `executor` (default: local,
+    one worker at a time); Ctrl-C/SIGTERM raises KeyboardInterrupt after cleanup."""
     if plan.data_hash is None:
         raise ValueError("run_all needs a plan with its data (Plan.with_data)")
+    if executor is None or isinstance(executor, ExecutorOptions):
+        executor = make_executor(executor or ExecutorOptions(), plan.spec.runtime.device,
+                                 results_dir)
     status = run_status(plan, results_dir)
     todo = []
     outcomes = []
@@ -446,7 +468,8 @@ def run_all(
             outcomes.append(RunOutcome(key, "skipped", 0.0, "already done"))
         else:
             todo.append(key)
-    reporter = Reporter(quiet=quiet, verbose=verbose, total=len(todo))
+    parallel = not isinstance(executor, LocalExecutor) or executor.jobs > 1
+    reporter = Reporter(quiet=quiet, verbose=verbose, total=len(todo), parallel=parallel)
     if outcomes and not quiet:
         print(
             f"{len(outcomes)} run(s) already done (same spec, data and code): skipped; "
@@ -454,19 +477,96 @@ def run_all(
         )
     stop = threading.Event()
     with _stop_on_signals(stop):
+        if not fresh:
+            todo = _await_submitted(plan, todo, results_dir, reporter, outcomes, stop)
+        if isinstance(executor, LocalExecutor) and executor.jobs > 1 and not quiet:
+            threads = executor.threads
+            print(f"local executor: {executor.jobs} workers at once"
+                  + (f", {threads} thread(s) each" if threads else "")
+                  + (f", GPUs {','.join(executor.gpus)}" if executor.gpus else ""))
+        launches = []
         for key in todo:
             job = make_job(plan, key, data, results_dir)
             if fresh and job.checkpoint is not None:
                 job.checkpoint.unlink(missing_ok=True)  # --fresh redoes the whole run
-            outcome = run_one(job, results_dir, worker_env(plan.spec, key, cache_dir), reporter,
-                              stop)
+            launches.append(prepare(job, results_dir, worker_env(plan.spec, key, cache_dir)))
+        started: dict[str, float] = {}
+        remote = not isinstance(executor, LocalExecutor)
+        if remote:  # submitted at once; the clock includes the queue
+            for launch in launches:
+                started[launch.job.key.id] = time.time()
+                reporter.start(launch.job.key)
+
+        def start(launch: Launch, env: dict[str, str]) -> Ended:
+            started[launch.job.key.id] = time.time()
+            reporter.start(launch.job.key)
+            return start_local(launch, env, reporter, stop)
+
+        def done(launch: Launch, ended: Ended) -> None:
+            outcome = finish(launch, ended, started[launch.job.key.id])
             if outcome.status == "interrupted":
-                print(
-                    f"interrupted: {key.id} stopped; its partial work is discarded", file=sys.stderr
-                )
+                reporter.drop(launch.job.key)
+                print(f"interrupted: {launch.job.key.id} stopped; its partial work is discarded",
+                      file=sys.stderr)
             else:
                 reporter.finish(outcome)
                 outcomes.append(outcome)
-            if stop.is_set():
-                raise KeyboardInterrupt
+
+        def event(launch: Launch, line: str) -> None:
+            try:
+                ev = parse_progress(line)
+            except Exception:  # noqa: BLE001 - progress display is best effort
+                return
+            if ev is not None:
+                reporter.event(launch.job.key, ev)
+
+        try:
+            if launches:
+                executor.run(launches, start, done, event, stop)
+        finally:
+            finished = {o.key.id for o in outcomes}
+            for launch in launches:  # never started (Ctrl-C): no job file left behind
+                if launch.job.key.id not in started and launch.job.key.id not in finished:
+                    launch.job_path.unlink(missing_ok=True)
+        if isinstance(executor, SlurmExecutor) and executor.detach:
+            for launch in launches:
+                reporter.drop(launch.job.key)
+                outcomes.append(RunOutcome(launch.job.key, "submitted", 0.0, None))
+        if stop.is_set():
+            raise KeyboardInterrupt
     return outcomes
+
+
+def _await_submitted(plan: Plan, todo: list[RunKey], results_dir: Path, reporter: Reporter,
+                     outcomes: list[RunOutcome], stop: threading.Event) -> list[RunKey]:
+    """Runs an earlier `--detach` submitted that are still queued or running: wait for their
+    results instead of submitting them again. Returns the runs still to do."""
+    submitted = read_submitted(results_dir)
+    waiting = {key.id: key for key in todo
+               if submitted.get(key.id, {}).get("run_hash") == plan.run_hashes[key.id]
+               and still_queued(submitted[key.id])}
+    if not waiting:
+        return todo
+    print(f"waiting for {len(waiting)} run(s) submitted earlier (--detach): "
+          f"{', '.join(waiting)}")
+    t0 = time.time()
+    while waiting and not stop.is_set():
+        for run_id, key in list(waiting.items()):
+            entry = submitted[run_id]
+            try:
+                run = read_run(run_path(results_dir, run_id))
+            except RunFileError:
+                run = None
+            if run is not None and run.attempt == entry.get("attempt"):
+                del waiting[run_id]
+                reason = run.error.reason if run.error else None
+                outcome = RunOutcome(key, run.status, time.time() - t0, reason)
+                reporter.finish(outcome)
+                outcomes.append(outcome)
+            elif not still_queued(entry):
+                del waiting[run_id]  # gone without a result: run it again
+        stop.wait(1.0)
+    if stop.is_set():
+        raise KeyboardInterrupt
+    done = {o.key.id for o in outcomes}
+    return [key for key in todo if key.id not in done]

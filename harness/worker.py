@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from harness.errors import EXIT_USER_ERROR, UserError
+from harness.executors import placement
 from harness.plan import init_source
 from harness.records import (
     BuiltEvent,
@@ -203,6 +204,7 @@ def execute(job: Job, started: float) -> RunResult:
             )
         mon.set_framework_memory(backend.peak_memory())
 
+    where = placement()
     probs = np.asarray(probs, dtype=np.float64).reshape(-1)
     if probs.shape != (len(test_rows),):
         raise RuntimeError(f"predict returned {probs.shape} for {len(test_rows)} test images")
@@ -220,8 +222,9 @@ def execute(job: Job, started: float) -> RunResult:
         ),
         history=tuple(history),
         params=counts,
-        environment=backend.environment(),
-        resources=mon.summary(),
+        environment={**backend.environment(), "placement": where},
+        # per-worker figures: how many workers shared the machine while they were taken
+        resources={**mon.summary(), "workers_sharing_machine": where["workers_sharing_machine"]},
         provenance=collect_provenance({"harness_command": list(job.command), "init": init}),
         skipped_images=rows.skipped,
         started=started,

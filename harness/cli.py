@@ -317,7 +317,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         else:
             option, message = "--min-size/--max-size", message.replace("_", "-")
         raise UserError(f"make-data {option}: {message}") from None
-    root = make_mura_tree(args.dir, body_parts=parts, **options)
+    root = make_mura_tree(args.dir, body_parts=parts, progress=True, **options)
     print(f"wrote {root}")
     return 0
 

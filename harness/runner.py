@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from harness.plan import Plan, init_source, run_status
-from harness.records import BuiltEvent, EpochEvent, Job, JobData, RunKey, RunResult
+from harness.progress import Progress
+from harness.records import BuiltEvent, EpochEvent, Job, JobData, RunKey, RunResult, StepEvent
 from harness.results import (
     RunFileError,
     checkpoint_path,
@@ -38,6 +39,7 @@ from harness.results import (
     parse_progress,
     read_run,
     run_path,
+    set_aside,
     write_job,
     write_run,
 )
@@ -65,6 +67,8 @@ class Reporter:
     done: int = 0
     durations: list[float] = field(default_factory=list)
     write: Callable[[str], None] = lambda s: print(s, flush=True)
+    tty: bool | None = None  # progress bars (a terminal) or a line every 30 s (logs); None: ask
+    bar: Progress | None = None  # the running epoch's batches
 
     def _eta(self) -> str:
         left = self.total - self.done
@@ -79,9 +83,17 @@ class Reporter:
                 f"seed {key.seed}: started"
             )
 
-    def event(self, key: RunKey, ev: BuiltEvent | EpochEvent) -> None:
+    def event(self, key: RunKey, ev: BuiltEvent | EpochEvent | StepEvent) -> None:
         if self.quiet:
             return
+        if isinstance(ev, StepEvent):
+            desc = f"epoch {ev.epoch}/{ev.epochs}"
+            if self.bar is None or self.bar.desc != desc:
+                self.close_bar()
+                self.bar = Progress(desc, ev.steps, "batch", tty=self.tty, write=self.write)
+            self.bar.update_to(ev.step)
+            return
+        self.close_bar()
         if isinstance(ev, BuiltEvent):
             if self.verbose:
                 p = ev.params
@@ -117,7 +129,13 @@ class Reporter:
             f"{val_txt} ({r.seconds:.1f} s, run ETA {_fmt_s(left)})"
         )
 
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def finish(self, outcome: RunOutcome) -> None:
+        self.close_bar()
         self.done += 1
         if outcome.status in ("ok", "failed"):
             self.durations.append(outcome.seconds)
@@ -275,12 +293,12 @@ def _supersede(out: Path, new_hash: str) -> None:
     try:
         old = read_run(out)
     except RunFileError as e:
-        dest = out.parent / "superseded" / f"{out.stem}.unreadable.json"
+        dest = set_aside(out, "unreadable")  # a second bad copy never replaces the first
         print(f"warning: {e}; moved to {dest}", file=sys.stderr)
-    else:
-        if old is None or old.run_hash == new_hash or old.status != "ok":
-            return
-        dest = out.parent / "superseded" / f"{out.stem}.{old.run_hash}.json"
+        return
+    if old is None or old.run_hash == new_hash or old.status != "ok":
+        return
+    dest = out.parent / "superseded" / f"{out.stem}.{old.run_hash}.json"
     dest.parent.mkdir(exist_ok=True)
     os.replace(out, dest)
 

@@ -59,11 +59,14 @@ __all__ = [
 ]
 
 
-def load_table(data_spec: Any, cache_dir: Path | str) -> tuple[pd.DataFrame, Path]:
-    """The image table (sorted by path) and the folder containing MURA-v1.1 for a data spec."""
+def load_table(
+    data_spec: Any, cache_dir: Path | str, progress: bool = False
+) -> tuple[pd.DataFrame, Path]:
+    """The image table (sorted by path) and the folder containing MURA-v1.1 for a data spec
+    (`progress`: show the generation of a synthetic tree)."""
     if data_spec.dataset == "synthetic":
         root: Path | str | None = ensure_synthetic(
-            data_spec.synthetic, data_spec.body_parts, cache_dir
+            data_spec.synthetic, data_spec.body_parts, cache_dir, progress=progress
         )
     elif data_spec.dataset == "mura-v1.1":
         root = data_spec.root
@@ -137,7 +140,7 @@ def prepare_data(
     With build=False an existing cache is opened and None is returned when there is none
     (`run --dry-run` asks which runs are done without decoding anything).
     """
-    table, base = load_table(data_spec, cache_dir)
+    table, base = load_table(data_spec, cache_dir, progress=progress and build)
     if build:
         cache = build_cache(
             table, base, data_spec.image_size, data_spec.resize, cache_dir,

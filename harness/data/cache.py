@@ -37,9 +37,9 @@ import numpy as np
 import pandas as pd
 import PIL
 from PIL import Image
-from tqdm import tqdm
 
 from harness.errors import UserError
+from harness.progress import Progress
 from harness.vocab import ON_BAD_IMAGE
 
 CACHE_FORMAT_VERSION = 2
@@ -353,7 +353,8 @@ def _decode_all(
     n_workers = max(1, workers or os.cpu_count() or 1)
     results: list[tuple[int, int, int, str | None]] = []
     starts = range(0, n, _CHUNK)
-    with tqdm(total=n, desc="caching images", unit="img", disable=not progress) as bar:
+    bar = Progress("caching images", n, "img", enabled=progress)
+    try:
         if n_workers == 1 or n <= _CHUNK:
             for s in starts:
                 results += _decode_chunk(str(npy), s, files[s : s + _CHUNK], image_size, resize)
@@ -374,5 +375,7 @@ def _decode_all(
                     # Ctrl-C: drop the queued chunks instead of decoding all of them first
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
+    finally:
+        bar.close()
     results.sort()
     return results

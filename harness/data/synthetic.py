@@ -36,6 +36,7 @@ from PIL import Image
 
 from harness.data.mura import DATASET_DIR, image_csv_name, study_csv_name
 from harness.errors import UserError
+from harness.progress import Progress
 from harness.vocab import BODY_PARTS
 
 # Bump when the images or the tree change for the same parameters (invalidates cached trees).
@@ -349,8 +350,10 @@ def make_mura_tree(
     valid_fraction: float = 0.15,
     difficulty: float = 0.5,
     workers: int | None = None,
+    progress: bool = False,
 ) -> Path:
-    """Write out_dir/MURA-v1.1/ (images + the four CSVs) and return out_dir."""
+    """Write out_dir/MURA-v1.1/ (images + the four CSVs) and return out_dir; `progress` shows
+    the images written (harness.progress)."""
     parts = tuple(p.upper().removeprefix("XR_") for p in body_parts)
     unknown = [p for p in parts if p not in BODY_PARTS]
     if unknown or not parts:
@@ -376,7 +379,7 @@ def make_mura_tree(
     tmp = final_out / f".{DATASET_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _write_tree(tmp, patients, seed, parts, min_size, max_size, label_noise,
-                    valid_fraction, difficulty, workers)
+                    valid_fraction, difficulty, workers, progress)
         os.rename(tmp / DATASET_DIR, target)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -415,6 +418,7 @@ def _writable_target(out: Path) -> Path:
 def _write_tree(
     out: Path, patients: int, seed: int, parts: tuple[str, ...], min_size: int, max_size: int,
     label_noise: float, valid_fraction: float, difficulty: float, workers: int | None,
+    progress: bool = False,
 ) -> None:
     studies = _plan_studies(patients, seed, parts, label_noise, valid_fraction)
     jobs: list[_ImageJob] = []
@@ -441,17 +445,22 @@ def _write_tree(
             )
 
     n_workers = workers or os.cpu_count() or 1
-    if n_workers <= 1 or len(jobs) < 32:
-        _write_chunk(jobs, str(out))
-    else:
-        chunk = max(8, len(jobs) // (n_workers * 8))
-        with ProcessPoolExecutor(max_workers=n_workers) as pool:
-            futures = [
-                pool.submit(_write_chunk, jobs[i : i + chunk], str(out))
-                for i in range(0, len(jobs), chunk)
-            ]
-            for f in futures:
-                f.result()
+    bar = Progress("generating images", len(jobs), "img", enabled=progress)
+    try:
+        if n_workers <= 1 or len(jobs) < 32:
+            for i in range(0, len(jobs), 8):
+                bar.update(_write_chunk(jobs[i : i + 8], str(out)))
+        else:
+            chunk = max(8, len(jobs) // (n_workers * 8))
+            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+                futures = [
+                    pool.submit(_write_chunk, jobs[i : i + chunk], str(out))
+                    for i in range(0, len(jobs), chunk)
+                ]
+                for f in futures:
+                    bar.update(f.result())
+    finally:
+        bar.close()
 
 
 def synthetic_params(synthetic_spec: Any, body_parts: Sequence[str]) -> dict[str, Any]:
@@ -470,7 +479,7 @@ def synthetic_params(synthetic_spec: Any, body_parts: Sequence[str]) -> dict[str
 
 def ensure_synthetic(
     synthetic_spec: Any, body_parts: Sequence[str], cache_dir: Path | str,
-    workers: int | None = None,
+    workers: int | None = None, progress: bool = False,
 ) -> Path:
     """Generate (once) the tree for these parameters under cache_dir/synthetic/; return its root."""
     from harness.data.cache import ensure_writable, raise_if_no_space
@@ -485,7 +494,7 @@ def ensure_synthetic(
         return final
     tmp = parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        make_mura_tree(tmp, workers=workers, **params)
+        make_mura_tree(tmp, workers=workers, progress=progress, **params)
         (tmp / "params.json").write_text(blob + "\n", encoding="utf-8")
         (tmp / COMPLETE_MARKER).write_text("", encoding="utf-8")
         if (final / COMPLETE_MARKER).is_file():

@@ -82,6 +82,32 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "repro-harness"
 
 
+def remove_stale_temp(parent: Path) -> list[Path]:
+    """Remove the `.tmp-<key>-<pid>-<nonce>` folders of builds whose process is gone (killed
+    with -9 mid-build); a live process's build is left alone. Returns what was removed."""
+    removed = []
+    for tmp in parent.glob(".tmp-*-*-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 2)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _alive(pid):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def ensure_writable(folder: Path) -> None:
     """Create `folder` if needed; a UserError if it cannot be written."""
     try:
@@ -269,6 +295,7 @@ def _build(
     labels_by_path = dict(zip(table["path"], table["label"].astype(int), strict=True))
     paths = sorted(labels_by_path)
     n = len(paths)
+    remove_stale_temp(final.parent)
     tmp = final.parent / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     nbytes = n * image_size * image_size
     try:

@@ -482,7 +482,7 @@ def ensure_synthetic(
     workers: int | None = None, progress: bool = False,
 ) -> Path:
     """Generate (once) the tree for these parameters under cache_dir/synthetic/; return its root."""
-    from harness.data.cache import ensure_writable, raise_if_no_space
+    from harness.data.cache import ensure_writable, raise_if_no_space, remove_stale_temp
 
     params = synthetic_params(synthetic_spec, body_parts)
     blob = json.dumps({"params": params, "generator": GENERATOR_VERSION}, sort_keys=True)
@@ -492,6 +492,7 @@ def ensure_synthetic(
     final = parent / key
     if (final / COMPLETE_MARKER).is_file():
         return final
+    remove_stale_temp(parent)
     tmp = parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         make_mura_tree(tmp, workers=workers, progress=progress, **params)

@@ -527,3 +527,24 @@ def test_check_determinism_grades_a_fresh_rerun_of_one_seed(tiny, faults, grades
     # the rerun never replaces the result the report uses
     assert (tiny["out"] / "runs" / "determinism" / "baseline__faulty__seed0.json").exists()
     assert read_run(run_file(tiny, 0, "faulty")).status == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", ["synthetic", "images"])  # data generation, cache build
+def test_kill_9_while_the_data_is_prepared_leaves_nothing_half_made(tiny, folder):
+    """The harness is SIGKILLed once the phase's temp folder appears (the phase has begun and
+    cannot be done: hundreds of images are left); the same command then finishes every run."""
+    more = ("--set", "data.synthetic.patients=400")
+    proc = harness(tiny, *more, wait=False)
+    parent = tiny["cache"] / folder
+    wait_for(lambda: any(parent.glob(".tmp-*")) or proc.poll() is not None, timeout=300)
+    proc.send_signal(signal.SIGKILL)  # kill -9 of the harness: its pool workers die with it
+    proc.wait()
+    entries = sorted(p.name for p in parent.iterdir())
+    assert len(entries) == 1 and entries[0].startswith(".tmp-")  # killed inside the phase
+    assert not (tiny["out"] / "runs").exists()
+    r = harness(tiny, *more)
+    assert r.returncode == 0, r.stderr
+    assert [read_run(run_file(tiny, s)).status for s in (0, 1)] == ["ok", "ok"]
+    entries = sorted(p.name for p in parent.iterdir())
+    assert len(entries) == 1 and not entries[0].startswith(".")  # the stale temp folder is gone

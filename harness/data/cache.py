@@ -21,11 +21,13 @@ lanczos), no reducing_gap; Pillow filters widen their support when shrinking (an
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -106,6 +108,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in a pool's worker
+    """Linux: a decoding/generating worker gets SIGKILL when the harness dies (kill -9) instead
+    of writing on into a temp folder the next build removes."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def ensure_writable(folder: Path) -> None:
@@ -387,7 +398,7 @@ def _decode_all(
                 results += _decode_chunk(str(npy), s, files[s : s + _CHUNK], image_size, resize)
                 bar.update(min(_CHUNK, n - s))
         else:
-            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+            with ProcessPoolExecutor(max_workers=n_workers, initializer=die_with_parent) as pool:
                 futures = {
                     pool.submit(_decode_chunk, str(npy), s, files[s : s + _CHUNK], image_size,
                                 resize): s

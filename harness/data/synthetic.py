@@ -452,7 +452,9 @@ def _write_tree(
                 bar.update(_write_chunk(jobs[i : i + 8], str(out)))
         else:
             chunk = max(8, len(jobs) // (n_workers * 8))
-            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+            from harness.data.cache import die_with_parent
+
+            with ProcessPoolExecutor(max_workers=n_workers, initializer=die_with_parent) as pool:
                 futures = [
                     pool.submit(_write_chunk, jobs[i : i + chunk], str(out))
                     for i in range(0, len(jobs), chunk)

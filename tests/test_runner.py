@@ -548,3 +548,15 @@ def test_kill_9_while_the_data_is_prepared_leaves_nothing_half_made(tiny, folder
     assert [read_run(run_file(tiny, s)).status for s in (0, 1)] == ["ok", "ok"]
     entries = sorted(p.name for p in parent.iterdir())
     assert len(entries) == 1 and not entries[0].startswith(".")  # the stale temp folder is gone
+
+
+def test_quiet_prints_one_line_per_run_and_no_progress(tiny):
+    r = harness(tiny, "-q", "--set", "data.synthetic.patients=40")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4, r.stdout
+    assert re.fullmatch(r"\[1/2\] baseline / reference / seed 0: ok \([0-9.]+ s\), about "
+                        r"[0-9.]+ s left", lines[0])
+    assert re.fullmatch(r"\[2/2\] baseline / reference / seed 1: ok \([0-9.]+ s\)", lines[1])
+    assert lines[2:] == ["", f"report: {tiny['out'] / 'report.md'}"]
+    assert "images" not in r.stderr and "%" not in r.stderr  # no bar, no progress line

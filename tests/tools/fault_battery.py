@@ -30,7 +30,8 @@ TRAIN = [  # the phases of training: a small CNN, 3 epochs, two seeds
 ]
 DATA = [  # the data phases: enough images to take seconds; the random baseline, no training
     "specs/demo.yaml", "--models", "baseline", "--seeds", "0,1",
-    "--set", "data.synthetic.patients=1500",
+    "--set", "data.synthetic.patients=600", "--set", "data.synthetic.min_size=48",
+    "--set", "data.synthetic.max_size=64",
 ]
 ARGS = {"generation": DATA, "caching": DATA, "epoch": TRAIN, "result": TRAIN, "report": TRAIN}
 

@@ -462,6 +462,8 @@ def run_all(
     for key in plan.selected:
         if not fresh and status[key.id] == "done":
             outcomes.append(RunOutcome(key, "skipped", 0.0, "already done"))
+            # killed between writing the result and removing the training state: done with it
+            checkpoint_path(results_dir, key.id).unlink(missing_ok=True)
         else:
             todo.append(key)
     reporter = Reporter(quiet=quiet, verbose=verbose, total=len(todo))

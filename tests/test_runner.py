@@ -560,3 +560,16 @@ def test_quiet_prints_one_line_per_run_and_no_progress(tiny):
     assert re.fullmatch(r"\[2/2\] baseline / reference / seed 1: ok \([0-9.]+ s\)", lines[1])
     assert lines[2:] == ["", f"report: {tiny['out'] / 'report.md'}"]
     assert "images" not in r.stderr and "%" not in r.stderr  # no bar, no progress line
+
+
+def test_the_training_state_of_a_run_found_done_is_removed(tiny):
+    """A kill between writing a result and removing the run's checkpoint leaves both; the next
+    command skips the run and removes the stale state."""
+    assert harness(tiny, "--seeds", "0").returncode == 0
+    stale = tiny["out"] / "checkpoints" / "baseline__reference__seed0.npz"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"state of a finished run")
+    r = harness(tiny, "--seeds", "0")
+    assert r.returncode == 0, r.stderr
+    assert "1 run(s) already done" in r.stdout
+    assert not stale.exists()

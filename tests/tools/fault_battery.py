@@ -86,6 +86,8 @@ def run_phase(phase: str, work: Path, extra: list[str]) -> tuple[bool, str]:
         if f"{name}" in runs and "skipped" not in r.stdout:
             problems.append(f"{name} finished before the kill but was not skipped")
     for name in saved:
+        if name.replace(".npz", ".json") in done_before:
+            continue  # its result was written before the kill: nothing to resume
         resumed = (out / "logs" / name.replace(".npz", ".log")).read_text()
         if "resuming after epoch" not in resumed:
             problems.append(f"{name}: saved before the kill, the rerun did not resume from it")

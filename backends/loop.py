@@ -78,6 +78,8 @@ class _Steps:
     """What one epoch's steps produced, checked as it arrives."""
 
     epoch: int
+    on_step: Callable[[int, int], None] | None = None
+    total: int = 0
     losses: list[float] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     probs: list[np.ndarray] = field(default_factory=list)
@@ -90,6 +92,8 @@ class _Steps:
         self.sizes.append(len(labels))
         self.probs.append(np.asarray(result.probs, dtype=np.float64).reshape(-1))
         self.labels.append(labels)
+        if self.on_step is not None:
+            self.on_step(len(self.losses), self.total)
 
     def labels_and_probs(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.labels:
@@ -108,13 +112,15 @@ def fit(
     resume: TrainState | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
     checkpoint_every: int = 1,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[EpochRecord]:
     """Train `model.train.epochs` epochs on the harness's stream; validate after each epoch.
 
     With `resume`, restores that state and goes on with the next epoch; `on_checkpoint`
-    receives the state after every `checkpoint_every`-th epoch but the last. Raises NonFiniteLoss (a
-    FloatingPointError) naming the epoch and step when the loss stops being finite; it carries
-    the history of the epochs before.
+    receives the state after every `checkpoint_every`-th epoch but the last; `on_step` gets
+    (steps done, steps in the epoch) after each training step's result arrives. Raises
+    NonFiniteLoss (a FloatingPointError) naming the epoch and step when the loss stops being
+    finite; it carries the history of the epochs before.
     """
     recipe = model.train  # type: ignore[union-attr]
     history: list[EpochRecord] = []
@@ -122,10 +128,11 @@ def fit(
     if resume is not None:
         backend.set_state(handle, resume.backend)
         history, first = list(resume.history), resume.epoch + 1
+    n_steps = -(-len(train.index) // recipe.batch_size)
     for epoch in range(first, recipe.epochs + 1):
         t_epoch = clock()
         first_step: float | None = None
-        steps = _Steps(epoch)
+        steps = _Steps(epoch, on_step=on_step, total=n_steps)
         pending: tuple[Callable[[], StepResult], int, np.ndarray] | None = None
         try:
             for step, batch in enumerate(train.batches(epoch, recipe.batch_size), start=1):

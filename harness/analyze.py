@@ -84,6 +84,7 @@ class Analysis:
     environment: tuple[EnvironmentInfo, ...]
     finished_span: tuple[str, str] | None  # first and last run end, UTC
     notes: tuple[str, ...] = ()
+    corrupt: tuple[tuple[str, str], ...] = ()  # (file, what is wrong): data.json, plan.json
     verdict_rule: str = ""
     distinguishable_rule: str = ""
     degenerate_rule: str = DEGENERATE_RULE
@@ -104,7 +105,11 @@ def analyze(bundle: Bundle) -> Analysis:
     """Every number of the report, from a Bundle; pure and deterministic."""
     spec = bundle.spec
     opt = options(spec)
-    notes: list[str] = []
+    notes: list[str] = list(bundle.corrupt.values())
+    if "plan.json" in bundle.corrupt:
+        notes.append("without plan.json, a run counts when its spec hash (and data hash) match "
+                     "this spec; runs not started yet are not listed; `python -m harness run` "
+                     "writes plan.json again")
     current, ignored, missing = classify_runs(bundle)
     failed: list[FailedRun] = []
     analysed: list[tuple[RunAnalysis, Member, RunResult]] = []
@@ -175,6 +180,7 @@ def analyze(bundle: Bundle) -> Analysis:
         environment=environment_info(current, backends),
         finished_span=(_utc(min(finished)), _utc(max(finished))) if finished else None,
         notes=tuple(notes),
+        corrupt=tuple(bundle.corrupt.items()),
         verdict_rule=verdict_rule(opt.confidence),
         distinguishable_rule=distinguishable_rule(opt.confidence, opt.unit, spec.runtime.init),
     )

@@ -376,7 +376,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     if args.layout == "folder":
         root = make_folder_tree(args.dir, body_parts=parts, **options, **folder)
     else:
-        root = make_mura_tree(args.dir, body_parts=parts, **options)
+        root = make_mura_tree(args.dir, body_parts=parts, progress=True, **options)
     print(f"wrote {root}")
     return 0
 

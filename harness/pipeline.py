@@ -75,6 +75,7 @@ def run(request: RunRequest) -> int:
     from harness.results import (
         check_results_dir,
         clean_temp_files,
+        read_record,
         results_lock,
         write_json_atomic,
         write_plan,
@@ -107,6 +108,10 @@ def run(request: RunRequest) -> int:
             print(f"Data ({spec.data.dataset}): cache {data.cache.folder}")
             print(render_split(data.describe()))
         plan = plan.with_data(data.data_hash)
+        for name in ("data.json", "plan.json"):  # rewritten below: keep a corrupt one aside
+            problem = read_record(results_dir / name)[1]
+            if problem is not None:
+                print(f"warning: {problem}", file=sys.stderr)
         write_json_atomic(
             results_dir / "spec.json",
             {

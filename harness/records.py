@@ -228,7 +228,17 @@ class EpochEvent(Record):
     record: EpochRecord
 
 
-ProgressEvent = Annotated[BuiltEvent | EpochEvent, Field(discriminator="event")]
+class StepEvent(Record):
+    """Progress: `step` of the epoch's `steps` training batches are done (sent throttled)."""
+
+    event: Literal["step"] = "step"
+    epoch: int
+    epochs: int  # planned
+    step: int
+    steps: int
+
+
+ProgressEvent = Annotated[BuiltEvent | EpochEvent | StepEvent, Field(discriminator="event")]
 
 
 @dataclass(frozen=True)

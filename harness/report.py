@@ -248,7 +248,8 @@ def _leakage_sentence(a: Analysis) -> str:
     strategy = (d.split.get("strategy") if d else None) or a.spec.data.split.strategy
     leak = d.leakage.get("test") if d else None
     if not leak:
-        return f"Split by {strategy}; its leakage was not measured (no data.json)."
+        why = "data.json is corrupt" if "data.json" in dict(a.corrupt) else "no data.json"
+        return f"Split by {strategy}; its leakage was not measured ({why})."
     patient, study = leak.get("patient"), leak.get("study")
     if strategy == "image":
         return (f"The split is by image, as in the paper: {_pct(patient)} of the test images "
@@ -572,6 +573,10 @@ def _data(a: Analysis) -> str:
     d: DataInfo | None = a.data
     spec = a.spec
     if d is None:
+        why = dict(a.corrupt).get("data.json")
+        if why is not None:
+            return "\n".join(out + [f"data.json is corrupt ({why}): split sizes unknown; "
+                                     "`python -m harness run` writes it again."])
         return "\n".join(out + ["No data.json in the results folder: split sizes unknown."])
     split = d.split
     strategy = split.get("strategy", spec.data.split.strategy)

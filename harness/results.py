@@ -38,6 +38,7 @@ from harness.records import (
     Job,
     ProgressEvent,
     RunResult,
+    StepEvent,
     TrainState,
 )
 
@@ -82,6 +83,51 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def set_aside(path: Path, tag: str = "corrupt") -> Path:
+    """Move a file this harness cannot read out of the way, never over an earlier one:
+    <folder>/superseded/<name>.<tag><suffix>, then <name>.<tag>.2<suffix>, ...: the first free."""
+    folder = path.parent / "superseded"
+    folder.mkdir(exist_ok=True)
+    n = 1
+    while True:
+        dest = folder / f"{path.stem}.{tag}{f'.{n}' if n > 1 else ''}{path.suffix}"
+        try:
+            os.link(path, dest)  # fails if dest exists: no race with another copy
+        except FileExistsError:
+            n += 1
+            continue
+        except OSError:  # no hard links here (some filesystems): rename when free
+            if dest.exists():
+                n += 1
+                continue
+            os.replace(path, dest)
+            return dest
+        path.unlink()
+        return dest
+
+
+def read_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the JSON object in `path`, None), (None, None) when there is no file, or (None, what is
+    wrong) when it is corrupt; a corrupt file is set aside (set_aside) so it is never lost."""
+    if not path.exists():
+        return None, None
+    try:
+        value = read_json(path)
+    except OSError as e:
+        return None, f"{path}: cannot be read ({e.strerror or e})"
+    except ValueError as e:
+        reason = f"not valid JSON ({e})"
+    else:
+        if isinstance(value, dict):
+            return value, None
+        reason = f"not a JSON object (found {type(value).__name__})"
+    try:
+        dest = set_aside(path)
+    except OSError as e:
+        return None, f"{path}: corrupt, {reason}; could not be moved aside ({e.strerror or e})"
+    return None, f"{path}: corrupt, {reason}; kept as {dest}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +249,12 @@ def read_job(path: Path) -> Job:
 _PROGRESS: TypeAdapter[ProgressEvent] = TypeAdapter(ProgressEvent)
 
 
-def progress_line(event: BuiltEvent | EpochEvent) -> str:
+def progress_line(event: BuiltEvent | EpochEvent | StepEvent) -> str:
     """One line of the worker's stdout for the runner."""
     return PROGRESS_PREFIX + json.dumps(event.model_dump(), allow_nan=True)
 
 
-def parse_progress(line: str) -> BuiltEvent | EpochEvent | None:
+def parse_progress(line: str) -> BuiltEvent | EpochEvent | StepEvent | None:
     """The event of a progress line; None for any other line (the frameworks' output)."""
     if not line.startswith(PROGRESS_PREFIX):
         return None

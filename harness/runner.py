@@ -47,7 +47,8 @@ from harness.executors import (
     terminate,
 )
 from harness.plan import Plan, init_source, run_status
-from harness.records import BuiltEvent, EpochEvent, Job, JobData, RunKey, RunResult
+from harness.progress import Progress
+from harness.records import BuiltEvent, EpochEvent, Job, JobData, RunKey, RunResult, StepEvent
 from harness.results import (
     RunFileError,
     checkpoint_path,
@@ -55,6 +56,7 @@ from harness.results import (
     parse_progress,
     read_run,
     run_path,
+    set_aside,
     write_job,
     write_run,
 )
@@ -83,6 +85,8 @@ class Reporter:
     write: Callable[[str], None] = lambda s: print(s, flush=True)
     parallel: bool = False  # several workers at once: every line names its run
     running: dict[str, str] = field(default_factory=dict)  # run id -> where it stands
+    tty: bool | None = None  # progress bars (a terminal) or a line every 30 s (logs); None: ask
+    bar: Progress | None = None  # the running epoch's batches (one worker at a time only)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _line(self, key: RunKey, text: str) -> None:
@@ -111,15 +115,25 @@ class Reporter:
                     f"{key.backend} / seed {key.seed}: started{self._running()}"
                 )
 
-    def event(self, key: RunKey, ev: BuiltEvent | EpochEvent) -> None:
+    def event(self, key: RunKey, ev: BuiltEvent | EpochEvent | StepEvent) -> None:
         with self._lock:
             if key.id in self.running:
                 self.running[key.id] = (
                     "built" if isinstance(ev, BuiltEvent)
+                    else f"epoch {ev.epoch}/{ev.epochs}, batch {ev.step}/{ev.steps}"
+                    if isinstance(ev, StepEvent)
                     else f"epoch {ev.record.epoch}/{ev.epochs}"
                 )
-        if self.quiet:
+        if self.quiet or (self.parallel and isinstance(ev, StepEvent)):
+            return  # several workers: their batches show in the "running:" list
+        if isinstance(ev, StepEvent):
+            desc = f"epoch {ev.epoch}/{ev.epochs}"
+            if self.bar is None or self.bar.desc != desc:
+                self.close_bar()
+                self.bar = Progress(desc, ev.steps, "batch", tty=self.tty, write=self.write)
+            self.bar.update_to(ev.step)
             return
+        self.close_bar()
         if isinstance(ev, BuiltEvent):
             if self.verbose:
                 p = ev.params
@@ -157,7 +171,13 @@ class Reporter:
             f"{val_txt} ({r.seconds:.1f} s, run ETA {_fmt_s(left)})"
         )
 
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def finish(self, outcome: RunOutcome) -> None:
+        self.close_bar()
         with self._lock:
             self.running.pop(outcome.key.id, None)
             self.done += 1
@@ -319,12 +339,12 @@ def _supersede(out: Path, new_hash: str) -> None:
     try:
         old = read_run(out)
     except RunFileError as e:
-        dest = out.parent / "superseded" / f"{out.stem}.unreadable.json"
+        dest = set_aside(out, "unreadable")  # a second bad copy never replaces the first
         print(f"warning: {e}; moved to {dest}", file=sys.stderr)
-    else:
-        if old is None or old.run_hash == new_hash or old.status != "ok":
-            return
-        dest = out.parent / "superseded" / f"{out.stem}.{old.run_hash}.json"
+        return
+    if old is None or old.run_hash == new_hash or old.status != "ok":
+        return
+    dest = out.parent / "superseded" / f"{out.stem}.{old.run_hash}.json"
     dest.parent.mkdir(exist_ok=True)
     os.replace(out, dest)
 
@@ -466,6 +486,8 @@ def run_all(
     for key in plan.selected:
         if not fresh and status[key.id] == "done":
             outcomes.append(RunOutcome(key, "skipped", 0.0, "already done"))
+            # killed between writing the result and removing the training state: done with it
+            checkpoint_path(results_dir, key.id).unlink(missing_ok=True)
         else:
             todo.append(key)
     parallel = not isinstance(executor, LocalExecutor) or executor.jobs > 1

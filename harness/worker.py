@@ -34,6 +34,7 @@ from harness.records import (
     EpochRecord,
     Job,
     RunResult,
+    StepEvent,
     TestPredictions,
     TrainState,
 )
@@ -48,9 +49,28 @@ from harness.results import (
 )
 from harness.spec import RandomModel
 
+STEP_EVENTS_EVERY_S = 0.5  # a few progress updates per second at most, whatever the batch rate
 
-def emit(event: BuiltEvent | EpochEvent) -> None:
+
+def emit(event: BuiltEvent | EpochEvent | StepEvent) -> None:
     print(progress_line(event), flush=True)
+
+
+def step_emitter(epochs: int, first_epoch: int = 1, clock: Any = time.monotonic) -> Any:
+    """The loop's on_step: a StepEvent at most every STEP_EVENTS_EVERY_S, none for the last step
+    (the epoch's own event follows it)."""
+    last = [clock()]
+    epoch = [first_epoch - 1]
+
+    def on_step(done: int, total: int) -> None:
+        if done == 1:
+            epoch[0] += 1
+        now = clock()
+        if done < total and now - last[0] >= STEP_EVENTS_EVERY_S:
+            last[0] = now
+            emit(StepEvent(epoch=epoch[0], epochs=epochs, step=done, steps=total))
+
+    return on_step
 
 
 def open_images(job: Job) -> np.ndarray:
@@ -177,10 +197,11 @@ def execute(job: Job, started: float) -> RunResult:
 
             with mon.phase("train"):
                 try:
+                    on_step = step_emitter(model.train.epochs, resume.epoch + 1 if resume else 1)
                     history = fit(backend, handle, model, train, val, on_epoch,
                                   resume=resume,
                                   on_checkpoint=on_checkpoint if path and every else None,
-                                  checkpoint_every=max(every, 1))
+                                  checkpoint_every=max(every, 1), on_step=on_step)
                 except NonFiniteLoss as e:  # a result of its own: the epochs before are kept
                     return RunResult.failed(
                         job, str(e), "FloatingPointError", started=started, history=e.history

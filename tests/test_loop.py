@@ -96,6 +96,16 @@ def test_epochs_batches_partial_batch_and_history():
     assert hist[1].first_step_seconds is None
 
 
+def test_on_step_sees_every_step_with_the_epoch_total_after_its_result():
+    spec, model = spec_and_model("models.cnn.train.epochs=2", "models.cnn.train.batch_size=4")
+    backend = Scripted([0.5, 0.25, 1.0] * 2)
+    seen = []
+    fit(backend, model, model, data(10, spec), None, clock=Clock(),
+        on_step=lambda done, total: seen.append((done, total, backend.calls[-1])))
+    fetched = [("fetch", 1), ("fetch", 2), ("fetch", 3), ("fetch", 4), ("fetch", 5), ("fetch", 6)]
+    assert seen == [(d, 3, f) for d, f in zip([1, 2, 3, 1, 2, 3], fetched, strict=True)]
+
+
 def test_steps_are_fetched_one_behind_except_the_timed_first():
     spec, model = spec_and_model("models.cnn.train.epochs=1", "models.cnn.train.batch_size=2")
     backend = Scripted([0.1] * 4)

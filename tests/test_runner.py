@@ -449,6 +449,66 @@ def test_a_truncated_result_is_reported_and_kept_aside(tiny):
     assert read_run(path).status == "ok"
 
 
+def test_a_second_unreadable_copy_does_not_replace_the_first(tiny):
+    assert harness(tiny, "--seeds", "0").returncode == 0
+    path = run_file(tiny, 0)
+    aside = tiny["out"] / "runs" / "superseded"
+    for damaged in ("first damaged copy", "second damaged copy"):
+        path.write_text(damaged)
+        r = harness(tiny, "--seeds", "0")
+        assert r.returncode == 0, r.stderr
+    assert sorted((p.name, p.read_text()) for p in aside.iterdir()) == [
+        ("baseline__reference__seed0.unreadable.2.json", "second damaged copy"),
+        ("baseline__reference__seed0.unreadable.json", "first damaged copy"),
+    ]
+
+
+def report_of(tiny) -> tuple[subprocess.CompletedProcess, str]:
+    r = subprocess.run([sys.executable, "-m", "harness", "report", str(tiny["out"])], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    return r, (tiny["out"] / "report.md").read_text()
+
+
+def test_a_corrupt_plan_does_not_make_every_finished_run_ignored(tiny):
+    assert harness(tiny).returncode == 0
+    plan = tiny["out"] / "plan.json"
+    plan.write_text('{"runs": {"baseline__refer')
+    r, report = report_of(tiny)
+    assert r.returncode == 0, r.stderr
+    assert "Runs: 2 finished, 0 failed, 0 ignored;" in report
+    assert f"- {plan}: corrupt, not valid JSON (Unterminated string starting at: " in report
+    aside = tiny["out"] / "superseded" / "plan.corrupt.json"
+    assert f"kept as {aside}" in report
+    assert aside.read_text() == '{"runs": {"baseline__refer'
+    # a run of another configuration is still told apart, by its spec hash
+    r = harness(tiny, "--seeds", "0", "--set", "models.baseline.high=0.5")
+    assert r.returncode == 0, r.stderr
+    plan.write_text("[]")
+    r, report = report_of(tiny)
+    assert "Runs: 1 finished, 0 failed, 1 ignored;" in report
+    assert "`baseline__reference__seed1` | spec hash differs from spec.json (older spec)" in report
+    assert (tiny["out"] / "superseded" / "plan.corrupt.2.json").read_text() == "[]"
+
+
+def test_a_corrupt_data_record_is_reported_as_corrupt_and_kept_aside(tiny):
+    assert harness(tiny).returncode == 0
+    data = tiny["out"] / "data.json"
+    data.write_text('{"split": ')
+    r, report = report_of(tiny)
+    assert r.returncode == 0, r.stderr
+    assert "Runs: 2 finished, 0 failed, 0 ignored, 8 planned but not run yet;" in report
+    assert "No data.json" not in report
+    assert f"data.json is corrupt ({data}: corrupt, not valid JSON (Expecting value: " in report
+    assert (tiny["out"] / "superseded" / "data.corrupt.json").read_text() == '{"split": '
+    # `run` keeps a corrupt one aside too before it writes the record again
+    data.write_text("null")
+    r = harness(tiny)
+    assert r.returncode == 0, r.stderr
+    assert f"warning: {data}: corrupt, not a JSON object (found NoneType); kept as " in r.stderr
+    assert (tiny["out"] / "superseded" / "data.corrupt.2.json").read_text() == "null"
+    assert "data_hash" in json.loads(data.read_text())
+
+
 @pytest.mark.parametrize(
     "faults, grades",
     [
@@ -467,3 +527,49 @@ def test_check_determinism_grades_a_fresh_rerun_of_one_seed(tiny, faults, grades
     # the rerun never replaces the result the report uses
     assert (tiny["out"] / "runs" / "determinism" / "baseline__faulty__seed0.json").exists()
     assert read_run(run_file(tiny, 0, "faulty")).status == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", ["synthetic", "images"])  # data generation, cache build
+def test_kill_9_while_the_data_is_prepared_leaves_nothing_half_made(tiny, folder):
+    """The harness is SIGKILLed once the phase's temp folder appears (the phase has begun and
+    cannot be done: hundreds of images are left); the same command then finishes every run."""
+    more = ("--set", "data.synthetic.patients=400")
+    proc = harness(tiny, *more, wait=False)
+    parent = tiny["cache"] / folder
+    wait_for(lambda: any(parent.glob(".tmp-*")) or proc.poll() is not None, timeout=300)
+    proc.send_signal(signal.SIGKILL)  # kill -9 of the harness: its pool workers die with it
+    proc.wait()
+    entries = sorted(p.name for p in parent.iterdir())
+    assert len(entries) == 1 and entries[0].startswith(".tmp-")  # killed inside the phase
+    assert not (tiny["out"] / "runs").exists()
+    r = harness(tiny, *more)
+    assert r.returncode == 0, r.stderr
+    assert [read_run(run_file(tiny, s)).status for s in (0, 1)] == ["ok", "ok"]
+    entries = sorted(p.name for p in parent.iterdir())
+    assert len(entries) == 1 and not entries[0].startswith(".")  # the stale temp folder is gone
+
+
+def test_quiet_prints_one_line_per_run_and_no_progress(tiny):
+    r = harness(tiny, "-q", "--set", "data.synthetic.patients=40")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4, r.stdout
+    assert re.fullmatch(r"\[1/2\] baseline / reference / seed 0: ok \([0-9.]+ s\), about "
+                        r"[0-9.]+ s left", lines[0])
+    assert re.fullmatch(r"\[2/2\] baseline / reference / seed 1: ok \([0-9.]+ s\)", lines[1])
+    assert lines[2:] == ["", f"report: {tiny['out'] / 'report.md'}"]
+    assert "images" not in r.stderr and "%" not in r.stderr  # no bar, no progress line
+
+
+def test_the_training_state_of_a_run_found_done_is_removed(tiny):
+    """A kill between writing a result and removing the run's checkpoint leaves both; the next
+    command skips the run and removes the stale state."""
+    assert harness(tiny, "--seeds", "0").returncode == 0
+    stale = tiny["out"] / "checkpoints" / "baseline__reference__seed0.npz"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"state of a finished run")
+    r = harness(tiny, "--seeds", "0")
+    assert r.returncode == 0, r.stderr
+    assert "1 run(s) already done" in r.stdout
+    assert not stale.exists()

@@ -937,9 +937,11 @@ def test_an_error_written_in_a_parent_names_the_parent(tmp_path: Path) -> None:
     # the child wrote data.split.sed (null): the child is named
     assert error_of(child).message.startswith(f"{child}: data.split: unknown key 'sed'")
     child.write_text("extends: base.yaml\nname: child\n")
-    assert error_of(child).message == (
+    assert error_of(child).message.splitlines() == [
         f"{base}: data.split: unknown key 'sed' (did you mean 'seed'?); allowed: seed, strategy, "
-        f"stratify, test_fraction (extended by {child})")
+        f"stratify, test_fraction (extended by {child})",
+        f"{base}: models[1].train.epochs: must be greater than or equal to 1; got 0 "
+        f"(extended by {child})"]
     base.write_text(f"extends: {ROOT / 'specs' / 'demo.yaml'}\n"
                     "models: [{name: cnn, train: {epochs: 0}}]\n")
     assert error_of(child).message == (
@@ -959,3 +961,31 @@ def test_invalid_yaml_in_a_parent_names_the_parent(tmp_path: Path) -> None:
     base = write(tmp_path, "name: [x\n", "base.yaml")
     child = write(tmp_path, "extends: base.yaml\n", "child.yaml")
     assert error_of(child).message.startswith(f"{base}: invalid YAML at line ")
+
+
+def test_every_mistake_of_a_spec_is_reported_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, f"extends: {ROOT / 'specs' / 'demo.yaml'}\n"
+                           "seeds: [0, one]\n"
+                           "data: {image_size: -4}\n"
+                           "models: [{name: cnn, train: {epochs: 0}}]\n", "three.yaml")
+    expected = [
+        f"error: {path}: data.image_size: must be greater than or equal to 8; got -4",
+        f"{path}: models[1].train.epochs: must be greater than or equal to 1; got 0",
+        f"{path}: seeds[1]: must be an integer seed in [0, 4294967295]; got 'one'",
+    ]
+    for verb in ("validate", "run"):
+        proc = subprocess.run([sys.executable, "-m", "harness", verb, str(path), "--out",
+                               str(tmp_path / "out")] if verb == "run" else
+                              [sys.executable, "-m", "harness", verb, str(path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == EXIT_USER_ERROR, proc.stderr
+        assert proc.stderr.splitlines() == expected
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_than_ten_mistakes_are_cut_at_ten(tmp_path: Path) -> None:
+    path = write(tmp_path, f"extends: {ROOT / 'specs' / 'demo.yaml'}\nseeds: [{'-1, ' * 11}-1]\n")
+    assert error_of(path).message.splitlines() == [
+        *(f"{path}: seeds[{i}]: must be an integer seed in [0, 4294967295]; got -1"
+          for i in range(10)),
+        f"{path}: 2 more errors not shown; fix these first"]

@@ -10,7 +10,7 @@ AND its run_hash matches; any other run file is listed as ignored, never mixed i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from harness.errors import UserError
 from harness.records import RunError, RunResult
-from harness.results import read_json, read_runs
-from harness.spec import Spec
+from harness.results import read_json, read_record, read_runs
+from harness.spec import Spec, spec_digest
 
 STDERR_TAIL_LINES = 12
 
@@ -55,14 +55,7 @@ class Bundle:
     plan: Mapping[str, Any] | None = None
     runs: tuple[RunResult, ...] = ()
     unreadable: tuple[IgnoredRun, ...] = ()
-
-
-def _read_optional(path: Path) -> Mapping[str, Any] | None:
-    try:
-        value = read_json(path)
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    corrupt: Mapping[str, str] = field(default_factory=dict)  # data.json / plan.json: what is wrong
 
 
 def load_bundle(results_dir: Path | str) -> Bundle:
@@ -89,15 +82,21 @@ def load_bundle(results_dir: Path | str) -> Bundle:
             "the harness, rerun `python -m harness run SPEC`"
         ) from None
     runs, problems = read_runs(folder)
+    records, corrupt = {}, {}
+    for name in ("data.json", "plan.json"):
+        records[name], problem = read_record(folder / name)
+        if problem is not None:
+            corrupt[name] = problem
     return Bundle(
         results_dir=str(folder),
         spec=spec,
         source=raw.get("source"),
         overrides=tuple(str(o) for o in raw.get("overrides") or ()),
-        data=_read_optional(folder / "data.json"),
-        plan=_read_optional(folder / "plan.json"),
+        data=records["data.json"],
+        plan=records["plan.json"],
         runs=tuple(runs),
         unreadable=tuple(IgnoredRun(p.path.stem, p.reason) for p in problems),
+        corrupt=corrupt,
     )
 
 
@@ -120,6 +119,8 @@ def classify_runs(
     expected: Mapping[str, Any] = plan_runs if isinstance(plan_runs, dict) else {}
     current: list[RunResult] = []
     ignored: list[IgnoredRun] = list(bundle.unreadable)
+    if bundle.plan is None and "plan.json" in bundle.corrupt:
+        return _classify_without_plan(bundle, ignored)
     for run in bundle.runs:
         rid = run.run_id
         if bundle.plan is None:
@@ -133,6 +134,24 @@ def classify_runs(
     seen = {r.run_id for r in current}
     missing = [rid for rid in expected if rid not in seen]
     return current, ignored, missing
+
+
+def _classify_without_plan(
+    bundle: Bundle, ignored: list[IgnoredRun]
+) -> tuple[list[RunResult], list[IgnoredRun], list[str]]:
+    """A corrupt plan.json: count the runs of this very spec (its hash) on this data (data.json's
+    hash, when readable); which planned runs are missing is not known."""
+    spec_hash = spec_digest(bundle.spec)[:20]
+    data_hash = (bundle.data or {}).get("data_hash")
+    current: list[RunResult] = []
+    for run in bundle.runs:
+        if run.spec_hash != spec_hash:
+            ignored.append(IgnoredRun(run.run_id, "spec hash differs from spec.json (older spec)"))
+        elif data_hash is not None and run.data_hash != data_hash:
+            ignored.append(IgnoredRun(run.run_id, "data hash differs from data.json (other data)"))
+        else:
+            current.append(run)
+    return current, ignored, []
 
 
 def run_key(run: RunResult) -> tuple[str, str, int]:

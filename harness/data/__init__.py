@@ -81,12 +81,15 @@ def official_test_part(data_spec: Any) -> str:
     return "valid" if _mura_layout(data_spec) else "test"
 
 
-def load_table(data_spec: Any, cache_dir: Path | str) -> tuple[pd.DataFrame, Path]:
-    """The image table (sorted by path) and the folder its paths are relative to."""
+def load_table(
+    data_spec: Any, cache_dir: Path | str, progress: bool = False
+) -> tuple[pd.DataFrame, Path]:
+    """The image table (sorted by path) and the folder its paths are relative to
+    (`progress`: show the generation of a synthetic tree)."""
     follow = getattr(data_spec, "follow_symlinks", False)
     if data_spec.dataset == "synthetic":
         root: Path | str | None = ensure_synthetic(
-            data_spec.synthetic, data_spec.body_parts, cache_dir
+            data_spec.synthetic, data_spec.body_parts, cache_dir, progress=progress
         )
     elif data_spec.dataset in ("mura-v1.1", "folder", "csv"):
         root = data_spec.root
@@ -173,7 +176,7 @@ def prepare_data(
     With build=False an existing cache is opened and None is returned when there is none
     (`run --dry-run` asks which runs are done without decoding anything).
     """
-    table, base = load_table(data_spec, cache_dir)
+    table, base = load_table(data_spec, cache_dir, progress=progress and build)
     if build:
         cache = build_cache(
             table, base, data_spec.image_size, data_spec.resize, cache_dir,

@@ -24,11 +24,13 @@ lanczos), no reducing_gap; Pillow filters widen their support when shrinking (an
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -40,9 +42,9 @@ import numpy as np
 import pandas as pd
 import PIL
 from PIL import Image
-from tqdm import tqdm
 
 from harness.errors import UserError
+from harness.progress import Progress
 from harness.vocab import ON_BAD_IMAGE
 
 CACHE_FORMAT_VERSION = 2
@@ -83,6 +85,41 @@ def default_cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "repro-harness"
     return Path.home() / ".cache" / "repro-harness"
+
+
+def remove_stale_temp(parent: Path) -> list[Path]:
+    """Remove the `.tmp-<key>-<pid>-<nonce>` folders of builds whose process is gone (killed
+    with -9 mid-build); a live process's build is left alone. Returns what was removed."""
+    removed = []
+    for tmp in parent.glob(".tmp-*-*-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 2)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _alive(pid):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in a pool's worker
+    """Linux: a decoding/generating worker gets SIGKILL when the harness dies (kill -9) instead
+    of writing on into a temp folder the next build removes."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def ensure_writable(folder: Path) -> None:
@@ -316,6 +353,7 @@ def _build(
     labels_by_path = dict(zip(table["path"], table["label"].astype(int), strict=True))
     paths = sorted(labels_by_path)
     n = len(paths)
+    remove_stale_temp(final.parent)
     tmp = final.parent / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     nbytes = n * image_size * image_size
     try:
@@ -400,13 +438,14 @@ def _decode_all(
     n_workers = max(1, workers or os.cpu_count() or 1)
     results: list[tuple[int, int, int, str | None]] = []
     starts = range(0, n, _CHUNK)
-    with tqdm(total=n, desc="caching images", unit="img", disable=not progress) as bar:
+    bar = Progress("caching images", n, "img", enabled=progress)
+    try:
         if n_workers == 1 or n <= _CHUNK:
             for s in starts:
                 results += _decode_chunk(str(npy), s, files[s : s + _CHUNK], image_size, resize)
                 bar.update(min(_CHUNK, n - s))
         else:
-            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+            with ProcessPoolExecutor(max_workers=n_workers, initializer=die_with_parent) as pool:
                 futures = {
                     pool.submit(_decode_chunk, str(npy), s, files[s : s + _CHUNK], image_size,
                                 resize): s
@@ -421,5 +460,7 @@ def _decode_all(
                     # Ctrl-C: drop the queued chunks instead of decoding all of them first
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
+    finally:
+        bar.close()
     results.sort()
     return results

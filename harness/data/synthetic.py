@@ -37,6 +37,7 @@ from PIL import Image
 
 from harness.data.mura import DATASET_DIR, image_csv_name, study_csv_name
 from harness.errors import UserError
+from harness.progress import Progress
 from harness.vocab import BODY_PARTS
 
 # Bump when the images or the tree change for the same parameters (invalidates cached trees).
@@ -350,8 +351,10 @@ def make_mura_tree(
     valid_fraction: float = 0.15,
     difficulty: float = 0.5,
     workers: int | None = None,
+    progress: bool = False,
 ) -> Path:
-    """Write out_dir/MURA-v1.1/ (images + the four CSVs) and return out_dir."""
+    """Write out_dir/MURA-v1.1/ (images + the four CSVs) and return out_dir; `progress` shows
+    the images written (harness.progress)."""
     parts = tuple(p.upper().removeprefix("XR_") for p in body_parts)
     unknown = [p for p in parts if p not in BODY_PARTS]
     if unknown or not parts:
@@ -377,7 +380,7 @@ def make_mura_tree(
     tmp = final_out / f".{DATASET_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _write_tree(tmp, patients, seed, parts, min_size, max_size, label_noise,
-                    valid_fraction, difficulty, workers)
+                    valid_fraction, difficulty, workers, progress)
         os.rename(tmp / DATASET_DIR, target)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -416,6 +419,7 @@ def _writable_target(out: Path) -> Path:
 def _write_tree(
     out: Path, patients: int, seed: int, parts: tuple[str, ...], min_size: int, max_size: int,
     label_noise: float, valid_fraction: float, difficulty: float, workers: int | None,
+    progress: bool = False,
 ) -> None:
     studies = _plan_studies(patients, seed, parts, label_noise, valid_fraction)
     jobs: list[_ImageJob] = []
@@ -442,17 +446,24 @@ def _write_tree(
             )
 
     n_workers = workers or os.cpu_count() or 1
-    if n_workers <= 1 or len(jobs) < 32:
-        _write_chunk(jobs, str(out))
-    else:
-        chunk = max(8, len(jobs) // (n_workers * 8))
-        with ProcessPoolExecutor(max_workers=n_workers) as pool:
-            futures = [
-                pool.submit(_write_chunk, jobs[i : i + chunk], str(out))
-                for i in range(0, len(jobs), chunk)
-            ]
-            for f in futures:
-                f.result()
+    bar = Progress("generating images", len(jobs), "img", enabled=progress)
+    try:
+        if n_workers <= 1 or len(jobs) < 32:
+            for i in range(0, len(jobs), 8):
+                bar.update(_write_chunk(jobs[i : i + 8], str(out)))
+        else:
+            chunk = max(8, len(jobs) // (n_workers * 8))
+            from harness.data.cache import die_with_parent
+
+            with ProcessPoolExecutor(max_workers=n_workers, initializer=die_with_parent) as pool:
+                futures = [
+                    pool.submit(_write_chunk, jobs[i : i + chunk], str(out))
+                    for i in range(0, len(jobs), chunk)
+                ]
+                for f in futures:
+                    bar.update(f.result())
+    finally:
+        bar.close()
 
 
 # Kermany et al.'s file names (person<N>_<bacteria|virus>_<k>.jpeg, IM-<NNNN>-<kkkk>.jpeg), whose
@@ -605,10 +616,10 @@ def synthetic_params(synthetic_spec: Any, body_parts: Sequence[str]) -> dict[str
 
 def ensure_synthetic(
     synthetic_spec: Any, body_parts: Sequence[str], cache_dir: Path | str,
-    workers: int | None = None,
+    workers: int | None = None, progress: bool = False,
 ) -> Path:
     """Generate (once) the tree for these parameters under cache_dir/synthetic/; return its root."""
-    from harness.data.cache import ensure_writable, raise_if_no_space
+    from harness.data.cache import ensure_writable, raise_if_no_space, remove_stale_temp
 
     params = synthetic_params(synthetic_spec, body_parts)
     blob = json.dumps({"params": params, "generator": GENERATOR_VERSION}, sort_keys=True)
@@ -618,13 +629,14 @@ def ensure_synthetic(
     final = parent / key
     if (final / COMPLETE_MARKER).is_file():
         return final
+    remove_stale_temp(parent)
     tmp = parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         if params.get("layout") == "folder":
             make_folder_tree(tmp, workers=workers,
                              **{k: v for k, v in params.items() if k != "layout"})
         else:
-            make_mura_tree(tmp, workers=workers, **params)
+            make_mura_tree(tmp, workers=workers, progress=progress, **params)
         (tmp / "params.json").write_text(blob + "\n", encoding="utf-8")
         (tmp / COMPLETE_MARKER).write_text("", encoding="utf-8")
         if (final / COMPLETE_MARKER).is_file():

@@ -21,7 +21,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from harness.errors import UserError
-from harness.spec.messages import error_field, from_override, validation_message
+from harness.spec.messages import (
+    MAX_ERRORS,
+    error_field,
+    from_override,
+    validation_errors,
+    validation_message,
+)
 from harness.spec.resolve import (
     MERGE_KEYS,
     apply_override,
@@ -195,16 +201,24 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as e:
-        message = validation_message(e, raw, source)
-        err = dict(e.errors(include_url=False)[0])
-        culprit = from_override(err, raw, set_paths)
-        if culprit is not None:
-            message += f" (from --set {culprit})"
-        elif len(files) > 1:  # name the parent that wrote the field, not the child
-            written_by = origin(files, raw, error_field(err, raw))
-            if written_by is not None and written_by != source:
-                message = f"{written_by}{message.removeprefix(source)} (extended by {source})"
-        raise UserError(message) from None
+        lines: list[str] = []
+        errors = validation_errors(e)
+        for err in errors:
+            message = validation_message(err, raw, source)
+            culprit = from_override(err, raw, set_paths)
+            if culprit is not None:
+                message += f" (from --set {culprit})"
+            elif len(files) > 1:  # name the parent that wrote the field, not the child
+                written_by = origin(files, raw, error_field(err, raw))
+                if written_by is not None and written_by != source:
+                    message = f"{written_by}{message.removeprefix(source)} (extended by {source})"
+            if message not in lines:
+                lines.append(message)
+        shown = lines[:MAX_ERRORS]
+        if len(lines) > MAX_ERRORS:
+            shown.append(f"{source}: {len(lines) - MAX_ERRORS} more errors not shown; fix these "
+                         "first")
+        raise UserError("\n".join(shown)) from None
     _check_assumption_fields(spec, raw, source)
     spec._source = source
     return spec

@@ -107,9 +107,18 @@ def error_field(err: dict[str, Any], raw: dict[str, Any]) -> str:
     return where
 
 
-def validation_message(e: ValidationError, raw: dict[str, Any], source: str) -> str:
-    err = dict(e.errors(include_url=False)[0])
+MAX_ERRORS = 10  # reported at once; a spec with more is probably not this kind of file at all
+
+
+def validation_message(err: dict[str, Any], raw: dict[str, Any], source: str) -> str:
+    """One error's line: `source: path: what is wrong`."""
     return f"{source}: {_error_path(err, raw)}: {_describe(err)}"
+
+
+def validation_errors(e: ValidationError) -> list[dict[str, Any]]:
+    """The errors of one validation, in the order pydantic found them (all of them: the user
+    fixes every one in one edit, not one per attempt)."""
+    return [dict(err) for err in e.errors(include_url=False)]
 
 
 def _within(path: str, ancestor: str) -> bool:

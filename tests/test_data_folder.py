@@ -27,7 +27,7 @@ from harness.data import (
 from harness.data.cache import _decoders, load_image
 from harness.errors import UserError
 from harness.spec import DataSpec
-from harness.spec.messages import validation_message
+from harness.spec.messages import validation_errors, validation_message
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
@@ -69,7 +69,8 @@ def _message(**data: Any) -> str:
     raw = {"data": {"dataset": "folder", "classes": CLASSES, **data}}
     with pytest.raises(ValidationError) as err:
         _Wrap.model_validate(raw)
-    return validation_message(err.value, raw, "s.yaml")
+    first = validation_errors(err.value)[0]
+    return validation_message(first, raw, "s.yaml")
 
 
 # ---------------------------------------------------------------------------------------------

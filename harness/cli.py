@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="then rerun one seed per model x backend in a fresh process and grade it "
         "(bit-identical / max abs difference / nondeterministic); writes determinism.json",
     )
+    p.add_argument(
+        "--track",
+        choices=["mlflow"],
+        default=None,
+        help="log every run to MLflow as it trains (MLFLOW_TRACKING_URI, default "
+        "sqlite:///<results>/mlflow.db); needs the [mlflow] extra",
+    )
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser(
@@ -227,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             verbose=args.verbose,
             check_determinism=args.check_determinism,
+            track=args.track,
         )
     )
 

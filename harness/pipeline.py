@@ -47,6 +47,7 @@ class RunRequest:
     quiet: bool = False
     verbose: bool = False
     check_determinism: bool = False
+    track: str | None = None  # --track mlflow (harness/tracking.py)
 
 
 def job_data(data: PreparedData) -> JobData:
@@ -76,6 +77,7 @@ def run(request: RunRequest) -> int:
         write_plan,
     )
     from harness.runner import check_determinism, run_all
+    from harness.tracking import check_tracker, open_tracker
 
     # SIGTERM before the runner takes over (data generation, cache build) must clean up too
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -86,6 +88,7 @@ def run(request: RunRequest) -> int:
     results_dir = request.where.results_dir(spec)
     check_results_dir(results_dir, "--out" if request.where.out is not None else "results folder")
     cache_dir = request.where.cache()
+    check_tracker(request.track)
     if request.dry_run:
         print(data_section(spec, cache_dir))
         print(plan_table(plan.with_data(data_hash_if_cached(spec, cache_dir)), results_dir))
@@ -111,6 +114,7 @@ def run(request: RunRequest) -> int:
         )
         write_json_atomic(results_dir / "data.json", data_record(data, spec.data))
         write_plan(results_dir, data.data_hash, plan.run_hashes)
+        tracker = open_tracker(request.track, plan, results_dir, request.spec)
         interrupted = False
         try:
             outcomes = run_all(
@@ -121,6 +125,7 @@ def run(request: RunRequest) -> int:
                 fresh=request.fresh,
                 quiet=request.quiet,
                 verbose=request.verbose,
+                observer=tracker,
             )
             if request.check_determinism:
                 grades = check_determinism(plan, job_data(data), results_dir, cache_dir,
@@ -133,6 +138,11 @@ def run(request: RunRequest) -> int:
             outcomes = []
         report, bad_results = _write_report(results_dir, outcomes)
         print(f"\nreport: {report}")
+        if tracker is not None:
+            failed_any = any(o.status == "failed" for o in outcomes)
+            tracker.close(report, "KILLED" if interrupted else "FAILED" if failed_any
+                          else "FINISHED")
+            print(f"tracked: {tracker.uri} (mlflow ui --backend-store-uri {tracker.uri})")
         if interrupted:
             print(
                 "interrupted: finished runs are kept; run the same command again to resume",

@@ -42,6 +42,7 @@ from harness.results import (
     write_run,
 )
 from harness.spec import Spec
+from harness.tracking import RunObserver
 
 STDERR_TAIL_LINES = 25
 TERM_GRACE_S = 10.0
@@ -65,6 +66,7 @@ class Reporter:
     done: int = 0
     durations: list[float] = field(default_factory=list)
     write: Callable[[str], None] = lambda s: print(s, flush=True)
+    observer: RunObserver | None = None  # --track: told the same progress
 
     def _eta(self) -> str:
         left = self.total - self.done
@@ -73,6 +75,8 @@ class Reporter:
         return f", about {_fmt_s(left * sum(self.durations) / len(self.durations))} left"
 
     def start(self, key: RunKey) -> None:
+        if self.observer is not None:
+            self.observer.run_started(key)
         if not self.quiet:
             self.write(
                 f"[{self.done + 1}/{self.total}] {key.model} / {key.backend} / "
@@ -80,6 +84,8 @@ class Reporter:
             )
 
     def event(self, key: RunKey, ev: BuiltEvent | EpochEvent) -> None:
+        if self.observer is not None and isinstance(ev, EpochEvent):
+            self.observer.epoch(key, ev)
         if self.quiet:
             return
         if isinstance(ev, BuiltEvent):
@@ -118,6 +124,8 @@ class Reporter:
         )
 
     def finish(self, outcome: RunOutcome) -> None:
+        if self.observer is not None:
+            self.observer.run_finished(outcome.key, outcome.status)
         self.done += 1
         if outcome.status in ("ok", "failed"):
             self.durations.append(outcome.seconds)
@@ -433,9 +441,10 @@ def run_all(
     fresh: bool = False,
     quiet: bool = False,
     verbose: bool = False,
+    observer: RunObserver | None = None,
 ) -> list[RunOutcome]:
-    """Run every selected run of the plan not already done; Ctrl-C/SIGTERM raises
-    KeyboardInterrupt after cleanup."""
+    """Run every selected run of the plan not already done, telling `observer` (--track) the
+    progress; Ctrl-C/SIGTERM raises KeyboardInterrupt after cleanup."""
     if plan.data_hash is None:
         raise ValueError("run_all needs a plan with its data (Plan.with_data)")
     status = run_status(plan, results_dir)
@@ -446,7 +455,7 @@ def run_all(
             outcomes.append(RunOutcome(key, "skipped", 0.0, "already done"))
         else:
             todo.append(key)
-    reporter = Reporter(quiet=quiet, verbose=verbose, total=len(todo))
+    reporter = Reporter(quiet=quiet, verbose=verbose, total=len(todo), observer=observer)
     if outcomes and not quiet:
         print(
             f"{len(outcomes)} run(s) already done (same spec, data and code): skipped; "

@@ -139,7 +139,7 @@ class MlflowTracker:
         where = "MLFLOW_TRACKING_URI" if env_uri else "the default store"
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
-            self.experiment_id = self._experiment(plan.spec.name, local=env_uri is None)
+            self.experiment_id = self._experiment(plan.spec.name, local=_is_local(self.uri))
             self.parent_id = self._parent(source)
             self._children = self._find_children()
         except Exception as e:  # noqa: BLE001 - any store failure is the user's URI or server
@@ -158,7 +158,8 @@ class MlflowTracker:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             return str(exp.experiment_id)
-        # sqlite alone would put artifacts in ./mlruns of whatever folder the harness ran from
+        # a local store would put artifacts in ./mlruns of whatever folder the harness ran from;
+        # a server keeps its own artifact root
         location = (self.results_dir / "mlartifacts").as_uri() if local else None
         return str(self.client.create_experiment(name, artifact_location=location))
 
@@ -346,6 +347,12 @@ class MlflowTracker:
         if tracked is not None and tracked.data.tags.get(f"{TAG}attempt") == run.attempt:
             return
         self._complete(self._create(key), run)
+
+
+def _is_local(uri: str) -> bool:
+    """A store on this machine (sqlite, a file store or a plain path), not a server."""
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri else ""
+    return scheme in ("", "file") or scheme.startswith("sqlite")
 
 
 def _quote(text: str) -> str:

@@ -173,6 +173,8 @@ def test_epochs_are_logged_per_step_and_a_failed_run_is_replaced_by_its_retry(ti
                 backend="faulty", faults="0:raise", uri=uri)
     assert r.returncode == 1, r.stderr
     assert not (tiny["out"] / "mlflow.db").exists()  # MLFLOW_TRACKING_URI wins
+    # a local store keeps the artifacts in the results folder, never in the working folder
+    assert (tiny["out"] / "mlartifacts").is_dir() and not (ROOT / "mlruns").exists()
     parent, children = runs_of(c)
     assert parent.info.status == "FAILED"
     failed, ok = children

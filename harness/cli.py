@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(bit-identical / max abs difference / nondeterministic); writes determinism.json",
     )
     _executor_options(p)
+    p.add_argument(
+        "--track",
+        choices=["mlflow"],
+        default=None,
+        help="log every run to MLflow as it trains (MLFLOW_TRACKING_URI, default "
+        "sqlite:///<results>/mlflow.db); needs the [mlflow] extra",
+    )
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser(
@@ -282,6 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             verbose=args.verbose,
             check_determinism=args.check_determinism,
             executor=_executor(args),
+            track=args.track,
         )
     )
 

@@ -51,6 +51,7 @@ class RunRequest:
     verbose: bool = False
     check_determinism: bool = False
     executor: ExecutorOptions = ExecutorOptions()
+    track: str | None = None  # --track mlflow (harness/tracking.py)
 
 
 def job_data(data: PreparedData) -> JobData:
@@ -81,6 +82,7 @@ def run(request: RunRequest) -> int:
         write_plan,
     )
     from harness.runner import check_determinism, run_all
+    from harness.tracking import check_tracker, open_tracker
 
     # SIGTERM before the runner takes over (data generation, cache build) must clean up too
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -93,6 +95,7 @@ def run(request: RunRequest) -> int:
     cache_dir = request.where.cache()
     # before any work: a missing extra or a missing Slurm is exit 2 with nothing computed
     executor = make_executor(request.executor, spec.runtime.device, results_dir)
+    check_tracker(request.track)
     if request.dry_run:
         print(data_section(spec, cache_dir))
         print(plan_table(plan.with_data(data_hash_if_cached(spec, cache_dir)), results_dir))
@@ -122,6 +125,7 @@ def run(request: RunRequest) -> int:
         )
         write_json_atomic(results_dir / "data.json", data_record(data, spec.data))
         write_plan(results_dir, data.data_hash, plan.run_hashes)
+        tracker = open_tracker(request.track, plan, results_dir, request.spec)
         interrupted = False
         try:
             outcomes = run_all(
@@ -133,6 +137,7 @@ def run(request: RunRequest) -> int:
                 quiet=request.quiet,
                 verbose=request.verbose,
                 executor=executor,
+                observer=tracker,
             )
             submitted = [o for o in outcomes if o.status == "submitted"]
             if submitted:  # --detach: the jobs write their results; a later run collects
@@ -151,6 +156,11 @@ def run(request: RunRequest) -> int:
             outcomes = []
         report, bad_results = _write_report(results_dir, outcomes)
         print(f"\nreport: {report}")
+        if tracker is not None:
+            failed_any = any(o.status == "failed" for o in outcomes)
+            tracker.close(report, "KILLED" if interrupted else "FAILED" if failed_any
+                          else "FINISHED")
+            print(f"tracked: {tracker.uri} (mlflow ui --backend-store-uri {tracker.uri})")
         if interrupted:
             print(
                 "interrupted: finished runs are kept; run the same command again to resume",

@@ -196,6 +196,8 @@ def _and(items: Sequence[str]) -> str:
 
 def _claim_phrase(r: ClaimRow) -> str:
     printed = r.printed_text or fmt_value(r.metric, r.printed)
+    if r.level != "image":
+        printed += f", {r.level} level"
     ran = [c for c in r.cells if c.mean is not None]
     if not ran:
         return f"{r.metric} (paper {printed}): no finished run"
@@ -300,8 +302,8 @@ def _paper_cell(row: ClaimRow) -> str:
         text = row.printed_text or fmt_value(row.metric, row.printed)
         if row.wilson is not None:
             lo, hi = row.wilson
-            return f"{text} (Wilson {100 * lo:.2f}-{100 * hi:.2f})"
-        return text
+            text += f" (Wilson {100 * lo:.2f}-{100 * hi:.2f})"
+        return text if row.level == "image" else f"{text}, {row.level} level"
     return "not printed" if row.status == "not printed" else "—"
 
 
@@ -332,7 +334,10 @@ def _headline(a: Analysis) -> str:
     if not a.runs:
         out += ["No run has finished yet: the table shows the paper's values only.", ""]
     out.append(
-        "Our value is the mean over seeds at image level (the paper's level). The interval beside "
+        ("Our value is the mean over seeds at image level (the paper's level). "
+         if all(r.level == "image" for r in a.headline) else
+         "Our value is the mean over seeds at the level of the paper's value (image unless marked "
+         "study level). ") + "The interval beside "
         f"it is the {conf} prediction interval of the verdict rule: where one run of our recipe "
         "would score on a test set of the paper's size (for metrics the paper does not print, "
         "its own test-set size is taken as ours). The paper's column shows the printed value "
@@ -852,7 +857,7 @@ def render_metrics_csv(analysis: Analysis) -> str:
             if pi is None:
                 continue
             w.writerow([f"{row.model}__{c.backend}__prediction", row.model, c.backend,
-                         "prediction", "image", row.metric, _num(pi.mean), _num(pi.low),
+                         "prediction", row.level, row.metric, _num(pi.mean), _num(pi.low),
                          _num(pi.high),
                          analysis.spec.evaluation.bootstrap.unit,
                          f"prediction interval (verdict: {c.verdict.label})"])

@@ -61,6 +61,7 @@ from harness.results import (
     write_run,
 )
 from harness.spec import Spec
+from harness.tracking import RunObserver
 
 STDERR_TAIL_LINES = 25
 
@@ -87,6 +88,7 @@ class Reporter:
     running: dict[str, str] = field(default_factory=dict)  # run id -> where it stands
     tty: bool | None = None  # progress bars (a terminal) or a line every 30 s (logs); None: ask
     bar: Progress | None = None  # the running epoch's batches (one worker at a time only)
+    observer: RunObserver | None = None  # --track: told the same progress
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _line(self, key: RunKey, text: str) -> None:
@@ -107,6 +109,8 @@ class Reporter:
         return f", about {_fmt_s(left * mean / slots)} left"
 
     def start(self, key: RunKey) -> None:
+        if self.observer is not None:
+            self.observer.run_started(key)
         with self._lock:
             self.running[key.id] = "started"
             if not self.quiet:
@@ -116,6 +120,8 @@ class Reporter:
                 )
 
     def event(self, key: RunKey, ev: BuiltEvent | EpochEvent | StepEvent) -> None:
+        if self.observer is not None and isinstance(ev, EpochEvent):
+            self.observer.epoch(key, ev)
         with self._lock:
             if key.id in self.running:
                 self.running[key.id] = (
@@ -178,6 +184,8 @@ class Reporter:
 
     def finish(self, outcome: RunOutcome) -> None:
         self.close_bar()
+        if self.observer is not None:
+            self.observer.run_finished(outcome.key, outcome.status)
         with self._lock:
             self.running.pop(outcome.key.id, None)
             self.done += 1
@@ -472,9 +480,11 @@ def run_all(
     quiet: bool = False,
     verbose: bool = False,
     executor: ExecutorOptions | LocalExecutor | RayExecutor | SlurmExecutor | None = None,
+    observer: RunObserver | None = None,
 ) -> list[RunOutcome]:
     """Run every selected run of the plan not already done, through `executor` (default: local,
-    one worker at a time); Ctrl-C/SIGTERM raises KeyboardInterrupt after cleanup."""
+    one worker at a time), telling `observer` (--track) the progress; Ctrl-C/SIGTERM raises
+    KeyboardInterrupt after cleanup."""
     if plan.data_hash is None:
         raise ValueError("run_all needs a plan with its data (Plan.with_data)")
     if executor is None or isinstance(executor, ExecutorOptions):
@@ -491,7 +501,8 @@ def run_all(
         else:
             todo.append(key)
     parallel = not isinstance(executor, LocalExecutor) or executor.jobs > 1
-    reporter = Reporter(quiet=quiet, verbose=verbose, total=len(todo), parallel=parallel)
+    reporter = Reporter(quiet=quiet, verbose=verbose, total=len(todo), parallel=parallel,
+                        observer=observer)
     if outcomes and not quiet:
         print(
             f"{len(outcomes)} run(s) already done (same spec, data and code): skipped; "

@@ -17,6 +17,7 @@ from harness.analyze import Bundle, analyze, load_bundle
 from harness.errors import UserError
 from harness.metrics import compute_metrics
 from harness.monitor import measured, not_measured
+from harness.report import render_report
 from harness.results import run_from_json
 from harness.spec import Spec, load_spec
 from harness.stats import (
@@ -437,6 +438,30 @@ def test_identical_backends_are_not_distinguishable() -> None:
     assert c.sentence == ("keras and torch are not distinguishable at the 95% level on any "
                           "metric (2 seed pairs).")
     assert all(p.mcnemar.p_value == 1.0 for p in c.pairs)
+
+
+def test_a_study_level_claim_is_compared_at_study_level() -> None:
+    # paper.claims[2] is the CNN's accuracy (75.09%); marked study level, the headline and the
+    # verdict take the seed mean of the study-level accuracy, the rest stays at image level
+    a = analyze(make_bundle(spec=paper_spec("paper.claims[2].level=study")))
+    rows = {(r.model, r.metric): r for r in a.headline}
+    acc, recall = rows[("cnn", "accuracy")], rows[("cnn", "recall")]
+    assert (acc.level, recall.level) == ("study", "image")
+    for i, backend in enumerate(("keras", "torch")):
+        g = a.group("cnn", backend)
+        study, image = g.seed_summary["study"]["accuracy"].mean, g.seed_summary["image"][
+            "accuracy"].mean
+        assert study != image
+        assert acc.cells[i].mean == study
+        assert acc.cells[i].interval == g.seed_mean["study"]["accuracy"]
+        assert acc.cells[i].diff_pp == pytest.approx((study - 0.7509) * 100)
+        assert recall.cells[i].mean == g.seed_summary["image"]["recall"].mean
+    image_acc = {(r.model, r.metric): r for r in analyze(make_bundle()).headline}[
+        ("cnn", "accuracy")]
+    assert image_acc.level == "image" and image_acc.cells[0].mean == (190 + 186) / 400
+    report = render_report(a, [])
+    assert "| accuracy | 75.09% (Wilson 73.12-76.96), study level |" in report
+    assert "at the level of the paper's value (image unless marked study level)" in report
 
 
 def test_study_level_aggregates_per_study(analysis) -> None:  # type: ignore[no-untyped-def]

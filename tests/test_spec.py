@@ -611,6 +611,17 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      "paper.claims[0].counts: k (3) must not exceed n (2)"),
     ("claim-over-1", lambda d: d["paper"]["claims"][0].update(value=75.09, counts=None),
      "paper.claims[0].value: must be less than or equal to 1; got 75.09"),
+    ("claim-negative-accuracy", lambda d: d["paper"]["claims"][0].update(value=-0.1, counts=None),
+     "paper.claims[0]: value -0.1 is negative; accuracy lies in [0, 1] (only kappa may be "
+     "negative, in [-1, 1])"),
+    ("claim-kappa-below-minus-1",
+     lambda d: d["paper"]["claims"][0].update(metric="kappa", value=-1.5, counts=None),
+     "paper.claims[0].value: must be greater than or equal to -1; got -1.5"),
+    ("claim-level-not-evaluated", lambda d: (
+        d["paper"]["claims"][2].update(level="study"),
+        d.setdefault("evaluation", {}).update(levels=["image"])),
+     "paper.claims[2].level: level 'study', but evaluation.levels is [image]; add study to "
+     "evaluation.levels or set the claim's level to one of them"),
     ("claim-unknown-model", lambda d: d["paper"]["claims"][2].update(model="resnet"),
      "paper.claims[2].model: no model named 'resnet'; models are baseline, cnn, densenet"),
     ("contradiction-unknown-model",
@@ -650,6 +661,16 @@ def test_bad_input_message(tmp_path: Path, edit: Callable[[dict[str, Any]], Any]
     err = error_of(path)
     assert err.message == f"{path}: {expected}"
     assert "\n" not in err.message
+
+
+def test_claims_take_a_level_and_kappa_may_be_negative(tmp_path: Path) -> None:
+    path = edited(tmp_path, lambda d: d["paper"]["claims"][2].update(
+        metric="kappa", value=-0.25, counts=None, level="study"))
+    spec = load_spec(path)
+    claim = spec.paper.claims[2]
+    assert (claim.metric, claim.value, claim.level) == ("kappa", -0.25, "study")
+    assert [c.level for c in spec.paper.claims] == ["image", "image", "study", "image", "image",
+                                                    "image"]
 
 
 def test_message_shows_a_relative_path_under_the_working_folder(

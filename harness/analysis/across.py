@@ -73,6 +73,7 @@ class GroupAnalysis:
     seed_values: Mapping[str, Mapping[str, tuple[float, ...]]] = field(default_factory=dict)
     seed_noise: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # w per metric
     image_se: Mapping[str, float] = field(default_factory=dict)  # mean single-run image-unit SE
+    study_se: Mapping[str, float] = field(default_factory=dict)  # the same at study level
     chance_auroc: Interval | None = None  # seed-mean AUROC interval (for the degenerate flag)
     degenerate: str | None = None  # why the model is flagged, or None
     degenerate_runs: tuple[str, ...] = ()  # "seed 0: predicts negative for all 222 images"
@@ -146,6 +147,8 @@ def analyze_group(
                     )["auroc"])
     image_se = {metric: float(np.mean([r.image_unit[metric].se for r in runs]))
                 for metric in opt.metrics}
+    study_se = {metric: float(np.mean([r.intervals["study"][metric].se for r in runs]))
+                for metric in opt.metrics} if "study" in summary else {}
     test = None
     if same_test:
         first = members[0][1]
@@ -164,6 +167,7 @@ def analyze_group(
         seed_values=values,
         seed_noise=noise,
         image_se=image_se,
+        study_se=study_se,
         chance_auroc=chance,
         degenerate=_degenerate(runs, chance, paper_above_chance),
         degenerate_runs=tuple(f"seed {r.seed}: {r.degenerate}" for r in runs if r.degenerate),
@@ -200,6 +204,7 @@ class ClaimRow:
     wilson: tuple[float, float] | None
     where: str | None
     cells: tuple[ClaimCell, ...]
+    level: str = "image"  # the claim's level: ours is taken at the same level
 
 
 def primary_claim(spec: Spec, model: str, metric: str) -> Claim | None:
@@ -227,10 +232,10 @@ def paper_above_chance(spec: Spec, model: str, confidence: float) -> bool:
 
 
 def _prediction(
-    g: GroupAnalysis, metric: str, claim: Claim | None, opt: Options
+    g: GroupAnalysis, metric: str, claim: Claim | None, opt: Options, level: str = "image"
 ) -> PredictionInterval | None:
-    iv = g.seed_mean.get("image", {}).get(metric)
-    values = g.seed_values.get("image", {}).get(metric)
+    iv = g.seed_mean.get(level, {}).get(metric)
+    values = g.seed_values.get(level, {}).get(metric)
     if iv is None or values is None:
         return None
     mean = float(np.mean(values))
@@ -239,9 +244,9 @@ def _prediction(
         n_paper = claim.counts.n
         sd_paper = binomial_sd(mean, n_paper) if math.isfinite(mean) else math.nan
     else:
-        sd_paper = g.image_se.get(metric, math.nan)
+        sd_paper = (g.study_se if level == "study" else g.image_se).get(metric, math.nan)
     return prediction_interval(values, iv.se, sd_paper,
-                               seed_noise=g.seed_noise.get("image", {}).get(metric, 0.0),
+                               seed_noise=g.seed_noise.get(level, {}).get(metric, 0.0),
                                confidence=opt.confidence, n_paper=n_paper,
                                limits=(-1.0, 1.0) if metric == "kappa" else (0.0, 1.0))
 
@@ -261,6 +266,7 @@ def headline(
                 counts = (claim.counts.k, claim.counts.n)
                 wilson = wilson_interval(claim.counts.k, claim.counts.n, opt.confidence)
             printed = claim.value if claim is not None else None
+            level = claim.level if claim is not None else "image"
             status = (
                 "printed" if claim is not None
                 else "not printed" if _not_printed(spec, m.name, metric)
@@ -269,13 +275,13 @@ def headline(
             cells = []
             for backend in m.backends:
                 g = by_key.get((m.name, backend))
-                if g is None or "image" not in g.seed_summary:
+                if g is None or level not in g.seed_summary:
                     cells.append(ClaimCell(backend, None, None, None,
                                            Verdict("no runs", "no finished run of this backend")))
                     continue
-                iv = g.seed_mean.get("image", {}).get(metric)
-                mean = g.seed_summary["image"][metric].mean
-                pi = _prediction(g, metric, claim, opt)
+                iv = g.seed_mean.get(level, {}).get(metric)
+                mean = g.seed_summary[level][metric].mean
+                pi = _prediction(g, metric, claim, opt, level)
                 if iv is None and printed is not None:
                     v = Verdict("not computable", "no interval of the seed mean")
                 else:
@@ -287,6 +293,7 @@ def headline(
                 printed_text=claim.printed if claim is not None else None,
                 counts=counts, wilson=wilson,
                 where=claim.where if claim is not None else None, cells=tuple(cells),
+                level=level,
             ))
     for claim in spec.paper.claims:
         if claim.primary and claim.metric not in opt.metrics:

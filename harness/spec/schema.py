@@ -134,11 +134,13 @@ class Counts(Strict):
 
 
 class Claim(Strict):
-    """A number the paper printed, as a fraction in [0, 1]."""
+    """A number the paper printed, as a fraction in [0, 1] ([-1, 1] for kappa), at the level
+    (image or study) it was computed at."""
 
     model: str
     metric: Metric
-    value: float = Field(ge=0, le=1)
+    value: float = Field(ge=-1, le=1)
+    level: Level = "image"  # the verdict compares it with our metric at this level
     printed: str | None = None  # the text as printed, e.g. "75.09%"
     where: str  # section / figure / table
     counts: Counts | None = None
@@ -148,6 +150,11 @@ class Claim(Strict):
 
     @model_validator(mode="after")
     def _counts_match_value(self) -> Claim:
+        if self.value < 0 and self.metric != "kappa":
+            raise ValueError(
+                f"value {self.value} is negative; {self.metric} lies in [0, 1] "
+                "(only kappa may be negative, in [-1, 1])"
+            )
         if self.counts is not None and abs(self.counts.k / self.counts.n - self.value) > 5e-5:
             raise ValueError(
                 f"counts {self.counts.k}/{self.counts.n} = {self.counts.k / self.counts.n:.6f} "
@@ -672,6 +679,15 @@ class Spec(Strict):
             for i, np_ in enumerate(self.paper.not_printed)
             for j, name in enumerate(np_.models)
         ]
+        for where, claim in claims:
+            if claim.level not in self.evaluation.levels:
+                raise PydanticCustomError(
+                    "cross_ref",
+                    "{path}: level '{got}', but evaluation.levels is [{allowed}]; add {got} to "
+                    "evaluation.levels or set the claim's level to one of them",
+                    {"path": f"{where}.level", "got": claim.level,
+                     "allowed": ", ".join(self.evaluation.levels)},
+                )
         for where, model in refs:
             if model not in names:
                 # a custom error type carries the path: an after-validator's own location is the top

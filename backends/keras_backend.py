@@ -70,6 +70,7 @@ from backends.base import (
 )
 from backends.keras_env import THREADS_ENV
 from backends.loop import last_layer
+from harness.base_layers import matches
 from harness.errors import UserError
 from harness.spec import ACTIVATIONS as SPEC_ACTIVATIONS
 from harness.spec import INITIALIZERS as SPEC_INITIALIZERS
@@ -322,6 +323,16 @@ def _base_blocks(base: keras.Model) -> list[str]:
         if (name.endswith("_concat") and ends_stage) or re.fullmatch(r"(pool|block)\d+_pool", name):
             out.append(name)
     return out
+
+
+def _freeze_before(base: keras.Model, name: str) -> None:
+    """Keras' partial fine-tuning: layers before the first one `name` matches get
+    trainable=False (harness.base_layers.matches: a layer name or a block such as conv5)."""
+    for layer in base.layers:
+        if matches(layer.name, name):
+            return
+        layer.trainable = False
+    raise UserError(f"base {base.name}: no layer or block '{name}' to train from")
 
 
 def keras_models_dir() -> Path:
@@ -803,7 +814,9 @@ class KerasBackend(Backend):
             # training=False keeps the base's BatchNorm in inference mode even in a train step
             x = base(inputs, training=False)
         else:
-            x = base(inputs)
+            if model.base.trainable_from is not None:
+                _freeze_before(base, model.base.trainable_from)
+            x = base(inputs)  # a BatchNorm with trainable=False runs in inference mode
         outputs, before, last = _stack(x, model.head)
         net = keras.Model(inputs, outputs, name=model.name)
         features = keras.Model(inputs, before, name=f"{model.name}_features")

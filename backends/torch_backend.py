@@ -80,11 +80,13 @@ from backends.base import (
 )
 from backends.loop import last_layer
 from backends.torch_env import PRE_IMPORT_ENV, THREADS_ENV
+from harness.base_layers import BASE_LAYERS, first_trainable
 from harness.errors import UserError
 from harness.spec import (
     SGD,
     ActivationLayer,
     Adam,
+    BaseNet,
     BatchNorm,
     Conv2D,
     Dense,
@@ -510,19 +512,24 @@ def build_base(name: str, weights: str) -> nn.Module:
 class TorchNet(nn.Module):
     """Optional pretrained base + head. A frozen base stays in eval mode under model.train()."""
 
-    def __init__(self, base: nn.Module | None, head: nn.Sequential, frozen: bool) -> None:
+    def __init__(
+        self, base: nn.Module | None, head: nn.Sequential, frozen_parts: list[nn.Module]
+    ) -> None:
         super().__init__()
         self.base = base
         self.head = head
-        self.frozen = frozen
-        if base is not None and frozen:
-            base.requires_grad_(False)
-            base.eval()
+        # the frozen base (or, with trainable_from, its modules before that layer): no gradient
+        # and eval mode under model.train(), so their BatchNorm is in inference mode as in Keras
+        self.frozen_parts = frozen_parts
+        self.frozen = base is not None and any(m is base for m in frozen_parts)
+        for m in frozen_parts:
+            m.requires_grad_(False)
+            m.eval()
 
     def train(self, mode: bool = True) -> TorchNet:
         super().train(mode)
-        if self.base is not None and self.frozen:
-            self.base.eval()
+        for m in self.frozen_parts:
+            m.eval()
         return self
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -671,6 +678,22 @@ BASE_NAMES: dict[str, Callable[[nn.Module], list[tuple[str, nn.Module]]]] = {
     "resnet50": _no_counterpart("resnet50"),
     "vgg16": _vgg_names,
 }
+
+
+def frozen_parts(base: nn.Module, spec: BaseNet) -> list[nn.Module]:
+    """The modules of `base` that stay frozen: all of it, none, or (trainable_from) those whose
+    Keras layer comes before the first one the name matches, in keras.applications' order."""
+    if spec.frozen:
+        return [base]
+    if spec.trainable_from is None:
+        return []
+    order = {layer.name: i for i, layer in enumerate(BASE_LAYERS[spec.name])}
+    start = first_trainable(spec.name, spec.trainable_from)
+    if start is None:
+        raise UserError(
+            f"base {spec.name}: no layer or block '{spec.trainable_from}' to train from"
+        )
+    return [m for name, m in _lookup(BASE_NAMES, spec.name, "base")(base) if order[name] < start]
 
 
 def _densenet_blocks(base: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -963,12 +986,13 @@ class TorchBackend(Backend):
         size, channels = model_input.image_size, model_input.channels
         rows: list[tuple[str, Shape]] = []
         if isinstance(model, SequentialModel):
-            base, frozen = None, False
+            base, frozen = None, []
             head, rows = build_layers(model.layers, (channels, size, size), "layers")
         elif isinstance(model, PretrainedModel):
             if channels != 3:
                 raise UserError(f"base {model.base.name} needs 3 input channels; got {channels}")
-            base, frozen = build_base(model.base.name, model.base.weights), model.base.frozen
+            base = build_base(model.base.name, model.base.weights)
+            frozen = frozen_parts(base, model.base)
             base_shape = self._probe(base, (channels, size, size))
             rows = [(model.base.name, keras_shape(base_shape))]
             head, head_rows = build_layers(model.head, base_shape, "head")

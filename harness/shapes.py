@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from harness.base_layers import BASE_LAYERS, block_names, first_trainable, frozen_counts
 from harness.errors import UserError
 from harness.spec import (
     ActivationLayer,
@@ -188,6 +189,25 @@ def _layers(rows: list[LayerRow], layers: tuple[Layer, ...], shape: Shape, where
     return shape
 
 
+def trainable_start(spec: Spec, model: PretrainedModel, index: int) -> int:
+    """Index in BASE_LAYERS of the first layer `base.trainable_from` unfreezes, or a UserError."""
+    name, where = model.base.name, f"{spec.source}: models[{index}].base.trainable_from"
+    if name not in BASE_LAYERS:
+        raise UserError(
+            f"{where}: {name} has no layer table in this harness; bases that take "
+            f"trainable_from: {', '.join(BASE_LAYERS)}",
+            "use frozen: true or frozen: false for this base",
+        )
+    start = first_trainable(name, model.base.trainable_from or "")
+    if start is None:
+        layers = BASE_LAYERS[name]
+        raise UserError(
+            f"{where}: {name} has no block or layer '{model.base.trainable_from}'; blocks: "
+            f"{', '.join(block_names(name))} (or a layer name such as {layers[-3].name})"
+        )
+    return start
+
+
 def infer_model(spec: Spec, model: Model, index: int | None = None) -> Inference:
     """Per-layer shapes and the model's parameter counts, the Keras way."""
     if index is None:
@@ -217,7 +237,14 @@ def infer_model(spec: Spec, model: Model, index: int | None = None) -> Inference
             )
         side = _base_spatial(model.base.name, size)
         base_counts = info.counts
-        if model.base.frozen:
+        if model.base.trainable_from is not None:
+            trainable, non_trainable = frozen_counts(
+                model.base.name, trainable_start(spec, model, index)
+            )
+            base_counts = ParamCounts(
+                total=trainable + non_trainable, trainable=trainable, non_trainable=non_trainable
+            )
+        elif model.base.frozen:
             base_counts = ParamCounts(
                 total=base_counts.total, trainable=0, non_trainable=base_counts.total
             )

@@ -953,6 +953,57 @@ def test_frozen_base_keeps_weights_and_bn_statistics(backend, tmp_path):
     assert p.shape == (12,) and np.all((p >= 0) & (p <= 1))
 
 
+@pytest.mark.parametrize(
+    ("base_yaml", "trainable"),
+    [
+        ("frozen: true", 1025),  # the head only
+        ("frozen: false", 6_953_856 + 1025),  # all but the BatchNorm statistics
+        # conv5_block16 (BN(992) + 1x1 conv 992x128 + BN(128) + 3x3 conv 128x32) + bn(1024)
+        ("frozen: false, trainable_from: conv5_block16", 1984 + 126_976 + 256 + 36_864 + 2048
+         + 1025),
+    ],
+)
+def test_trainable_counts_for_frozen_partial_and_unfrozen_bases(
+    backend, tmp_path, base_yaml, trainable
+):
+    base = "{name: densenet121, weights: none, " + base_yaml + "}"
+    spec = spec_with(tmp_path, f"""  - name: ft
+    kind: pretrained
+    base: {base}
+    head: [{{type: global_avg_pool}}, {{type: dense, units: 1, activation: sigmoid}}]
+    train: {{optimizer: {{name: adam}}, epochs: 1, batch_size: 4}}
+""", 32)
+    model = spec.model("ft")
+    handle = backend.build(model, ModelInput(32, 3, "imagenet"))
+    total = BASE_TABLE["densenet121"].counts.total + 1025
+    assert counts(backend, handle) == (total, trainable, total - trainable)
+    assert counts(backend, handle) == inferred(spec, model)
+
+
+@pytest.mark.slow
+def test_partial_fine_tuning_trains_from_the_named_layer_and_keeps_frozen_bn(backend, tmp_path):
+    spec = spec_with(tmp_path, """  - name: ft
+    kind: pretrained
+    base: {name: densenet121, weights: none, frozen: false, trainable_from: conv5_block16}
+    head: [{type: global_avg_pool}, {type: dense, units: 1, activation: sigmoid}]
+    train: {optimizer: {name: adam, learning_rate: 0.01}, epochs: 1, batch_size: 4}
+""", 32)
+    model = spec.model("ft")
+    handle = backend.build(model, ModelInput(32, 3, "imagenet"))
+    before = backend.get_weights(handle)
+    imgs, labels = smooth_images(12, 32, 32, seed=1), (np.arange(12) % 2).astype(np.float32)
+    train = TrainData(imgs, np.arange(8), labels[:8], spec.augmentation, seed=0)
+    fit(backend, handle, model, train, EvalData(imgs[8:], labels[8:]))
+    after = backend.get_weights(handle)
+    changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
+    # the trained part: its weights AND its BatchNorm statistics (training mode) move; every
+    # layer before conv5_block16 keeps weights and statistics (BatchNorm in inference mode)
+    trained = sorted(k for k in before if k.startswith(("densenet121/conv5_block16_",
+                                                        "densenet121/bn/", "dense_1/")))
+    assert len(trained) == 2 * 4 + 2 + 4 + 2  # 2 BNs and 2 kernels in the block, bn, head
+    assert changed == trained
+
+
 def test_same_seed_same_initial_weights(backend_name):
     spec = tiny_cnn_spec()
 

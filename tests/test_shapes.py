@@ -14,6 +14,7 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
+from harness.base_layers import BASE_LAYERS
 from harness.errors import UserError
 from harness.shapes import (
     BASE_TABLE,
@@ -327,3 +328,73 @@ def test_head_must_be_shaped_too() -> None:
     err = _error(spec, DENSENET)
     assert err.message.endswith("specs/paper.yaml: models[2].head[0] (dense): dense needs a flat "
                                 "input; got shape (7, 7, 1664)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial fine-tuning: base.trainable_from unfreezes a base from a Keras layer or block on
+
+
+def test_base_layer_tables_sum_to_the_base_table() -> None:
+    for name, layers in BASE_LAYERS.items():
+        trainable = sum(layer.trainable for layer in layers)
+        stats = sum(layer.non_trainable for layer in layers)
+        assert ParamCounts(total=trainable + stats, trainable=trainable,
+                           non_trainable=stats) == BASE_TABLE[name].counts, name
+
+
+@pytest.mark.parametrize(
+    ("base", "start", "trainable"),
+    [
+        # conv5 of DenseNet169 by hand: 32 layers on c_i = 640 + 32 i channels, each
+        # BN(c_i) 2 c_i + 1x1 conv c_i*128 + BN(128) 256 + 3x3 conv 9*128*32; then bn(1664) 3328:
+        # 130 * 36,352 + 32 * 37,120 + 3,328
+        ("densenet169", "conv5", 5_916_928),
+        ("densenet169", "conv5_block1_0_bn", 5_916_928),
+        ("densenet169", "bn", 3_328),
+        ("densenet169", "conv1", 12_484_480),  # everything: the first layer
+        ("vgg16", "block5", 3 * (9 * 512 * 512 + 512)),
+        ("vgg16", "block5_conv3", 9 * 512 * 512 + 512),
+    ],
+)
+def test_trainable_from_counts(base: str, start: str, trainable: int) -> None:
+    spec = load_spec(PAPER, [f"models.densenet.base.name={base}",
+                             "models.densenet.base.frozen=false",
+                             f"models.densenet.base.trainable_from={start}"])
+    inf = infer_model(spec, spec.models[DENSENET], DENSENET)
+    total = BASE_TABLE[base].counts.total
+    assert inf.rows[0].params == ParamCounts(
+        total=total, trainable=trainable, non_trainable=total - trainable)
+    head = BASE_TABLE[base].channels + 1
+    assert inf.counts == ParamCounts(
+        total=total + head, trainable=trainable + head, non_trainable=total - trainable)
+
+
+def test_trainable_from_unknown_name_lists_the_blocks() -> None:
+    spec = load_spec(PAPER, ["models.densenet.base.frozen=false",
+                             "models.densenet.base.trainable_from=conv6"])
+    with pytest.raises(UserError) as info:
+        infer_model(spec, spec.models[DENSENET], DENSENET)
+    assert str(info.value).splitlines()[0] == (
+        f"{spec.source}: models[{DENSENET}].base.trainable_from: densenet169 has no block or "
+        "layer 'conv6'; blocks: conv1, pool1, conv2, pool2, conv3, pool3, conv4, pool4, conv5, "
+        "bn, relu (or a layer name such as conv5_block32_concat)"
+    )
+
+
+def test_trainable_from_on_a_base_without_layer_table() -> None:
+    spec = load_spec(PAPER, ["models.densenet.base.name=resnet50",
+                             "models.densenet.base.frozen=false",
+                             "models.densenet.base.trainable_from=conv5"])
+    with pytest.raises(UserError) as info:
+        infer_model(spec, spec.models[DENSENET], DENSENET)
+    assert "resnet50 has no layer table in this harness; bases that take trainable_from: " \
+        "densenet121, densenet169, densenet201, vgg16" in str(info.value)
+
+
+def test_trainable_from_needs_frozen_false() -> None:
+    with pytest.raises(UserError) as info:
+        load_spec(PAPER, ["models.densenet.base.trainable_from=conv5"])
+    assert str(info.value).splitlines()[0] == (
+        "specs/paper.yaml: models[2].base: trainable_from: conv5 trains part of the base, but "
+        "frozen is true; set frozen: false (the base then trains from conv5 on) "
+        "(from --set models.densenet.base.trainable_from=conv5)")

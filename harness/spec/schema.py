@@ -565,6 +565,18 @@ class BaseNet(Strict):
     name: BaseName
     weights: str = "imagenet"  # imagenet | none | a local file path
     frozen: bool = True  # frozen = weights fixed AND BatchNorm in inference mode
+    # with frozen: false, train from this Keras layer or block (e.g. conv5) on; the layers
+    # before stay frozen (weights fixed, BatchNorm in inference mode)
+    trainable_from: str | None = None
+
+    @model_validator(mode="after")
+    def _partial(self) -> BaseNet:
+        if self.trainable_from is not None and self.frozen:
+            raise ValueError(
+                f"trainable_from: {self.trainable_from} trains part of the base, but frozen is "
+                f"true; set frozen: false (the base then trains from {self.trainable_from} on)"
+            )
+        return self
 
     @field_validator("weights")
     @classmethod

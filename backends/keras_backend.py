@@ -34,12 +34,16 @@ indices like the numpy oracle's. See `projective_matrices`. Other Keras backends
 keras.ops.image.affine_transform, which takes the same 8 parameters with the same conventions
 (bilinear, each out-of-image neighbour read as 0); on torch it is within 2e-3 of the oracle.
 
-Determinism on CPU (REFERENCE.md: op determinism alone is not bit-identical across processes with
-oneDNN on 2 threads): `seed(..., deterministic=True)` also runs TensorFlow on one intra-op and one
-inter-op thread, set through tf.config before the first op. Chosen over TF_ENABLE_ONEDNN_OPTS=0
-because it is cheaper (REFERENCE.md: 1.6x vs 2.5x on the CNN) and needs nothing before import.
-Measured with tests/benchmarks/test_bench_keras.py (paper CNN, batch 32, 224 px, 2 cores): about
-64 -> 33 images/s, i.e. 1.95x. On GPU: op determinism plus TF32 off; threads are left alone.
+Determinism on CPU: `seed(..., deterministic=True)` enables op determinism and fixes TensorFlow's
+intra- and inter-op pools at `CPU_THREADS` (the cores this process may use), through tf.config
+before the first op; the counts are recorded in every result (`environment()`). It used to pin
+one thread (REFERENCE.md: op determinism alone was not bit-identical with oneDNN on 2 threads),
+which cost 1.95x (64 -> 33 images/s). Measured again with tests/tools/measure_determinism.py
+(specs/demo.yaml, CNN 2 epochs and frozen DenseNet169 1 epoch at 64 px, 2 cores, op determinism,
+2 intra + 2 inter-op threads): 10 fresh processes per model, test probabilities bit-identical
+20 of 20 times (`run --check-determinism` grading). The cost left is in
+tests/benchmarks/test_bench_determinism.py. On GPU: op determinism plus TF32 off; threads are
+left alone.
 """
 
 from __future__ import annotations

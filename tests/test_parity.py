@@ -222,3 +222,19 @@ def test_gradients_match_the_keras_float64_reference(name, key):
     g32 = backend.train_step(handle, batch, gradients=True)().gradients
     worst32 = max((rel(g32, n), n) for n in expected)
     assert worst32[0] <= GRAD_TOL, worst32
+
+
+@pytest.mark.skipif("keras" not in BACKENDS, reason="TensorFlow's thread pools (tox -e tf)")
+def test_deterministic_tensorflow_keeps_the_cores_thread_pools_and_records_them():
+    """Deterministic CPU mode fixes both pools at the usable cores (not one thread: 20 of 20
+    fresh-process reruns were bit-identical with 2), and environment() records the counts."""
+    code = ("import json; from backends.registry import create; b = create('keras', 'cpu'); "
+            "b.seed(0, True); from backends.keras_backend import CPU_THREADS; "
+            "d = b.environment()['determinism']; print(json.dumps([CPU_THREADS, "
+            "d['intra_op_threads'], d['inter_op_threads'], d['op_determinism'], 'note' in d]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    cores, intra, inter, op_determinism, note = json.loads(r.stdout.strip().splitlines()[-1])
+    assert cores == len(os.sched_getaffinity(0))
+    assert (intra, inter, op_determinism, note) == (cores, cores, True, False)

@@ -119,6 +119,14 @@ class ParityResult:
         default_factory=lambda: {"forward": FORWARD_TOL, "layer": LAYER_TOL, "gradient": GRAD_TOL,
                                  "gradient_float64": GRAD64_TOL}
     )
+    method: str = (
+        "forward: float32 inference on cached test images, output probabilities within "
+        "tolerances.forward absolute; gradients: one step on seeded noise images, every "
+        "variable's gradient computed in float64 in both backends (Backend.gradients) within "
+        "tolerances.gradient_float64 relative and the float32 training step's within "
+        "tolerances.gradient relative; err32 = each backend's float32 gradient against its own "
+        "float64 one (the larger)"
+    )
     pairs: tuple[PairParity, ...] = ()
 
     def to_json(self) -> dict[str, Any]:

@@ -165,7 +165,10 @@ def test_cli_self_parity_is_exact_and_writes_parity_json(tiny):
         "cnn", name, name, "pass")
     assert pair["output_max_abs"] == 0.0
     assert all(lay["max_abs"] == 0.0 for lay in pair["layers"])
-    assert all(g["rel"] == 0.0 for g in pair["gradients"])
+    assert all(g["rel"] == 0.0 and g["rel64"] == 0.0 for g in pair["gradients"])
+    assert len(pair["gradients"]) == 20  # every trainable variable of the CNN
+    assert result["tolerances"]["gradient_float64"] == GRAD64_TOL
+    assert "float64 in both backends" in result["method"]
     assert [s["weights_max_abs"] for s in pair["steps"]] == [0.0, 0.0]
     assert result["steps"] == 2 and result["tolerances"]["forward"] == FORWARD_TOL
     assert render_parity(result) in r.stdout

@@ -19,6 +19,7 @@ vocabulary to framework classes, one dict per category, exposed as `TABLES`):
     build(model, model_input)          the spec's model and, if it trains, its optimizer
     count_params(handle)               ParamCounts, the Keras way (BN statistics non-trainable)
     train_step(handle, batch)          one optimizer step; returns a thunk -> StepResult
+    gradients(handle, batch, dtype)    the loss's gradients in float64 on a copy, no update (parity)
     activations(handle, images)        every layer's inference output (parity)
     predict(handle, images, logits=)   inference mode, float64 (N,): probabilities or logits
     get_learning_rate / set_learning_rate(handle, lr)
@@ -239,6 +240,13 @@ class Backend(ABC):
     ) -> Callable[[], StepResult]:
         """One optimizer step on `batch` with the spec's loss; returns a thunk that waits for
         the step and gives its StepResult (with the gradients when `gradients`)."""
+        raise NotImplementedError(f"backend '{self.name}' does not train models")
+
+    def gradients(self, handle: Any, batch: Batch, dtype: str = "float64"
+                  ) -> dict[str, np.ndarray]:
+        """The training-mode loss's gradient per trainable variable (neutral names) at the
+        current weights, computed in `dtype` on a copy of the model: no update, the handle
+        untouched; no augmentation. Weight-port parity's exact reference (harness/parity.py)."""
         raise NotImplementedError(f"backend '{self.name}' does not train models")
 
     def activations(self, handle: Any, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -34,12 +34,16 @@ indices like the numpy oracle's. See `projective_matrices`. Other Keras backends
 keras.ops.image.affine_transform, which takes the same 8 parameters with the same conventions
 (bilinear, each out-of-image neighbour read as 0); on torch it is within 2e-3 of the oracle.
 
-Determinism on CPU (REFERENCE.md: op determinism alone is not bit-identical across processes with
-oneDNN on 2 threads): `seed(..., deterministic=True)` also runs TensorFlow on one intra-op and one
-inter-op thread, set through tf.config before the first op. Chosen over TF_ENABLE_ONEDNN_OPTS=0
-because it is cheaper (REFERENCE.md: 1.6x vs 2.5x on the CNN) and needs nothing before import.
-Measured with tests/benchmarks/test_bench_keras.py (paper CNN, batch 32, 224 px, 2 cores): about
-64 -> 33 images/s, i.e. 1.95x. On GPU: op determinism plus TF32 off; threads are left alone.
+Determinism on CPU: `seed(..., deterministic=True)` enables op determinism and fixes TensorFlow's
+intra- and inter-op pools at `CPU_THREADS` (the cores this process may use), through tf.config
+before the first op; the counts are recorded in every result (`environment()`). It used to pin
+one thread (REFERENCE.md: op determinism alone was not bit-identical with oneDNN on 2 threads),
+which cost 1.95x (64 -> 33 images/s). Measured again with tests/tools/measure_determinism.py
+(specs/demo.yaml, CNN 2 epochs and frozen DenseNet169 1 epoch at 64 px, 2 cores, op determinism,
+2 intra + 2 inter-op threads): 10 fresh processes per model, test probabilities bit-identical
+20 of 20 times (`run --check-determinism` grading). The cost left is in
+tests/benchmarks/test_bench_determinism.py. On GPU: op determinism plus TF32 off; threads are
+left alone.
 """
 
 from __future__ import annotations
@@ -93,6 +97,10 @@ from harness.spec import (
 
 KERAS_BACKEND = keras.backend.backend()
 _NAMES = {"tensorflow": "keras", "torch": "keras-torch", "jax": "keras-jax"}
+# TensorFlow's thread pools in deterministic CPU mode: the cores this process may use (see the
+# module docstring for the measurement behind it)
+CPU_THREADS = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
 
 if KERAS_BACKEND == "tensorflow":
     import tensorflow as tf
@@ -448,8 +456,9 @@ def _normalize(x: Any, model_input: ModelInput) -> Any:
         x = x / 255.0
     x = ops.repeat(x, model_input.channels, axis=-1) if model_input.channels > 1 else x
     if model_input.normalization == "imagenet":
-        mean = np.asarray(IMAGENET_MEAN[: model_input.channels], dtype=np.float32)
-        std = np.asarray(IMAGENET_STD[: model_input.channels], dtype=np.float32)
+        dtype = keras.backend.standardize_dtype(x.dtype)  # float32, or float64 for parity
+        mean = np.asarray(IMAGENET_MEAN[: model_input.channels], dtype=dtype)
+        std = np.asarray(IMAGENET_STD[: model_input.channels], dtype=dtype)
         x = (x - mean) / std
     elif model_input.normalization not in ("rescale", "none"):
         raise ValueError(
@@ -732,7 +741,7 @@ class KerasBackend(Backend):
         self._deterministic = deterministic
         if KERAS_BACKEND == "tensorflow" and deterministic:
             if self.device == "cpu":
-                self._single_thread()
+                self._pin_threads()
             else:
                 tf.config.experimental.enable_tensor_float_32_execution(False)
             tf.config.experimental.enable_op_determinism()
@@ -757,18 +766,20 @@ class KerasBackend(Backend):
         else:
             keras.utils.set_random_seed(seed)
 
-    def _single_thread(self) -> None:
+    def _pin_threads(self) -> None:
+        """Deterministic CPU mode: fixed intra- and inter-op pools of CPU_THREADS each, set before
+        the first op (a pool size chosen at run time by TF could differ between machines)."""
         try:
-            tf.config.threading.set_intra_op_parallelism_threads(1)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
+            tf.config.threading.set_intra_op_parallelism_threads(CPU_THREADS)
+            tf.config.threading.set_inter_op_parallelism_threads(CPU_THREADS)
         except RuntimeError:
             # the runtime already started (e.g. several runs in one test process): record it
             intra = tf.config.threading.get_intra_op_parallelism_threads()
             inter = tf.config.threading.get_inter_op_parallelism_threads()
-            if (intra, inter) != (1, 1):
+            if (intra, inter) != (CPU_THREADS, CPU_THREADS):
                 self._thread_note = (
-                    "TensorFlow was already running: threads could not be set to 1; results may "
-                    "differ across processes"
+                    f"TensorFlow was already running: threads could not be set to {CPU_THREADS}; "
+                    "results may differ across processes"
                 )
 
     # -- model --------------------------------------------------------------------------------
@@ -949,6 +960,46 @@ class KerasBackend(Backend):
                      for v, g in zip(variables, out[2], strict=True)}
         loss, probs = out[0], out[1]
         return lambda: StepResult(float(loss), keras.ops.convert_to_numpy(probs), grads)
+
+    def gradients(self, handle: KerasHandle, batch: Batch, dtype: str = "float64"
+                  ) -> dict[str, np.ndarray]:
+        """The loss's gradient per trainable variable (neutral names) at the model's current
+        weights, computed in `dtype` on a copy built with that floatx: no update, the model and
+        its optimizer untouched. Weight-port parity's exact reference; no augmentation."""
+        if batch.augment:
+            raise ValueError("gradients(): augmentation is not supported (pass augment=False)")
+        previous = keras.config.floatx(), keras.config.dtype_policy()
+        keras.config.set_floatx(dtype)
+        keras.config.set_dtype_policy(dtype)
+        try:
+            copy = self.build(handle.spec, handle.model_input)
+        finally:
+            keras.config.set_floatx(previous[0])
+            keras.config.set_dtype_policy(previous[1])
+        self.set_weights(copy, self.get_weights(handle))
+        loss_spec = handle.spec.train.loss  # type: ignore[union-attr]
+        ops = keras.ops
+        x = _normalize(ops.cast(ops.convert_to_tensor(batch.images), dtype)[..., None],
+                       copy.model_input)
+        y = ops.convert_to_tensor(np.asarray(batch.labels, dtype))
+        variables = copy.model.trainable_variables
+
+        def loss() -> Any:
+            return _loss_and_probs(copy, x, y, copy.on_logits, loss_spec.epsilon,
+                                   loss_spec.label_smoothing)[0]
+
+        if KERAS_BACKEND == "tensorflow":
+            with tf.GradientTape() as tape:
+                value = loss()
+            grads = tape.gradient(value, variables)
+        else:  # pragma: no cover - keras-torch
+            for v in variables:
+                v.value.grad = None
+            loss().backward()
+            grads = [v.value.grad for v in variables]
+        names = {id(v): k for k, v in self._variables(copy).items()}
+        return {names[id(v)]: np.array(keras.ops.convert_to_numpy(g))
+                for v, g in zip(variables, grads, strict=True)}
 
     # -- inference ----------------------------------------------------------------------------
 

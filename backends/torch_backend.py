@@ -29,7 +29,8 @@ semantics) wins:
   random init (what `weights=None` gives); a path loads a local state dict (old DenseNet key
   names are renamed as torchvision does). A frozen base has requires_grad False AND stays in
   eval mode while the model trains, so its BatchNorm statistics never move (Keras' trainable=False).
-  The base's BatchNorm momentum is set to Keras' 0.99 (matters only for `frozen: false`).
+  The base's BatchNorm momentum is set to Keras' 0.99 (matters only for `frozen: false`), and
+  DenseNet's and ResNet's epsilon to Keras' 1.001e-5 (torchvision: 1e-5).
 - Loss (harness.spec.Loss), labels smoothed as y (1 - ls) + ls / 2: with `form: auto` and a model
   whose last layer ends in a sigmoid, BCE from the pre-sigmoid logits (F.binary_cross_entropy_
   with_logits, `bce_logits_loss`), which is what Keras 3 on TensorFlow computes for a sigmoid
@@ -49,6 +50,7 @@ semantics) wins:
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -57,7 +59,7 @@ import random
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -239,13 +241,27 @@ class KerasPool2d(nn.Module):
         return f"{self.kind}, kernel={self.kernel}, stride={self.stride}, pad={self.pad}"
 
 
+class BatchNorm2dNCHW(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are computed on an NCHW copy of a
+    channels_last input. torch's CPU kernel for channels_last float32 input is 30-300x less
+    precise (normalized output 1.5e-5 .. 3e-5 relative from float64, NCHW 5e-8 .. 2e-7):
+    enough to flip the winner of near-tied max-pool windows below it, which moved the paper
+    CNN's step-1 gradients by 2e-3 (parity check; the report's investigation). Inference
+    (running statistics, no reduction) keeps the input's layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.dim() == 4 and not x.is_contiguous():
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 class PartialBatchNorm(nn.Module):
     """BatchNorm without beta (center: false) and/or gamma (scale: false), as Keras allows."""
 
     def __init__(self, channels: int, rank: int, eps: float, momentum: float, center: bool,
                  scale: bool) -> None:
         super().__init__()
-        cls = nn.BatchNorm2d if rank == 3 else nn.BatchNorm1d
+        cls = BatchNorm2dNCHW if rank == 3 else nn.BatchNorm1d
         self.bn = cls(channels, eps=eps, momentum=momentum, affine=False)
         self.weight = nn.Parameter(torch.ones(channels)) if scale else None
         self.bias = nn.Parameter(torch.zeros(channels)) if center else None
@@ -320,7 +336,7 @@ def _build_pool(layer: Pool2D, shape: Shape) -> tuple[nn.Module, Shape]:
 def _build_batchnorm(layer: BatchNorm, shape: Shape) -> tuple[nn.Module, Shape]:
     momentum = 1.0 - layer.momentum  # torch: running = (1 - m) running + m batch
     if layer.center and layer.scale:
-        cls = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
+        cls = BatchNorm2dNCHW if len(shape) == 3 else nn.BatchNorm1d
         return cls(shape[0], eps=layer.epsilon, momentum=momentum), shape
     bn = PartialBatchNorm(shape[0], len(shape), layer.epsilon, momentum, layer.center, layer.scale)
     return bn, shape
@@ -506,6 +522,10 @@ def build_base(name: str, weights: str) -> nn.Module:
     for m in base.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = 0.01  # Keras' BatchNormalization default momentum 0.99
+            # keras.applications' DenseNet and ResNet use epsilon 1.001e-5, torchvision 1e-5:
+            # 1e-7 of the frozen DenseNet's head gradient (measured by weight-port parity)
+            if name.startswith(("densenet", "resnet")):
+                m.eps = 1.001e-5
     return base
 
 
@@ -1055,8 +1075,9 @@ class TorchBackend(Backend):
         if mi.normalization == "rescale":
             x = x / 255.0
         elif mi.normalization == "imagenet":
-            mean = torch.tensor(IMAGENET_MEAN[: mi.channels], device=x.device).view(1, -1, 1, 1)
-            std = torch.tensor(IMAGENET_STD[: mi.channels], device=x.device).view(1, -1, 1, 1)
+            mean = torch.tensor(IMAGENET_MEAN[: mi.channels], device=x.device, dtype=x.dtype)
+            std = torch.tensor(IMAGENET_STD[: mi.channels], device=x.device, dtype=x.dtype)
+            mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
             x = (x / 255.0 - mean) / std  # broadcasting replicates the grey channel
         elif mi.normalization != "none":
             raise UserError(
@@ -1105,6 +1126,29 @@ class TorchBackend(Backend):
         optimizer.step()
         loss, p = loss.detach(), p.detach()
         return lambda: StepResult(float(loss), p.double().cpu().numpy(), grads)
+
+    def gradients(self, handle: TorchHandle, batch: Batch, dtype: str = "float64"
+                  ) -> dict[str, np.ndarray]:
+        """The loss's gradient per trainable variable (neutral names) at the model's current
+        weights, computed in `dtype` on a copy of the module (`.to(dtype)`): no update, the
+        model and its optimizer untouched. Weight-port parity's exact reference; no
+        augmentation."""
+        if batch.augment:
+            raise ValueError("gradients(): augmentation is not supported (pass augment=False)")
+        precision = getattr(torch, dtype)
+        net = copy.deepcopy(handle.net).to(precision)
+        net.train()
+        twin = replace(handle, net=net, optimizer=None)
+        x = self._preprocess(self._to_device(batch.images).to(precision), twin)
+        y = torch.from_numpy(np.asarray(batch.labels)).to(self.device, precision)
+        loss_spec = handle.model.train.loss
+        if handle.on_logits:
+            loss = bce_logits_loss(net.logits(x).reshape(-1), y, loss_spec)
+        else:
+            loss = bce_loss(net(x).reshape(-1), y, loss_spec)
+        loss.backward()
+        return {name: g.cpu().numpy().copy() for name, slot in _neutral(twin).items()
+                if (g := slot.grad()) is not None}
 
     def activations(self, handle: TorchHandle, images: np.ndarray) -> dict[str, np.ndarray]:
         net, model = handle.net, handle.model

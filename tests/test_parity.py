@@ -10,33 +10,43 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 from conftest import ROOT, available_backends
 
-from harness.parity import FORWARD_TOL, GRAD_TOL, LAYER_TOL, compare, render_parity
+from harness.parity import (
+    FORWARD_TOL,
+    GRAD64_TOL,
+    GRAD_TOL,
+    LAYER_TOL,
+    compare,
+    render_parity,
+)
 from harness.spec import load_spec
 
 BACKENDS = available_backends()
 
 
-def probe_arrays(shift: float = 0.0, grad_shift: float = 0.0) -> dict[str, np.ndarray]:
+def probe_arrays(shift: float = 0.0, grad_shift: float = 0.0, grad64_shift: float = 0.0
+                 ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     a = {
         "act/conv2d_1": rng.normal(size=(2, 4, 4, 3)),
         "act/dense_1": rng.normal(size=(2, 1)),
         "probs": np.array([0.25, 0.75]),
         "grad/conv2d_1/kernel": np.full((3, 3, 1, 3), 2.0),
-        "floor/conv2d_1/kernel": np.full((3, 3, 1, 3), 2.0),
+        "grad64/conv2d_1/kernel": np.full((3, 3, 1, 3), 2.0),
         "grad/dense_1/kernel": np.full((48, 1), 1.0),
-        "floor/dense_1/kernel": np.full((48, 1), 1.0),
+        "grad64/dense_1/kernel": np.full((48, 1), 1.0),
         "step1/dense_1/kernel": np.zeros((48, 1)),
         "loss": np.array([0.5]),
     }
     a["act/dense_1"] = a["act/dense_1"] + shift
     a["probs"] = a["probs"] + shift
     a["grad/conv2d_1/kernel"] = a["grad/conv2d_1/kernel"] * (1 + grad_shift)
+    a["grad64/dense_1/kernel"] = a["grad64/dense_1/kernel"] * (1 + grad64_shift)
     return a
 
 
@@ -63,8 +73,24 @@ def test_a_gradient_off_by_more_than_the_tolerance_fails_the_training_check():
     assert p.worst_gradient.name == "conv2d_1/kernel"
     assert p.worst_gradient.rel == pytest.approx(10 * GRAD_TOL, rel=1e-9)  # ||a - b|| / ||a||
     assert p.first_divergent_gradient == "conv2d_1/kernel"
-    # the target's "floor" array here is the unshifted gradient: ||b - f|| / ||b||
-    assert p.worst_gradient.floor == pytest.approx(10 * GRAD_TOL / (1 + 10 * GRAD_TOL))
+    # float64 agrees exactly; the target's float32 is off its own float64 by the shift
+    assert p.worst_gradient.rel64 == 0.0
+    assert p.worst_gradient.err32 == pytest.approx(10 * GRAD_TOL, rel=1e-9)
+
+
+def test_float64_gradients_apart_fail_even_when_float32_agrees():
+    """A port error smaller than float32's rounding still shows in float64: the exact check."""
+    p = compare(probe_arrays(), probe_arrays(grad64_shift=100 * GRAD64_TOL), "cnn", ("a", "b"), 1)
+    assert p.status == "fail" and p.forward_pass and p.training_pass is False
+    by_name = {g.name: g for g in p.gradients}
+    assert by_name["dense_1/kernel"].rel == 0.0
+    assert by_name["dense_1/kernel"].rel64 == pytest.approx(100 * GRAD64_TOL, rel=1e-6)
+    assert by_name["conv2d_1/kernel"].rel64 == 0.0
+    assert p.first_divergent_gradient == "dense_1/kernel"
+    assert "dense_1/kernel: 0.0e+00 (float64 1.0e-08)" in render_parity(
+        {"seed": 0, "images": 2, "steps": 1, "augmentation": False, "pairs": [asdict(p)],
+         "tolerances": {"forward": FORWARD_TOL, "layer": LAYER_TOL, "gradient": GRAD_TOL,
+                        "gradient_float64": GRAD64_TOL}})
 
 
 def test_a_missing_layer_is_a_failure_that_names_it():
@@ -139,7 +165,10 @@ def test_cli_self_parity_is_exact_and_writes_parity_json(tiny):
         "cnn", name, name, "pass")
     assert pair["output_max_abs"] == 0.0
     assert all(lay["max_abs"] == 0.0 for lay in pair["layers"])
-    assert all(g["rel"] == 0.0 for g in pair["gradients"])
+    assert all(g["rel"] == 0.0 and g["rel64"] == 0.0 for g in pair["gradients"])
+    assert len(pair["gradients"]) == 20  # every trainable variable of the CNN
+    assert result["tolerances"]["gradient_float64"] == GRAD64_TOL
+    assert "float64 in both backends" in result["method"]
     assert [s["weights_max_abs"] for s in pair["steps"]] == [0.0, 0.0]
     assert result["steps"] == 2 and result["tolerances"]["forward"] == FORWARD_TOL
     assert render_parity(result) in r.stdout
@@ -164,3 +193,76 @@ def test_parity_refuses_seeds_and_bad_steps(tiny):
         2, "error: parity: --seeds does not apply; it uses the spec's first seed")
     r = subprocess.run([*base, "--steps", "0"], cwd=ROOT, capture_output=True, text=True)
     assert (r.returncode, r.stderr.strip()) == (2, "error: --steps: must be at least 1; got 0")
+
+
+@pytest.mark.skipif(not BACKENDS, reason="no framework installed in this env")
+@pytest.mark.parametrize("key", ["cnn", "densenet169"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gradients_match_the_keras_float64_reference(name, key):
+    """The training half of the parity check against committed Keras (TensorFlow) float64
+    gradients (tests/tools/make_gradient_reference.py), same drawn weights: this backend's
+    float64 gradients agree to GRAD64_TOL and its float32 training step's to GRAD_TOL (torch's
+    channels_last BatchNorm statistics once put the CNN's at 2e-3; see BatchNorm2dNCHW)."""
+    from tools import make_gradient_reference as ref
+
+    from backends.registry import create
+
+    if name == "keras-torch":
+        pytest.xfail("Keras on torch: float64 gradients 7e-8 .. 7e-7 from the TensorFlow "
+                     "reference at every variable (a float32 step somewhere, not found yet)")
+    data = np.load(ROOT / "tests" / "data" / "gradient_reference.npz")
+    backend = create(name, device="cpu", deterministic=True)
+    handle, batch = ref.build(backend, key)
+    assert np.array_equal(batch.images, data[f"{key}/images"])
+    expected = {k.split("/grad64/")[1]: data[k] for k in data.files
+                if k.startswith(f"{key}/grad64/")}
+    assert len(expected) == {"cnn": 20, "densenet169": 2}[key]
+
+    def rel(got: dict[str, np.ndarray], name: str) -> float:
+        return float(np.linalg.norm(got[name] - expected[name]) / np.linalg.norm(expected[name]))
+
+    g64 = backend.gradients(handle, batch, "float64")
+    assert sorted(g64) == sorted(expected)
+    worst64 = max(rel(g64, n) for n in expected)
+    assert worst64 <= GRAD64_TOL
+    g32 = backend.train_step(handle, batch, gradients=True)().gradients
+    worst32 = max((rel(g32, n), n) for n in expected)
+    assert worst32[0] <= GRAD_TOL, worst32
+
+
+@pytest.mark.skipif("keras" not in BACKENDS, reason="TensorFlow's thread pools (tox -e tf)")
+def test_deterministic_tensorflow_keeps_the_cores_thread_pools_and_records_them():
+    """Deterministic CPU mode fixes both pools at the usable cores (not one thread: 20 of 20
+    fresh-process reruns were bit-identical with 2), and environment() records the counts."""
+    code = ("import json; from backends.registry import create; b = create('keras', 'cpu'); "
+            "b.seed(0, True); from backends.keras_backend import CPU_THREADS; "
+            "d = b.environment()['determinism']; print(json.dumps([CPU_THREADS, "
+            "d['intra_op_threads'], d['inter_op_threads'], d['op_determinism'], 'note' in d]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    cores, intra, inter, op_determinism, note = json.loads(r.stdout.strip().splitlines()[-1])
+    assert cores == len(os.sched_getaffinity(0))
+    assert (intra, inter, op_determinism, note) == (cores, cores, True, False)
+
+
+@pytest.mark.skipif("torch" not in BACKENDS, reason="torch's BatchNorm kernels (tox -e torch)")
+def test_torch_batchnorm_statistics_on_channels_last_input_are_as_precise_as_nchw():
+    """torch's own CPU kernel on channels_last float32 input: 1.5e-5 from float64 here (NCHW
+    5e-8); the backend's BatchNorm2dNCHW computes the statistics on an NCHW copy."""
+    import torch
+
+    from backends.torch_backend import BatchNorm2dNCHW
+
+    x64 = (torch.randn(4, 16, 64, 64, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(0)) * 0.5).relu()
+    exact = torch.nn.functional.batch_norm(x64, None, None, training=True, eps=1e-3)
+    x = x64.float().contiguous(memory_format=torch.channels_last)
+
+    def err(y: torch.Tensor) -> float:
+        return ((y.double() - exact).norm() / exact.norm()).item()
+
+    plain = torch.nn.BatchNorm2d(16, eps=1e-3).train()(x)
+    ours = BatchNorm2dNCHW(16, eps=1e-3).train()(x)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert err(ours) < 1e-6 < 1e-5 < err(plain)

@@ -97,9 +97,12 @@ from harness.spec import (
 
 KERAS_BACKEND = keras.backend.backend()
 _NAMES = {"tensorflow": "keras", "torch": "keras-torch", "jax": "keras-jax"}
-# TensorFlow's thread pools in deterministic CPU mode: the cores this process may use (see the
+# TensorFlow's thread pools in deterministic CPU mode: the worker's share of the cores when an
+# executor runs several at once (HARNESS_THREADS), else the cores this process may use (see the
 # module docstring for the measurement behind it)
-CPU_THREADS = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+_SHARE = os.environ.get(THREADS_ENV, "")
+CPU_THREADS = (int(_SHARE) if _SHARE.isdigit() and int(_SHARE) > 0
+               else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                else os.cpu_count() or 1)
 
 if KERAS_BACKEND == "tensorflow":

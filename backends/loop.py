@@ -61,12 +61,14 @@ def last_layer(model: Model) -> Layer:
     raise TypeError(f"model '{model.name}' (kind {model.kind}) has no layers to train")
 
 
-def sample_weights(labels: np.ndarray, class_weights: tuple[float, float]) -> np.ndarray | None:
+def sample_weights(
+    labels: np.ndarray, class_weights: tuple[float, float], dtype: type = np.float32
+) -> np.ndarray | None:
     """Each sample's loss weight, w1 for label 1 and w0 for 0; None when both are 1."""
     if class_weights == (1.0, 1.0):
         return None
     w0, w1 = class_weights
-    return np.where(np.asarray(labels) >= 0.5, w1, w0).astype(np.float32)
+    return np.where(np.asarray(labels) >= 0.5, w1, w0).astype(dtype)
 
 
 def validate(
@@ -80,7 +82,7 @@ def validate(
     the same class weights (those of the training labels) and pos_weight."""
     loss = model.train.loss  # type: ignore[union-attr]
     y = smooth_labels(val.labels, loss.label_smoothing)
-    w = sample_weights(val.labels, class_weights)
+    w = sample_weights(val.labels, class_weights, np.float64)
     if loss.on_logits(last_layer(model)):
         logits = backend.predict(handle, val.images, PREDICT_BATCH, logits=True)
         return bce_logits(y, logits, w, loss.pos_weight), sigmoid(logits)

@@ -197,6 +197,12 @@ class Curve(Scripted):
     def set_weights(self, handle, weights):
         self.loaded = int(weights["w"][0])
 
+    def get_state(self, handle):
+        return {"epoch": np.array(self.epoch)}
+
+    def set_state(self, handle, state):
+        pass
+
 
 def _curve_fit(*sets: str, epochs: int = 12):
     spec, model = spec_and_model(f"models.cnn.train.epochs={epochs}",
@@ -303,3 +309,32 @@ def test_pos_weight_in_the_validation_loss_from_logits():
     x0, x1 = math.log(0.2 / 0.8), math.log(0.8 / 0.2)
     by_hand = (2 * -math.log(1 - 0.2) + 1 * 3 * -math.log(0.8)) / 2
     assert (x0, x1) != (0, 0) and loss == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_resume_keeps_plateau_early_stopping_and_checkpoint_state(tmp_path):
+    """A run resumed from the state written after epoch 3 (through results' checkpoint file)
+    makes the same rate reductions, stops at the same epoch and ends with the same weights."""
+    from harness.results import read_checkpoint, write_checkpoint
+
+    spec, model = spec_and_model(
+        "models.cnn.train.epochs=12", "models.cnn.train.batch_size=10",
+        "models.cnn.train.loss.form=probabilities",
+        "models.cnn.train.schedule.name=reduce_on_plateau", "models.cnn.train.schedule.patience=1",
+        "models.cnn.train.early_stopping.patience=4", "models.cnn.train.checkpoint.mode=min",
+    )
+    train = data(10, spec)
+    val = EvalData(train.images[:2], np.ones(2, np.float32))
+    whole_backend, states = Curve(CURVE), []
+    whole = fit(whole_backend, model, model, train, val, clock=Clock(),
+                on_checkpoint=states.append)
+    path = tmp_path / "state.npz"
+    write_checkpoint(path, "h", states[2])
+    state = read_checkpoint(path, "h")
+    assert state is not None and state.epoch == 3 and set(state.kept) == {"checkpoint"}
+    resumed_backend = Curve(CURVE)
+    resumed_backend.epoch = 3  # its validation curve goes on from epoch 4
+    resumed = fit(resumed_backend, model, model, train, val, clock=Clock(), resume=state)
+    assert [h.epoch for h in resumed] == [h.epoch for h in whole] and len(whole) < 12
+    assert [h.learning_rate for h in resumed] == [h.learning_rate for h in whole]
+    assert [h.chosen for h in resumed] == [h.chosen for h in whole]
+    assert resumed_backend.loaded == whole_backend.loaded == 6

@@ -959,3 +959,40 @@ def test_invalid_yaml_in_a_parent_names_the_parent(tmp_path: Path) -> None:
     base = write(tmp_path, "name: [x\n", "base.yaml")
     child = write(tmp_path, "extends: base.yaml\n", "child.yaml")
     assert error_of(child).message.startswith(f"{base}: invalid YAML at line ")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("models.cnn.train.early_stopping.patience=-1",
+         "models[1].train.early_stopping.patience: must be greater than or equal to 0; got -1"),
+        ("models.cnn.train.checkpoint.monitor=val_auc",
+         "models[1].train.checkpoint.monitor: must be one of"),
+        ("models.cnn.train.schedule=linear", "models[1].train.schedule"),
+        ("models.cnn.train.loss.class_weight=even", "models[1].train.loss.class_weight"),
+        ("models.cnn.train.loss.class_weight={1: 2}",
+         "must be balanced or {0: w0, 1: w1} with both classes; got keys ['1']"),
+        ("models.cnn.train.schedule={name: reduce_on_plateau, factor: 1.5}",
+         "models[1].train.schedule.factor: must be less than 1; got 1.5"),
+    ],
+)
+def test_recipe_mistakes_are_one_line_user_errors(override, message):
+    with pytest.raises(UserError) as e:
+        load_spec(ROOT / "specs" / "paper.yaml", [override])
+    text = str(e.value)
+    assert "\n" not in text and message in text, text
+
+
+def test_recipe_fields_parse_with_keras_defaults():
+    spec = load_spec(ROOT / "specs" / "paper.yaml", [
+        "models.cnn.train.schedule=cosine", "models.cnn.train.early_stopping={monitor: val_auroc}",
+        "models.cnn.train.loss.class_weight={0: 0.4, 1: 0.6}",
+    ])
+    train = spec.model("cnn").train
+    assert (train.schedule.name, train.schedule.alpha, train.schedule.decay_epochs) == (
+        "cosine", 0.0, None)
+    es = train.early_stopping
+    assert (es.patience, es.min_delta, es.restore_best, es.maximize()) == (0, 0.0, False, True)
+    assert train.loss.class_weights([1, 0, 0]) == (0.4, 0.6)
+    assert train.loss.model_copy(update={"class_weight": "balanced"}).class_weights(
+        [1, 0, 0, 0]) == (0.25, 0.75)  # MURA: w0 = A / (A + N), w1 = N / (A + N)

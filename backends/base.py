@@ -92,6 +92,8 @@ class Batch:
     hflip: np.ndarray  # bool (B,)
     vflip: np.ndarray  # bool (B,)
     augment: bool = True  # False: the spec's augmentation is off; apply nothing
+    # per-sample loss weights (the loss' class weights, set by the loop); None: all 1
+    weights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,34 @@ class TrainData:
 def epoch_metrics(
     labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5
 ) -> dict[str, float]:
-    """Accuracy, recall, precision for the history (nan where undefined, never 0)."""
+    """Accuracy, recall, precision, AUROC for the history (nan where undefined, never 0)."""
     y = np.asarray(labels).astype(bool)
-    pred = np.asarray(probs) >= threshold
+    p = np.asarray(probs, dtype=np.float64)
+    pred = p >= threshold
     tp = float(np.sum(pred & y))
     acc = float(np.mean(pred == y)) if len(y) else float("nan")
     recall = tp / y.sum() if y.sum() else float("nan")
     precision = tp / pred.sum() if pred.sum() else float("nan")
-    return {"accuracy": acc, "recall": float(recall), "precision": float(precision)}
+    return {"accuracy": acc, "recall": float(recall), "precision": float(precision),
+            "auroc": auroc(y, p)}
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve: the Mann-Whitney U with mid-ranks for ties; nan with one class."""
+    y = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # mid-ranks: every run of equal scores gets the mean of its 1-based positions
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    for a, b in zip(starts, ends, strict=True):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def smooth_labels(labels: np.ndarray, label_smoothing: float) -> np.ndarray:
@@ -157,21 +179,40 @@ def smooth_labels(labels: np.ndarray, label_smoothing: float) -> np.ndarray:
     return np.asarray(labels, dtype=np.float64) * (1 - label_smoothing) + 0.5 * label_smoothing
 
 
-def bce(labels: np.ndarray, probs: np.ndarray, epsilon: float = 1e-7) -> float:
-    """Keras binary cross-entropy on probabilities clipped to [eps, 1 - eps] (mean)."""
+def bce(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    epsilon: float = 1e-7,
+    weights: np.ndarray | None = None,
+    pos_weight: float = 1.0,
+) -> float:
+    """Keras binary cross-entropy on probabilities clipped to [eps, 1 - eps]: the mean of
+    w * -(pos_weight y log p + (1 - y) log(1 - p)) (harness.spec.Loss; w 1 without weights)."""
     p = np.clip(np.asarray(probs, dtype=np.float64), epsilon, 1 - epsilon)
     y = np.asarray(labels, dtype=np.float64)
-    return float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+    per = -(pos_weight * y * np.log(p) + (1 - y) * np.log(1 - p))
+    return float(np.mean(per if weights is None else np.asarray(weights, np.float64) * per))
 
 
-def bce_logits(labels: np.ndarray, logits: np.ndarray) -> float:
+def bce_logits(
+    labels: np.ndarray,
+    logits: np.ndarray,
+    weights: np.ndarray | None = None,
+    pos_weight: float = 1.0,
+) -> float:
     """Binary cross-entropy from logits x (mean): max(x, 0) - x y + log(1 + exp(-|x|)).
 
-    tf.nn.sigmoid_cross_entropy_with_logits' formula, in float64: stable at saturation.
+    tf.nn.sigmoid_cross_entropy_with_logits' formula, in float64: stable at saturation. With
+    pos_weight q (tf.nn.weighted_cross_entropy_with_logits, torch's pos_weight):
+    (1 - y) x + (1 + (q - 1) y) (log(1 + exp(-|x|)) + max(-x, 0)); times the sample weights.
     """
     x = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
-    return float(np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))))
+    softplus_neg = np.log1p(np.exp(-np.abs(x))) + np.maximum(-x, 0)  # -log sigmoid(x)
+    per = (1 - y) * x + (1 + (pos_weight - 1) * y) * softplus_neg
+    if pos_weight == 1.0:  # the unweighted formula exactly, as before
+        per = np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))
+    return float(np.mean(per if weights is None else np.asarray(weights, np.float64) * per))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

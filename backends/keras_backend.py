@@ -470,7 +470,9 @@ def _normalize(x: Any, model_input: ModelInput) -> Any:
     return x
 
 
-def _bce(labels: Any, probs: Any, epsilon: float, label_smoothing: float) -> Any:
+def _bce(
+    labels: Any, probs: Any, epsilon: float, label_smoothing: float, pos_weight: float = 1.0
+) -> Any:
     """Per-sample BCE on probabilities clipped to [eps, 1 - eps] (Keras' formula, explicit).
 
     Written out rather than keras.losses.BinaryCrossentropy because Keras on TensorFlow
@@ -480,10 +482,12 @@ def _bce(labels: Any, probs: Any, epsilon: float, label_smoothing: float) -> Any
     ops = keras.ops
     y = labels * (1.0 - label_smoothing) + 0.5 * label_smoothing
     p = ops.clip(probs, epsilon, 1.0 - epsilon)
+    if pos_weight != 1.0:
+        return -(pos_weight * y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p))
     return -(y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p))
 
 
-def _bce_logits(labels: Any, logits: Any, label_smoothing: float) -> Any:
+def _bce_logits(labels: Any, logits: Any, label_smoothing: float, pos_weight: float = 1.0) -> Any:
     """Per-sample BCE from pre-sigmoid logits x: max(x, 0) - x y + log(1 + exp(-|x|)).
 
     What Keras 3 on TensorFlow computes for a sigmoid output (tf.nn.sigmoid_cross_entropy_with_
@@ -496,6 +500,11 @@ def _bce_logits(labels: Any, logits: Any, label_smoothing: float) -> Any:
     positive = ops.greater_equal(x, 0.0)
     relu_x = ops.where(positive, x, ops.zeros_like(x))
     neg_abs_x = ops.where(positive, -x, x)
+    if pos_weight != 1.0:  # tf.nn.weighted_cross_entropy_with_logits' formula
+        relu_neg_x = ops.where(positive, ops.zeros_like(x), -x)
+        return (1.0 - y) * x + (1.0 + (pos_weight - 1.0) * y) * (
+            ops.log1p(ops.exp(neg_abs_x)) + relu_neg_x
+        )
     return relu_x - x * y + ops.log1p(ops.exp(neg_abs_x))
 
 
@@ -550,15 +559,22 @@ def _logits(handle: KerasHandle, x: Any, training: bool) -> Any:
 
 
 def _loss_and_probs(
-    handle: KerasHandle, x: Any, labels: Any, on_logits: bool, epsilon: float, smoothing: float
+    handle: KerasHandle, x: Any, labels: Any, on_logits: bool, epsilon: float, smoothing: float,
+    weights: Any = None,
 ) -> tuple[Any, Any]:
-    """Training-mode forward: (mean BCE, probabilities (B,)), in keras.ops (any backend)."""
+    """Training-mode forward: (batch loss, probabilities (B,)), in keras.ops (any backend).
+
+    The loss is mean(w l) with the sample weights w (Keras' sum_over_batch_size, as fit's
+    class_weight) and the spec's pos_weight inside l; unweighted when `weights` is None."""
     ops = keras.ops
+    pos_weight = handle.spec.train.loss.pos_weight  # type: ignore[union-attr]
     if on_logits:  # Keras 3 on TF: BCE from the sigmoid's logits
         logits = _logits(handle, x, training=True)
-        return ops.mean(_bce_logits(labels, logits, smoothing)), ops.sigmoid(logits)
-    probs = ops.reshape(handle.model(x, training=True), (-1,))
-    return ops.mean(_bce(labels, probs, epsilon, smoothing)), probs
+        per, probs = _bce_logits(labels, logits, smoothing, pos_weight), ops.sigmoid(logits)
+    else:
+        probs = ops.reshape(handle.model(x, training=True), (-1,))
+        per = _bce(labels, probs, epsilon, smoothing, pos_weight)
+    return ops.mean(per if weights is None else per * weights), probs
 
 
 OPTIMIZERS: dict[str, Callable[[Any], keras.optimizers.Optimizer]] = {
@@ -569,8 +585,27 @@ OPTIMIZERS: dict[str, Callable[[Any], keras.optimizers.Optimizer]] = {
         epsilon=o.epsilon,
         amsgrad=o.amsgrad,
     ),
+    "adamw": lambda o: keras.optimizers.AdamW(
+        learning_rate=o.learning_rate,
+        weight_decay=o.weight_decay,
+        beta_1=o.beta_1,
+        beta_2=o.beta_2,
+        epsilon=o.epsilon,
+        amsgrad=o.amsgrad,
+    ),
+    "rmsprop": lambda o: keras.optimizers.RMSprop(
+        learning_rate=o.learning_rate,
+        rho=o.rho,
+        momentum=o.momentum,
+        epsilon=o.epsilon,
+        centered=o.centered,
+        weight_decay=o.weight_decay or None,
+    ),
     "sgd": lambda o: keras.optimizers.SGD(
-        learning_rate=o.learning_rate, momentum=o.momentum, nesterov=o.nesterov
+        learning_rate=o.learning_rate,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay or None,
     ),
 }
 
@@ -883,6 +918,7 @@ class KerasBackend(Backend):
         variables = handle.model.trainable_variables
         loss = handle.spec.train.loss  # type: ignore[union-attr]
         eps, smoothing, on_logits = loss.epsilon, loss.label_smoothing, handle.on_logits
+        weighted = loss.class_weight is not None
         size = model_input.image_size
 
         @tf.function(
@@ -891,15 +927,18 @@ class KerasBackend(Backend):
                 tf.TensorSpec((None, size, size), tf.uint8),
                 tf.TensorSpec((None,), tf.float32),
                 tf.TensorSpec((None, 8), tf.float32),
+                tf.TensorSpec((None,), tf.float32),
             ),
         )
-        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, ...]:
+        def step(images: Any, labels: Any, matrices: Any, weights: Any) -> tuple[Any, ...]:
             x = tf.cast(images, tf.float32)[..., None]
             if augment:
                 x = _transform(x, matrices)
             x = _normalize(x, model_input)
             with tf.GradientTape() as tape:
-                loss, probs = _loss_and_probs(handle, x, labels, on_logits, eps, smoothing)
+                loss, probs = _loss_and_probs(
+                    handle, x, labels, on_logits, eps, smoothing, weights if weighted else None
+                )
             grads = tape.gradient(loss, variables)
             optimizer.apply(grads, variables)
             # a separate trace: the training step itself stays the same graph without them
@@ -921,9 +960,10 @@ class KerasBackend(Backend):
         variables = handle.model.trainable_variables
         loss_spec = handle.spec.train.loss  # type: ignore[union-attr]
         eps, smoothing, on_logits = loss_spec.epsilon, loss_spec.label_smoothing, handle.on_logits
+        weighted = loss_spec.class_weight is not None
         ops = keras.ops
 
-        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, ...]:
+        def step(images: Any, labels: Any, matrices: Any, weights: Any) -> tuple[Any, ...]:
             with torch.no_grad():
                 x = ops.cast(ops.convert_to_tensor(images), "float32")[..., None]
                 if augment:
@@ -931,9 +971,10 @@ class KerasBackend(Backend):
                     x = _transform(x, ops.convert_to_tensor(np.array(matrices, np.float32)))
                 x = _normalize(x, model_input)
                 y = ops.convert_to_tensor(labels, "float32")
+                w = ops.convert_to_tensor(weights, "float32") if weighted else None
             for v in variables:
                 v.value.grad = None
-            loss, probs = _loss_and_probs(handle, x, y, on_logits, eps, smoothing)
+            loss, probs = _loss_and_probs(handle, x, y, on_logits, eps, smoothing, w)
             loss.backward()
             grads = [v.value.grad for v in variables]
             copies = [g.detach().clone() for g in grads] if gradients else None
@@ -954,7 +995,9 @@ class KerasBackend(Backend):
             step = handle._steps[key] = self._make_step(handle, *key)
         size = handle.model_input.image_size
         mats = projective_matrices(batch.angle, batch.scale, batch.hflip, batch.vflip, size, size)
-        out = step(batch.images, np.asarray(batch.labels, np.float32), mats)
+        weights = np.ones(len(batch.labels), np.float32) if batch.weights is None else batch.weights
+        out = step(batch.images, np.asarray(batch.labels, np.float32), mats,
+                   np.asarray(weights, np.float32))
         grads = None
         if gradients:
             names = {id(v): k for k, v in self._variables(handle).items()}

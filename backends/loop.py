@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from backends.base import (
     sigmoid,
     smooth_labels,
 )
+from backends.recipe import Recipe
 from harness.records import EpochRecord, TrainState
 from harness.spec import Layer, Model, PretrainedModel, SequentialModel
 
@@ -60,17 +61,33 @@ def last_layer(model: Model) -> Layer:
     raise TypeError(f"model '{model.name}' (kind {model.kind}) has no layers to train")
 
 
+def sample_weights(
+    labels: np.ndarray, class_weights: tuple[float, float], dtype: type = np.float32
+) -> np.ndarray | None:
+    """Each sample's loss weight, w1 for label 1 and w0 for 0; None when both are 1."""
+    if class_weights == (1.0, 1.0):
+        return None
+    w0, w1 = class_weights
+    return np.where(np.asarray(labels) >= 0.5, w1, w0).astype(dtype)
+
+
 def validate(
-    backend: Backend, handle: object, model: Model, val: EvalData
+    backend: Backend,
+    handle: object,
+    model: Model,
+    val: EvalData,
+    class_weights: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[float, np.ndarray]:
-    """(mean validation loss with the training loss' definition, probabilities) in float64."""
+    """(mean validation loss with the training loss' definition, probabilities) in float64:
+    the same class weights (those of the training labels) and pos_weight."""
     loss = model.train.loss  # type: ignore[union-attr]
     y = smooth_labels(val.labels, loss.label_smoothing)
+    w = sample_weights(val.labels, class_weights, np.float64)
     if loss.on_logits(last_layer(model)):
         logits = backend.predict(handle, val.images, PREDICT_BATCH, logits=True)
-        return bce_logits(y, logits), sigmoid(logits)
+        return bce_logits(y, logits, w, loss.pos_weight), sigmoid(logits)
     probs = backend.predict(handle, val.images, PREDICT_BATCH)
-    return bce(y, probs, loss.epsilon), probs
+    return bce(y, probs, loss.epsilon, w, loss.pos_weight), probs
 
 
 @dataclass
@@ -114,7 +131,12 @@ def fit(
     checkpoint_every: int = 1,
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[EpochRecord]:
-    """Train `model.train.epochs` epochs on the harness's stream; validate after each epoch.
+    """Train up to `model.train.epochs` epochs on the harness's stream; validate after each.
+
+    Every epoch runs the same hook sequence: schedule (the epoch's learning rate) -> train
+    epoch -> validate -> the recipe's callbacks (reduce_on_plateau, early stopping, checkpoint;
+    backends/recipe.py). Early stopping ends the loop; at the end the checkpoint's best weights
+    (else early stopping's, with restore_best) are loaded, and that epoch's record is `chosen`.
 
     With `resume`, restores that state and goes on with the next epoch; `on_checkpoint`
     receives the state after every `checkpoint_every`-th epoch but the last; `on_step` gets
@@ -123,60 +145,102 @@ def fit(
     finite; it carries the history of the epochs before.
     """
     recipe = model.train  # type: ignore[union-attr]
+    policy = Recipe(recipe, recipe.optimizer.learning_rate)
+    class_weights = recipe.loss.class_weights(train.labels)
     history: list[EpochRecord] = []
     first = 1
     if resume is not None:
         backend.set_state(handle, resume.backend)
         history, first = list(resume.history), resume.epoch + 1
-    n_steps = -(-len(train.index) // recipe.batch_size)
+        if resume.recipe:
+            policy.restore(resume.recipe, resume.kept)
     for epoch in range(first, recipe.epochs + 1):
-        t_epoch = clock()
-        first_step: float | None = None
-        steps = _Steps(epoch, on_step=on_step, total=n_steps)
-        pending: tuple[Callable[[], StepResult], int, np.ndarray] | None = None
-        try:
-            for step, batch in enumerate(train.batches(epoch, recipe.batch_size), start=1):
-                t_step = clock()
-                done = backend.train_step(handle, batch)
-                if epoch == first and step == 1:  # wait for it: its time includes tracing
-                    steps.add(done(), step, batch.labels)
-                    first_step = clock() - t_step
-                    continue
-                if pending is not None:  # fetched one step behind: the device never idles
-                    steps.add(pending[0](), pending[1], pending[2])
-                pending = (done, step, batch.labels)
-            if pending is not None:
-                steps.add(pending[0](), pending[1], pending[2])
-        except NonFiniteLoss as e:
-            raise NonFiniteLoss(str(e), tuple(history)) from None
-        train_seconds = clock() - t_epoch
-
-        losses, sizes = steps.losses, steps.sizes
-        n = int(sum(sizes))
-        metrics = epoch_metrics(*steps.labels_and_probs())
-        v_loss = v_acc = v_rec = v_prec = None
-        if val is not None and len(val.labels):
-            v_loss, v_probs = validate(backend, handle, model, val)
-            vm = epoch_metrics(val.labels, v_probs)
-            v_acc, v_rec, v_prec = vm["accuracy"], vm["recall"], vm["precision"]
-        record = EpochRecord(
-            epoch=epoch,
-            loss=float(np.dot(losses, sizes) / n) if n else float("nan"),
-            accuracy=metrics["accuracy"],
-            recall=metrics["recall"],
-            precision=metrics["precision"],
-            val_loss=v_loss,
-            val_accuracy=v_acc,
-            val_recall=v_rec,
-            val_precision=v_prec,
-            seconds=clock() - t_epoch,
-            train_seconds=train_seconds,
-            images=n,
-            first_step_seconds=first_step,
-        )
+        lr = policy.begin_epoch(epoch)
+        if lr is not None:
+            backend.set_learning_rate(handle, lr)
+        record = _epoch(backend, handle, model, train, val, epoch, epoch == first, clock,
+                        class_weights, history, on_step)
+        record = replace(record, learning_rate=policy.lr)
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
+        stop = policy.end_epoch(
+            epoch, record, lambda: backend.get_weights(handle),
+            lambda rate: backend.set_learning_rate(handle, rate),
+        )
+        if stop:
+            break
         if on_checkpoint is not None and epoch < recipe.epochs and epoch % checkpoint_every == 0:
-            on_checkpoint(TrainState(epoch, tuple(history), backend.get_state(handle)))
+            on_checkpoint(TrainState(epoch, tuple(history), backend.get_state(handle),
+                                     policy.state(), dict(policy.kept)))
+    chosen, weights = policy.final_weights()
+    if weights is not None:
+        backend.set_weights(handle, weights)
+    if chosen is not None:
+        history = [replace(h, chosen=h.epoch == chosen) for h in history]
     return history
+
+
+def _epoch(
+    backend: Backend,
+    handle: object,
+    model: Model,
+    train: TrainData,
+    val: EvalData | None,
+    epoch: int,
+    timed: bool,
+    clock: Callable[[], float],
+    class_weights: tuple[float, float],
+    history: list[EpochRecord],
+    on_step: Callable[[int, int], None] | None = None,
+) -> EpochRecord:
+    """One epoch's training steps and validation, as its history record."""
+    recipe = model.train  # type: ignore[union-attr]
+    t_epoch = clock()
+    first_step: float | None = None
+    steps = _Steps(epoch, on_step=on_step, total=-(-len(train.index) // recipe.batch_size))
+    pending: tuple[Callable[[], StepResult], int, np.ndarray] | None = None
+    try:
+        for step, batch in enumerate(train.batches(epoch, recipe.batch_size), start=1):
+            w = sample_weights(batch.labels, class_weights)
+            if w is not None:
+                batch = replace(batch, weights=w)
+            t_step = clock()
+            done = backend.train_step(handle, batch)
+            if timed and step == 1:  # wait for it: its time includes tracing
+                steps.add(done(), step, batch.labels)
+                first_step = clock() - t_step
+                continue
+            if pending is not None:  # fetched one step behind: the device never idles
+                steps.add(pending[0](), pending[1], pending[2])
+            pending = (done, step, batch.labels)
+        if pending is not None:
+            steps.add(pending[0](), pending[1], pending[2])
+    except NonFiniteLoss as e:
+        raise NonFiniteLoss(str(e), tuple(history)) from None
+    train_seconds = clock() - t_epoch
+
+    losses, sizes = steps.losses, steps.sizes
+    n = int(sum(sizes))
+    metrics = epoch_metrics(*steps.labels_and_probs())
+    v_loss = v_acc = v_rec = v_prec = v_auc = None
+    if val is not None and len(val.labels):
+        v_loss, v_probs = validate(backend, handle, model, val, class_weights)
+        vm = epoch_metrics(val.labels, v_probs)
+        v_acc, v_rec, v_prec, v_auc = vm["accuracy"], vm["recall"], vm["precision"], vm["auroc"]
+    return EpochRecord(
+        epoch=epoch,
+        loss=float(np.dot(losses, sizes) / n) if n else float("nan"),
+        accuracy=metrics["accuracy"],
+        recall=metrics["recall"],
+        precision=metrics["precision"],
+        val_loss=v_loss,
+        val_accuracy=v_acc,
+        val_recall=v_rec,
+        val_precision=v_prec,
+        val_auroc=v_auc,
+        seconds=clock() - t_epoch,
+        train_seconds=train_seconds,
+        images=n,
+        first_step_seconds=first_step,
+    )

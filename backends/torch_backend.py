@@ -88,6 +88,7 @@ from harness.spec import (
     SGD,
     ActivationLayer,
     Adam,
+    AdamW,
     BaseNet,
     BatchNorm,
     Conv2D,
@@ -100,6 +101,7 @@ from harness.spec import (
     ParamCounts,
     Pool2D,
     PretrainedModel,
+    RMSprop,
     SequentialModel,
 )
 
@@ -761,12 +763,24 @@ def _neutral(handle: TorchHandle) -> dict[str, Slot]:
 # Optimizers and loss
 
 
+def _keras_weight_decay(group: dict[str, Any]) -> None:
+    """Keras' decoupled weight decay, before the update: w <- w - w * wd * lr."""
+    wd = group.get("keras_weight_decay", 0.0)
+    if wd:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.sub_(p * (wd * group["lr"]))
+
+
 class KerasAdam(torch.optim.Adam):
-    """torch Adam whose epsilon enters where Keras 3 puts it (see the module docstring)."""
+    """torch Adam whose epsilon enters where Keras 3 puts it (see the module docstring); with
+    weight_decay, Keras' AdamW (decoupled decay before the Adam update, as torch's AdamW)."""
 
     def __init__(self, params: Any, lr: float, betas: tuple[float, float], eps: float,
-                 amsgrad: bool) -> None:
+                 amsgrad: bool, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, amsgrad=amsgrad)
+        for group in self.param_groups:
+            group["keras_weight_decay"] = weight_decay
         self.keras_epsilon = eps
         self.keras_iterations = 0
 
@@ -774,24 +788,104 @@ class KerasAdam(torch.optim.Adam):
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         self.keras_iterations += 1
         for group in self.param_groups:
+            _keras_weight_decay(group)
             group["eps"] = self.keras_epsilon / math.sqrt(
                 1.0 - group["betas"][1] ** self.keras_iterations
             )
         return super().step(closure)
 
 
+class KerasSGD(torch.optim.Optimizer):
+    """Keras' SGD: m = momentum m - lr g; w += m (nesterov: w += momentum m - lr g). torch's
+    SGD keeps the unscaled sum of gradients instead, which differs once the rate changes."""
+
+    def __init__(self, params: Any, lr: float, momentum: float, nesterov: bool,
+                 weight_decay: float) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
+                                  "keras_weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        for group in self.param_groups:
+            _keras_weight_decay(group)
+            lr, mom = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if mom == 0:
+                    p.sub_(g * lr)
+                    continue
+                state = self.state[p]
+                m = state.setdefault("momentum", torch.zeros_like(p))
+                m.copy_(m * mom - g * lr)
+                p.add_(m * mom - g * lr if group["nesterov"] else m)
+        return None
+
+
+class KerasRMSprop(torch.optim.Optimizer):
+    """Keras' RMSprop: v = rho v + (1 - rho) g^2 (centered: minus the mean gradient's square),
+    increment = lr g / sqrt(v + eps); momentum m = momentum m + increment, w -= m. torch adds
+    eps after the root (sqrt(v) + eps) and names rho alpha."""
+
+    def __init__(self, params: Any, lr: float, rho: float, momentum: float, eps: float,
+                 centered: bool, weight_decay: float) -> None:
+        super().__init__(params, {"lr": lr, "rho": rho, "momentum": momentum, "eps": eps,
+                                  "centered": centered, "keras_weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        for group in self.param_groups:
+            _keras_weight_decay(group)
+            lr, rho, mom, eps = group["lr"], group["rho"], group["momentum"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                v = state.setdefault("velocity", torch.zeros_like(p))
+                v.copy_(rho * v + (1 - rho) * g.square())
+                if group["centered"]:
+                    a = state.setdefault("average_gradient", torch.zeros_like(p))
+                    a.copy_(rho * a + (1 - rho) * g)
+                    denominator = v - a.square() + eps
+                else:
+                    denominator = v + eps
+                increment = (lr * g) / denominator.sqrt()
+                if mom > 0:
+                    m = state.setdefault("momentum", torch.zeros_like(p))
+                    m.copy_(mom * m + increment)
+                    p.sub_(m)
+                else:
+                    p.sub_(increment)
+        return None
+
+
 def _adam(opt: Adam, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return KerasAdam(params, opt.learning_rate, (opt.beta_1, opt.beta_2), opt.epsilon, opt.amsgrad)
+
+
+def _adamw(opt: AdamW, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return KerasAdam(params, opt.learning_rate, (opt.beta_1, opt.beta_2), opt.epsilon,
+                     opt.amsgrad, opt.weight_decay)
+
+
+def _rmsprop(opt: RMSprop, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return KerasRMSprop(params, opt.learning_rate, opt.rho, opt.momentum, opt.epsilon,
+                        opt.centered, opt.weight_decay)
 
 
 def _sgd(opt: SGD, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     # Keras allows nesterov with momentum 0 (plain SGD); torch refuses it
     nesterov = opt.nesterov and opt.momentum > 0
-    return torch.optim.SGD(params, lr=opt.learning_rate, momentum=opt.momentum, nesterov=nesterov)
+    if opt.weight_decay == 0 and opt.momentum == 0:
+        return torch.optim.SGD(params, lr=opt.learning_rate)  # the same update as Keras'
+    return KerasSGD(params, opt.learning_rate, opt.momentum, nesterov, opt.weight_decay)
 
 
 OPTIMIZERS: dict[str, Callable[[Any, list[nn.Parameter]], torch.optim.Optimizer]] = {
     "adam": _adam,
+    "adamw": _adamw,
+    "rmsprop": _rmsprop,
     "sgd": _sgd,
 }
 
@@ -805,21 +899,30 @@ TABLES: dict[str, Mapping[str, Any]] = {
 }
 
 
-def bce_loss(probs: torch.Tensor, labels: torch.Tensor, loss: Loss) -> torch.Tensor:
-    """Keras' binary_crossentropy on probabilities: clip to [eps, 1-eps], smooth, batch mean."""
+def bce_loss(probs: torch.Tensor, labels: torch.Tensor, loss: Loss,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Keras' binary_crossentropy on probabilities: clip to [eps, 1-eps], smooth, pos_weight
+    on the positive term, times the sample weights, batch mean (harness.spec.Loss)."""
     y = labels * (1.0 - loss.label_smoothing) + 0.5 * loss.label_smoothing
     p = probs.clamp(loss.epsilon, 1.0 - loss.epsilon)
-    return -(y * torch.log(p) + (1.0 - y) * torch.log(1.0 - p)).mean()
+    pos = y * torch.log(p) if loss.pos_weight == 1.0 else loss.pos_weight * y * torch.log(p)
+    per = -(pos + (1.0 - y) * torch.log(1.0 - p))
+    return (per if weights is None else per * weights).mean()
 
 
 def bce_logits_loss(logits: torch.Tensor, labels: torch.Tensor, loss: Loss,
-                    reduction: str = "mean") -> torch.Tensor:
+                    reduction: str = "mean", weights: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Keras 3 (TensorFlow) binary_crossentropy of a sigmoid output: from its logits, no clip.
 
     max(x, 0) - x y + log(1 + exp(-|x|)) with smoothed labels y, batch mean (`reduction`).
     """
     y = labels * (1.0 - loss.label_smoothing) + 0.5 * loss.label_smoothing
-    return F.binary_cross_entropy_with_logits(logits, y, reduction=reduction)
+    pos_weight = None
+    if loss.pos_weight != 1.0:
+        pos_weight = torch.tensor(loss.pos_weight, dtype=logits.dtype, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits, y, weight=weights, reduction=reduction,
+                                              pos_weight=pos_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1110,13 +1213,16 @@ class TorchBackend(Backend):
         x = self._preprocess(x, handle)
         y = torch.from_numpy(np.asarray(batch.labels, np.float32)).to(self.device)
         loss_spec = handle.model.train.loss
+        w = None
+        if batch.weights is not None:
+            w = torch.from_numpy(np.asarray(batch.weights, np.float32)).to(self.device)
         if handle.on_logits:  # Keras 3 on TF: BCE from the sigmoid's logits
             z = net.logits(x).reshape(-1)
             p = torch.sigmoid(z)
-            loss = bce_logits_loss(z, y, loss_spec)
+            loss = bce_logits_loss(z, y, loss_spec, weights=w)
         else:
             p = net(x).reshape(-1)
-            loss = bce_loss(p, y, loss_spec)
+            loss = bce_loss(p, y, loss_spec, w)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = None

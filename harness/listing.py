@@ -41,6 +41,10 @@ SHARED: tuple[tuple[str, tuple[object, ...]], ...] = (
     ("Bootstrap methods", vocab.BOOTSTRAP_METHODS),
     ("Devices", vocab.DEVICES),
     ("Initial weights", vocab.INIT_MODES),
+    ("Class weights", vocab.CLASS_WEIGHT_RULES),
+    ("Schedules", vocab.SCHEDULES),
+    ("Monitors", vocab.MONITORS),
+    ("Monitor modes", vocab.MONITOR_MODES),
 )
 YES, NO, UNDECLARED = "yes", "-", "?"
 

@@ -14,7 +14,7 @@ included).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,6 +41,10 @@ class EpochRecord:
     train_seconds: float  # wall time of the training steps only
     images: int  # training images seen
     first_step_seconds: float | None = None  # set on epoch 1: tracing/compilation included
+    val_auroc: float | None = None
+    learning_rate: float | None = None  # the optimizer's rate during the epoch (float32)
+    # the epoch whose weights the test set is evaluated with (checkpoint / restore_best)
+    chosen: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,3 +253,7 @@ class TrainState:
     epoch: int
     history: tuple[EpochRecord, ...]
     backend: dict[str, np.ndarray]  # Backend.get_state: weights, optimizer, RNG
+    # the recipe's per-epoch policies (backends/recipe.py): counters and best values, and the
+    # weights they keep by policy name (neutral layout)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    kept: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)

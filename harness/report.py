@@ -401,7 +401,8 @@ def _runs(a: Analysis) -> str:
         rows = [
             [r.model, _backend(r.backend), r.seed,
              *(fmt_interval(m, r.intervals["image"][m], r.points["image"][m]) for m in metrics),
-             r.epochs, _seconds(r.train_s)
+             f"{r.epochs} (tested: epoch {r.chosen_epoch})" if r.chosen_epoch else r.epochs,
+             _seconds(r.train_s)
              + (f"; **degenerate**: {r.degenerate}" if r.degenerate else "")]
             for r in a.runs
         ]

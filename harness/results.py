@@ -295,8 +295,10 @@ def read_arrays(path: Path) -> dict[str, np.ndarray] | None:
 def write_checkpoint(path: Path, run_hash: str, state: TrainState) -> None:
     """The training state after `state.epoch` epochs (one file per run, replaced each time)."""
     meta = {"run_hash": run_hash, "epoch": state.epoch,
-            "history": [h.to_dict() for h in state.history]}
+            "history": [h.to_dict() for h in state.history], "recipe": state.recipe}
     arrays = {f"backend/{k}": v for k, v in state.backend.items()}
+    for policy, weights in state.kept.items():
+        arrays.update({f"kept/{policy}/{k}": v for k, v in weights.items()})
     write_arrays_atomic(path, {**arrays, "meta": np.array(json.dumps(meta, allow_nan=True))})
 
 
@@ -310,9 +312,14 @@ def read_checkpoint(path: Path, run_hash: str) -> TrainState | None:
         return None
     if arrays is None or meta.get("run_hash") != run_hash:
         return None
-    backend = {k.removeprefix("backend/"): v for k, v in arrays.items() if k != "meta"}
+    backend = {k.removeprefix("backend/"): v for k, v in arrays.items() if k.startswith("backend/")}
+    kept: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in arrays.items():
+        if k.startswith("kept/"):
+            policy, name = k.removeprefix("kept/").split("/", 1)
+            kept.setdefault(policy, {})[name] = v
     history = tuple(EpochRecord(**h) for h in meta["history"])
-    return TrainState(int(meta["epoch"]), history, backend)
+    return TrainState(int(meta["epoch"]), history, backend, meta.get("recipe", {}), kept)
 
 
 def clean_temp_files(results_dir: Path) -> int:

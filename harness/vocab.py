@@ -34,7 +34,7 @@ LayerType = Literal[
     "activation",
 ]
 BaseName = Literal["densenet121", "densenet169", "densenet201", "resnet50", "vgg16"]
-OptimizerName = Literal["adam", "sgd"]
+OptimizerName = Literal["adam", "adamw", "rmsprop", "sgd"]
 Activation = Literal["linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "swish"]
 Initializer = Literal[
     "glorot_uniform",
@@ -61,6 +61,21 @@ LossForm = Literal["auto", "probabilities"]
 PADDINGS: tuple[str, ...] = get_args(Padding)
 LOSSES: tuple[str, ...] = get_args(LossName)
 LOSS_FORMS: tuple[str, ...] = get_args(LossForm)
+
+# The training recipe's per-epoch policies (harness.spec.schema TrainSpec; backends/recipe.py)
+ScheduleName = Literal["constant", "step", "exponential", "cosine", "reduce_on_plateau"]
+# what a callback watches: an EpochRecord field (training, or validation with val_)
+MonitorName = Literal[
+    "val_loss", "val_accuracy", "val_auroc", "val_recall", "val_precision",
+    "loss", "accuracy", "recall", "precision",
+]
+MonitorMode = Literal["auto", "min", "max"]
+# loss.class_weight by rule: balanced = MURA's w1 = N / (A + N), w0 = A / (A + N)
+ClassWeightRule = Literal["balanced"]
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+MONITORS: tuple[str, ...] = get_args(MonitorName)
+MONITOR_MODES: tuple[str, ...] = get_args(MonitorMode)
+CLASS_WEIGHT_RULES: tuple[str, ...] = get_args(ClassWeightRule)
 
 # ---------------------------------------------------------------------------------------------
 # Backends: the built-in ones (backends/registry.py adds those installed through its entry points)

@@ -775,6 +775,38 @@ def test_loss_forms_by_hand_in_training_and_validation(backend, last, smoothing)
         np.testing.assert_allclose(v_probs, probs, rtol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["auto", "probabilities"])
+def test_class_weighted_loss_by_hand_in_training_and_validation(backend, form):
+    """class_weight balanced (MURA's, from the training labels: A = 2 positives, N = 1, so
+    w1 = 1/3, w0 = 2/3) and pos_weight 2: the step's loss mean(w l) and the loop's validation
+    loss with the same weights, against the value computed by hand."""
+    model = linear_unit(form)
+    loss = model.train.loss.model_copy(update={"class_weight": "balanced", "pos_weight": 2.0})
+    model = model.model_copy(update={"train": model.train.model_copy(update={"loss": loss})})
+    handle = unit_handle(backend, model)
+    labels = LOGIT_LABELS.astype(np.float32)
+    w = np.array([2 / 3, 1 / 3, 1 / 3])
+    if form == "auto":  # softplus(-x) per sample: (1 - y) x + (1 + (q - 1) y) softplus(-x)
+        per = np.array([40.0, 2 * 3.048587351573742, 2 * 0.47407698418010663])
+        train_loss = val_loss = float(np.mean(w * per))
+        assert train_loss == pytest.approx(9.671703186, rel=1e-9)
+    else:
+        p = sigmoid(LOGITS)
+        lo, hi = float(np.float32(1e-7)), float(np.float32(1 - 1e-7))
+        q = np.clip(p, lo, hi)
+        per32 = -(2 * LOGIT_LABELS * np.log(q) + (1 - LOGIT_LABELS) * np.log(1 - q))
+        train_loss = float(np.mean(w * per32))
+        q64 = np.clip(p, 1e-7, 1 - 1e-7)
+        per64 = -(2 * LOGIT_LABELS * np.log(q64) + (1 - LOGIT_LABELS) * np.log(1 - q64))
+        val_loss = float(np.mean(w * per64))
+    train = TrainData(UNIT_IMAGES, np.arange(3), labels, NO_AUG, seed=0, shuffle=False)
+    hist = fit(backend, handle, model, train, EvalData(UNIT_IMAGES, labels))
+    assert hist[0].loss == pytest.approx(train_loss, rel=1e-5)  # lr 1e-12: no change
+    assert hist[0].val_loss == pytest.approx(val_loss, rel=1e-6)
+    unweighted = stable_bce(LOGIT_LABELS, LOGITS).mean()
+    assert abs(hist[0].loss - unweighted) > 1.0  # the weights are in the step
+
+
 def test_training_at_saturation_moves_weights_only_from_logits(backend):
     wrong = np.full((3, 1, 1), 255, np.uint8)  # logit 124.5, label 0
     labels = np.zeros(3, np.float32)

@@ -194,13 +194,13 @@ def test_run_refuses_a_count_mismatch(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_validate_user_error_in_process(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["validate", str(PAPER), "--set", "models.cnn.train.optimizer.name=adamw"])
+    code = main(["validate", str(PAPER), "--set", "models.cnn.train.optimizer.name=adagrad"])
     assert code == EXIT_USER_ERROR
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1
     assert err[0].startswith("error: ") and err[0].endswith(
-        "specs/paper.yaml: models[1].train.optimizer: unknown optimizer 'adamw'; allowed: adam, "
-        "sgd (from --set models.cnn.train.optimizer.name=adamw)")
+        "specs/paper.yaml: models[1].train.optimizer: unknown optimizer 'adagrad'; allowed: adam, "
+        "adamw, rmsprop, sgd (from --set models.cnn.train.optimizer.name=adagrad)")
 
 
 # ---------------------------------------------------------------------------------------------

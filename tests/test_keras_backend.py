@@ -198,7 +198,7 @@ def test_logits_form_equals_keras_own_binary_crossentropy_at_saturation(backend)
     clipped = clipped_bce(labels, 1 / (1 + np.exp(-logits)), label_smoothing=ls).mean()
     assert by_hand == pytest.approx(29.5496, rel=1e-4) and clipped < 12  # Keras is not clipped
     step = backend._make_step(handle, augment=False, gradients=False)
-    loss, probs = step(images, labels, np.zeros((6, 8), np.float32))
+    loss, probs = step(images, labels, np.zeros((6, 8), np.float32), np.ones(6, np.float32))
     assert float(loss) == pytest.approx(float(keras_compiled), rel=1e-6)
     np.testing.assert_array_equal(probs.numpy(), tf.reshape(handle.model(x), [-1]).numpy())
     v_loss, _ = validate(backend, handle, model, EvalData(images, labels))

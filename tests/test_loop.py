@@ -173,3 +173,178 @@ def test_validation_runs_after_every_epoch_into_the_history():
     assert all(h.val_accuracy == 1.0 and h.val_recall == 1.0 for h in hist)
     x = math.log(200 / 55)
     assert hist[0].val_loss == pytest.approx(x * 0 + math.log1p(math.exp(-x)), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's per-epoch policies against Keras' own (tests/tools/make_keras_recipe_reference.py)
+
+KERAS = np.load(ROOT / "tests" / "data" / "keras_recipe_reference.npz")
+CURVE = [float(v) for v in KERAS["curve"]]
+
+
+class Curve(Scripted):
+    """Validation probabilities exp(-curve[e]) for an all-positive validation set, so the
+    validation loss (probabilities form) of epoch e is curve[e]; records rates and weights."""
+
+    def __init__(self, curve: list[float]) -> None:
+        super().__init__([0.1] * 1000)
+        self.curve, self.epoch, self.rates, self.loaded = curve, 0, [], None
+
+    def train_step(self, handle, batch):
+        self.weights_seen = batch.weights
+        return super().train_step(handle, batch)
+
+    def predict(self, handle, images, batch_size=64, logits=False):
+        self.epoch += 1
+        return np.full(len(images), math.exp(-self.curve[self.epoch - 1]))
+
+    def set_learning_rate(self, handle, learning_rate):
+        self.rates.append((self.epoch, learning_rate))
+
+    def get_weights(self, handle):
+        return {"w": np.array([self.epoch], np.float32)}
+
+    def set_weights(self, handle, weights):
+        self.loaded = int(weights["w"][0])
+
+    def get_state(self, handle):
+        return {"epoch": np.array(self.epoch)}
+
+    def set_state(self, handle, state):
+        pass
+
+
+def _curve_fit(*sets: str, epochs: int = 12):
+    spec, model = spec_and_model(f"models.cnn.train.epochs={epochs}",
+                                 "models.cnn.train.batch_size=10",
+                                 "models.cnn.train.loss.form=probabilities", *sets)
+    backend = Curve(CURVE)
+    train = data(10, spec)
+    val = EvalData(train.images[:2], np.ones(2, np.float32))
+    return backend, fit(backend, model, model, train, val, clock=Clock())
+
+
+@pytest.mark.parametrize(
+    ("name", "sets"),
+    [
+        ("step", ["models.cnn.train.schedule.name=step", "models.cnn.train.schedule.every=3",
+                  "models.cnn.train.schedule.gamma=0.5"]),
+        ("exponential", ["models.cnn.train.schedule.name=exponential",
+                         "models.cnn.train.schedule.decay_rate=0.9",
+                         "models.cnn.train.schedule.decay_epochs=2"]),
+        ("cosine", ["models.cnn.train.schedule.name=cosine",
+                    "models.cnn.train.schedule.decay_epochs=8",
+                    "models.cnn.train.schedule.alpha=0.1"]),
+    ],
+)
+def test_schedule_sets_keras_rates_at_each_epoch_start(name, sets):
+    backend, hist = _curve_fit("models.cnn.train.optimizer.learning_rate=0.01", *sets)
+    # set before epoch e's validation (predict counts epochs): epoch index 0..11
+    assert [e for e, _ in backend.rates] == list(range(12))
+    np.testing.assert_allclose([r for _, r in backend.rates], KERAS[f"lr/{name}"], rtol=1e-6)
+    assert [h.learning_rate for h in hist] == [r for _, r in backend.rates]
+
+
+def test_reduce_on_plateau_follows_keras_on_a_scripted_curve():
+    backend, hist = _curve_fit(
+        "models.cnn.train.optimizer.learning_rate=0.01",
+        "models.cnn.train.schedule.name=reduce_on_plateau", "models.cnn.train.schedule.factor=0.5",
+        "models.cnn.train.schedule.patience=2", "models.cnn.train.schedule.cooldown=1",
+        "models.cnn.train.schedule.min_lr=0.002",
+    )
+    assert [h.val_loss for h in hist] == pytest.approx(CURVE, rel=1e-12)
+    # the rate after each epoch's callbacks = the next epoch's rate; Keras' sequence
+    after = [h.learning_rate for h in hist[1:]]
+    np.testing.assert_allclose(after, KERAS["plateau/lr"][:-1], rtol=1e-6)
+    assert [e for e, _ in backend.rates] == [4, 8, 10]  # after epochs 4, 8, 10 (1-based)
+
+
+def test_early_stopping_stops_at_keras_epoch_and_restores_the_best():
+    backend, hist = _curve_fit(
+        "models.cnn.train.early_stopping.patience=3",
+        "models.cnn.train.early_stopping.min_delta=0.001",
+        "models.cnn.train.early_stopping.restore_best=true",
+    )
+    stopped, best = int(KERAS["early/stopped"]), int(KERAS["early/best"])
+    assert (stopped, best) == (4, 1)  # 0-based: 0.79995 is not 0.001 better than 0.8
+    assert [h.epoch for h in hist] == list(range(1, stopped + 2))
+    assert [h.epoch for h in hist if h.chosen] == [best + 1]
+    assert backend.loaded == best + 1  # the weights taken after that epoch
+
+
+def test_checkpoint_keeps_the_best_epoch_and_wins_over_restore_best():
+    backend, hist = _curve_fit(
+        "models.cnn.train.checkpoint.monitor=val_loss",
+        "models.cnn.train.early_stopping.patience=100",
+        "models.cnn.train.early_stopping.restore_best=true",
+    )
+    assert len(hist) == 12
+    # strictly better only: epoch 7 (0.7 again) does not replace epoch 6
+    assert [h.epoch for h in hist if h.chosen] == [6] and backend.loaded == 6
+
+
+def test_constant_schedule_sets_no_rate_and_nothing_is_chosen_without_a_policy():
+    backend, hist = _curve_fit(epochs=3)
+    assert backend.rates == [] and backend.loaded is None
+    assert not any(h.chosen for h in hist)
+    assert [h.learning_rate for h in hist] == [float(np.float32(1e-4))] * 3  # paper.yaml's
+
+
+def test_class_weights_weight_each_batch_and_the_validation_loss():
+    spec, model = spec_and_model("models.cnn.train.epochs=1", "models.cnn.train.batch_size=10",
+                                 "models.cnn.train.loss.form=probabilities",
+                                 "models.cnn.train.loss.class_weight=balanced")
+    backend = Curve([0.5])
+    train = data(10, spec)
+    labels = train.labels.copy()
+    labels[:3], labels[3:] = 1, 0  # A = 3 positives, N = 7 negatives
+    train = TrainData(train.images, train.index, labels, spec.augmentation, seed=0)
+    val = EvalData(train.images[:4], np.array([1, 1, 0, 0], np.float32))
+    hist = fit(backend, model, model, train, val, clock=Clock())
+    w = backend.weights_seen
+    order = train.plan(1).order
+    # MURA: w1 = N / (A + N) = 0.7, w0 = A / (A + N) = 0.3
+    np.testing.assert_allclose(w, np.where(labels[order] == 1, 0.7, 0.3), rtol=1e-7)
+    p = math.exp(-0.5)
+    by_hand = (0.7 * -math.log(p) * 2 + 0.3 * -math.log(1 - p) * 2) / 4
+    assert hist[0].val_loss == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_pos_weight_in_the_validation_loss_from_logits():
+    spec, model = spec_and_model("models.cnn.train.loss.pos_weight=3",
+                                 "models.cnn.train.loss.class_weight={0: 2, 1: 1}")
+    images = np.stack([np.full((4, 4), v, np.uint8) for v in (51, 204)])
+    labels = np.array([0.0, 1.0], np.float32)
+    loss, _ = validate(Scripted([]), model, model, EvalData(images, labels), (2.0, 1.0))
+    x0, x1 = math.log(0.2 / 0.8), math.log(0.8 / 0.2)
+    by_hand = (2 * -math.log(1 - 0.2) + 1 * 3 * -math.log(0.8)) / 2
+    assert (x0, x1) != (0, 0) and loss == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_resume_keeps_plateau_early_stopping_and_checkpoint_state(tmp_path):
+    """A run resumed from the state written after epoch 3 (through results' checkpoint file)
+    makes the same rate reductions, stops at the same epoch and ends with the same weights."""
+    from harness.results import read_checkpoint, write_checkpoint
+
+    spec, model = spec_and_model(
+        "models.cnn.train.epochs=12", "models.cnn.train.batch_size=10",
+        "models.cnn.train.loss.form=probabilities",
+        "models.cnn.train.schedule.name=reduce_on_plateau", "models.cnn.train.schedule.patience=1",
+        "models.cnn.train.early_stopping.patience=4", "models.cnn.train.checkpoint.mode=min",
+    )
+    train = data(10, spec)
+    val = EvalData(train.images[:2], np.ones(2, np.float32))
+    whole_backend, states = Curve(CURVE), []
+    whole = fit(whole_backend, model, model, train, val, clock=Clock(),
+                on_checkpoint=states.append)
+    path = tmp_path / "state.npz"
+    write_checkpoint(path, "h", states[2])
+    state = read_checkpoint(path, "h")
+    assert state is not None and state.epoch == 3 and set(state.kept) == {"checkpoint"}
+    resumed_backend = Curve(CURVE)
+    resumed_backend.epoch = 3  # its validation curve goes on from epoch 4
+    resumed = fit(resumed_backend, model, model, train, val, clock=Clock(), resume=state)
+    assert [h.epoch for h in resumed] == [h.epoch for h in whole] and len(whole) < 12
+    assert [h.learning_rate for h in resumed] == [h.learning_rate for h in whole]
+    assert [h.chosen for h in resumed] == [h.chosen for h in whole]
+    assert resumed_backend.loaded == whole_backend.loaded == 6

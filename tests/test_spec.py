@@ -358,7 +358,8 @@ def test_split_path() -> None:
     [
         ("models.cnn.train.epochz=3",
          "models[1].train: unknown key 'epochz' (did you mean 'epochs'?); allowed: batch_size, "
-         "epochs, loss, optimizer, shuffle (from --set models.cnn.train.epochz=3)"),
+         "checkpoint, early_stopping, epochs, loss, optimizer, schedule, shuffle "
+         "(from --set models.cnn.train.epochz=3)"),
         ("foo.bar=1",
          "(top level): unknown key 'foo'; allowed: assumptions, augmentation, data, evaluation, "
          "models, name, paper, runtime, seeds (from --set foo.bar=1)"),
@@ -372,9 +373,10 @@ def test_split_path() -> None:
          "runtime.deterministic: must be a valid boolean, unable to interpret input; got 'maybe' "
          "(from --set runtime.deterministic=maybe)"),
         ("seeds=abc", "seeds: must be a list; got 'abc' (from --set seeds=abc)"),
-        ("models.cnn.train.optimizer.name=adamw",
-         "models[1].train.optimizer: unknown optimizer 'adamw'; allowed: adam, sgd "
-         "(from --set models.cnn.train.optimizer.name=adamw)"),
+        ("models.cnn.train.optimizer.name=adagrad",
+         "models[1].train.optimizer: unknown optimizer 'adagrad'; allowed: adam, adamw, rmsprop, "
+         "sgd "
+         "(from --set models.cnn.train.optimizer.name=adagrad)"),
         ("models.cnn.layers[4].type=conv3d",
          "models[1].layers[4]: unknown layer type 'conv3d'; allowed: " + ", ".join(LAYER_TYPES)
          + " (from --set models.cnn.layers[4].type=conv3d)"),
@@ -501,7 +503,7 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      "bias_initializer, filters, kernel, kernel_initializer, padding, strides, type, use_bias"),
     ("unknown-train-key", lambda d: cnn(d)["train"].update(epoch=3),
      "models[1].train: unknown key 'epoch' (did you mean 'epochs'?); allowed: batch_size, "
-     "epochs, loss, optimizer, shuffle"),
+     "checkpoint, early_stopping, epochs, loss, optimizer, schedule, shuffle"),
     ("unknown-key-no-match", lambda d: d["data"]["split"].update(zzz=1),
      "data.split: unknown key 'zzz'; allowed: seed, strategy, stratify, test_fraction"),
     # wrong types
@@ -552,8 +554,8 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      "models[1].layers[0]: unknown layer type 'conv3d'; allowed: " + ", ".join(LAYER_TYPES)),
     ("missing-layer-type", lambda d: cnn(d)["layers"][CONV_1].pop("type"),
      "models[1].layers[0]: missing 'type' (layer type); allowed: " + ", ".join(LAYER_TYPES)),
-    ("unknown-optimizer", lambda d: cnn(d)["train"]["optimizer"].update(name="adamw"),
-     "models[1].train.optimizer: unknown optimizer 'adamw'; allowed: adam, sgd"),
+    ("unknown-optimizer", lambda d: cnn(d)["train"]["optimizer"].update(name="adagrad"),
+     "models[1].train.optimizer: unknown optimizer 'adagrad'; allowed: adam, adamw, rmsprop, sgd"),
     ("unknown-loss", lambda d: cnn(d)["train"]["loss"].update(name="mse"),
      "models[1].train.loss.name: must be one of binary_crossentropy; got 'mse'"),
     ("unknown-backend", lambda d: cnn(d).update(backends=["keras", "jax"]),
@@ -677,10 +679,11 @@ def test_message_shows_a_relative_path_under_the_working_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "specs").mkdir()
-    edited(tmp_path / "specs", lambda d: cnn(d)["train"]["optimizer"].update(name="adamw"))
+    edited(tmp_path / "specs", lambda d: cnn(d)["train"]["optimizer"].update(name="adagrad"))
     monkeypatch.chdir(tmp_path)
     assert error_of(Path("specs/spec.yaml")).message == \
-        "specs/spec.yaml: models[1].train.optimizer: unknown optimizer 'adamw'; allowed: adam, sgd"
+        "specs/spec.yaml: models[1].train.optimizer: unknown optimizer 'adagrad'; allowed: adam, " \
+        "adamw, rmsprop, sgd"
 
 
 def test_long_found_values_are_shortened(tmp_path: Path) -> None:
@@ -1010,3 +1013,40 @@ def test_more_than_ten_mistakes_are_cut_at_ten(tmp_path: Path) -> None:
         *(f"{path}: seeds[{i}]: must be an integer seed in [0, 4294967295]; got -1"
           for i in range(10)),
         f"{path}: 2 more errors not shown; fix these first"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("models.cnn.train.early_stopping.patience=-1",
+         "models[1].train.early_stopping.patience: must be greater than or equal to 0; got -1"),
+        ("models.cnn.train.checkpoint.monitor=val_auc",
+         "models[1].train.checkpoint.monitor: must be one of"),
+        ("models.cnn.train.schedule=linear", "models[1].train.schedule"),
+        ("models.cnn.train.loss.class_weight=even", "models[1].train.loss.class_weight"),
+        ("models.cnn.train.loss.class_weight={1: 2}",
+         "must be balanced or {0: w0, 1: w1} with both classes; got keys ['1']"),
+        ("models.cnn.train.schedule={name: reduce_on_plateau, factor: 1.5}",
+         "models[1].train.schedule.factor: must be less than 1; got 1.5"),
+    ],
+)
+def test_recipe_mistakes_are_one_line_user_errors(override, message):
+    with pytest.raises(UserError) as e:
+        load_spec(ROOT / "specs" / "paper.yaml", [override])
+    text = str(e.value)
+    assert "\n" not in text and message in text, text
+
+
+def test_recipe_fields_parse_with_keras_defaults():
+    spec = load_spec(ROOT / "specs" / "paper.yaml", [
+        "models.cnn.train.schedule=cosine", "models.cnn.train.early_stopping={monitor: val_auroc}",
+        "models.cnn.train.loss.class_weight={0: 0.4, 1: 0.6}",
+    ])
+    train = spec.model("cnn").train
+    assert (train.schedule.name, train.schedule.alpha, train.schedule.decay_epochs) == (
+        "cosine", 0.0, None)
+    es = train.early_stopping
+    assert (es.patience, es.min_delta, es.restore_best, es.maximize()) == (0, 0.0, False, True)
+    assert train.loss.class_weights([1, 0, 0]) == (0.4, 0.6)
+    assert train.loss.model_copy(update={"class_weight": "balanced"}).class_weights(
+        [1, 0, 0, 0]) == (0.25, 0.75)  # MURA: w0 = A / (A + N), w1 = N / (A + N)

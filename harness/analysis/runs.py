@@ -98,6 +98,7 @@ class RunAnalysis:
     image_unit: Mapping[str, Interval]  # image level, resampling images
     predicted_positive: int = 0  # test images predicted positive (image level)
     degenerate: str | None = None  # why the run is degenerate, e.g. "predicts negative for all"
+    chosen_epoch: int | None = None  # the epoch whose weights were tested (checkpoint/restore_best)
     history: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # HISTORY_KEYS
     roc_auc: float = math.nan  # from the ROC curve, whether or not auroc is a report metric
     # (false positive rates, true positive rates); arrays, so left out of ==
@@ -164,6 +165,7 @@ def analyze_run(
             n_test=n,
             n_studies=None if study is None else int(study.labels.shape[0]),
             epochs=len(run.history),
+            chosen_epoch=next((h.epoch for h in run.history if h.chosen), None),
             train_s=float(train_s) if isinstance(train_s, (int, float)) else None,
             points=points,
             intervals=intervals,

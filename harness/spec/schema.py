@@ -38,6 +38,7 @@ from harness.vocab import (
     BootstrapUnit,
     Channels,
     ClaimRelation,
+    ClassWeightRule,
     Dataset,
     Device,
     GroupLevel,
@@ -47,6 +48,8 @@ from harness.vocab import (
     LossForm,
     LossName,
     Metric,
+    MonitorMode,
+    MonitorName,
     Normalization,
     OnBadImage,
     Padding,
@@ -447,18 +450,68 @@ class Adam(Strict):
     amsgrad: bool = False
 
 
+class AdamW(Strict):
+    """Keras' AdamW: Adam with decoupled weight decay, applied before the Adam update as
+    w <- w - w * weight_decay * learning_rate (torch's AdamW decays by the same lr * wd)."""
+
+    name: Literal["adamw"]
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.004, ge=0)  # Keras; torch's default is 0.01
+    beta_1: float = Field(0.9, ge=0, lt=1)
+    beta_2: float = Field(0.999, ge=0, lt=1)
+    epsilon: float = Field(1e-7, gt=0)  # Keras; torch's default is 1e-8
+    amsgrad: bool = False
+
+
+class RMSprop(Strict):
+    """Keras' RMSprop: v = rho v + (1 - rho) g^2, step lr g / sqrt(v + epsilon) (epsilon under
+    the root; torch adds it after), centered subtracts the mean gradient's square; momentum
+    accumulates the steps. Keras' defaults (torch: alpha 0.99, eps 1e-8, lr 1e-2)."""
+
+    name: Literal["rmsprop"]
+    learning_rate: float = Field(1e-3, gt=0)
+    rho: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    epsilon: float = Field(1e-7, gt=0)
+    centered: bool = False
+    weight_decay: float = Field(0.0, ge=0)  # decoupled, as every Keras optimizer's
+
+
 class SGD(Strict):
+    """Keras' SGD: m = momentum m - lr g, w += m (nesterov: w += momentum m - lr g). Unlike
+    torch's (which keeps the unscaled gradient sum), the velocity holds lr, which differs once
+    the learning rate changes. weight_decay is Keras': decoupled, w <- w - w wd lr before the
+    step (torch's weight_decay adds wd w to the gradient instead)."""
+
     name: Literal["sgd"]
     learning_rate: float = Field(1e-2, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
 
 
-Optimizer = Annotated[Adam | SGD, Field(discriminator="name")]
+Optimizer = Annotated[Adam | AdamW | RMSprop | SGD, Field(discriminator="name")]
+
+
+def _class_weight(v: Any) -> Any:
+    if isinstance(v, dict):
+        keys = {int(k) if isinstance(k, str) and k in ("0", "1") else k for k in v}
+        if keys != {0, 1}:
+            raise ValueError(
+                f"must be balanced or {{0: w0, 1: w1}} with both classes; got keys "
+                f"{sorted(map(str, v))}"
+            )
+        out = {}
+        for k, w in v.items():
+            if isinstance(w, bool) or not isinstance(w, int | float) or not w > 0:
+                raise ValueError(f"class {k}: the weight must be a number > 0; got {w!r}")
+            out[int(k)] = float(w)
+        return out
+    return v
 
 
 class Loss(Strict):
-    """Binary cross-entropy, batch mean, labels smoothed as y (1 - ls) + ls / 2 in both forms.
+    """Binary cross-entropy, labels smoothed as y (1 - ls) + ls / 2 in both forms.
 
     `form` says what the loss is computed from:
     - auto: as Keras 3 on TensorFlow: when the model's last layer ends in a sigmoid activation
@@ -467,12 +520,25 @@ class Loss(Strict):
       so its gradient does not vanish at saturation); otherwise on the probabilities clipped to
       [epsilon, 1 - epsilon].
     - probabilities: always on the probabilities clipped to [epsilon, 1 - epsilon].
+
+    Weights: per sample l = -(pos_weight y log p + (1 - y) log(1 - p)) (pos_weight as
+    tf.nn.weighted_cross_entropy_with_logits and torch's BCEWithLogitsLoss), times the weight of
+    the sample's class; the batch loss is sum(w l) / B (Keras' sum_over_batch_size, as fit's
+    `class_weight`). `class_weight: balanced` takes MURA's weights from the training labels:
+    w1 = N / (A + N), w0 = A / (A + N) (A positives, N negatives); or {0: w0, 1: w1}.
+    The validation loss (the loop's, float64) uses the same weights and pos_weight, unlike
+    Keras' fit, which weights only the training loss: a monitor on val_loss sees the loss
+    that is trained.
     """
 
     name: LossName = "binary_crossentropy"
     form: LossForm = "auto"
     epsilon: float = Field(1e-7, gt=0, lt=0.5)  # the clip, where probabilities are used
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weight: Annotated[
+        ClassWeightRule | dict[int, float] | None, BeforeValidator(_class_weight)
+    ] = None
+    pos_weight: float = Field(1.0, gt=0)
 
     def on_logits(self, last_layer: Any) -> bool:
         """True when the loss is computed from logits for a model ending in `last_layer`."""
@@ -482,6 +548,113 @@ class Loss(Strict):
             and getattr(last_layer, "activation", None) == "sigmoid"
         )
 
+    def class_weights(self, train_labels: Any) -> tuple[float, float]:
+        """(w0, w1) for this loss given the training labels (1.0, 1.0 without class_weight)."""
+        if self.class_weight is None:
+            return 1.0, 1.0
+        if isinstance(self.class_weight, dict):
+            return self.class_weight[0], self.class_weight[1]
+        labels = [float(y) for y in train_labels]
+        a = sum(1 for y in labels if y >= 0.5)
+        n = len(labels) - a
+        if a == 0 or n == 0:
+            raise ValueError(
+                f"class_weight balanced needs both classes in the training labels; got {a} "
+                f"positive and {n} negative"
+            )
+        return a / (a + n), n / (a + n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-epoch policies: schedule, early stopping, best-epoch checkpoint (Keras' callbacks; the
+# loop runs them, backends/recipe.py). A monitor names an EpochRecord field; `mode: auto` is
+# min for a loss and max for the others (Keras' MonitorCallback: its metrics' direction).
+
+
+def _named(v: Any) -> Any:
+    return {"name": v} if isinstance(v, str) else v  # `schedule: cosine` as {name: cosine}
+
+
+class Monitored(Strict):
+    monitor: MonitorName = "val_loss"
+    mode: MonitorMode = "auto"
+
+    def maximize(self) -> bool:
+        """Whether a larger monitored value is better."""
+        if self.mode != "auto":
+            return self.mode == "max"
+        return self.monitor.removeprefix("val_") != "loss"
+
+
+class ConstantSchedule(Strict):
+    name: Literal["constant"]
+
+
+class StepSchedule(Strict):
+    """lr * gamma ** floor(e / every) at 0-based epoch e (Keras ExponentialDecay, staircase)."""
+
+    name: Literal["step"]
+    every: PosInt  # epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class ExponentialSchedule(Strict):
+    """lr * decay_rate ** (e / decay_epochs) at 0-based epoch e (Keras ExponentialDecay)."""
+
+    name: Literal["exponential"]
+    decay_rate: float = Field(gt=0, le=1)
+    decay_epochs: PosInt = 1
+    staircase: bool = False
+
+
+class CosineSchedule(Strict):
+    """lr ((1 - alpha) (1 + cos(pi min(e, D) / D)) / 2 + alpha) at 0-based epoch e (Keras
+    CosineDecay): from lr down to the floor alpha lr over D = decay_epochs (None: the epochs)."""
+
+    name: Literal["cosine"]
+    decay_epochs: PosInt | None = None
+    alpha: float = Field(0.0, ge=0, le=1)
+
+
+class ReduceOnPlateau(Monitored):
+    """Keras' ReduceLROnPlateau, after each epoch's validation: lr * factor (not below
+    min_lr) once the monitor has not improved by more than min_delta for `patience` epochs;
+    then `cooldown` epochs without counting."""
+
+    name: Literal["reduce_on_plateau"]
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(10, ge=0)
+    min_delta: float = Field(1e-4, ge=0)
+    cooldown: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+Schedule = Annotated[
+    ConstantSchedule | StepSchedule | ExponentialSchedule | CosineSchedule | ReduceOnPlateau,
+    Field(discriminator="name"),
+    BeforeValidator(_named),
+]
+
+
+class EarlyStopping(Monitored):
+    """Keras' EarlyStopping: stop once the monitor has not improved by more than min_delta
+    for `patience` epochs (from start_from_epoch, 0-based, on); restore_best: end with the
+    weights of the best epoch (Keras' restore_best_weights)."""
+
+    patience: int = Field(0, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+    restore_best: bool = False
+    baseline: float | None = None
+    start_from_epoch: int = Field(0, ge=0)
+
+
+class Checkpoint(Monitored):
+    """Keras' ModelCheckpoint(save_best_only=True): keep the weights of the epoch whose monitor
+    is best (strictly better than every earlier one and than initial_value_threshold); the test
+    set is evaluated with them (they win over early_stopping.restore_best)."""
+
+    initial_value_threshold: float | None = None
+
 
 class TrainSpec(Strict):
     optimizer: Optimizer
@@ -489,6 +662,9 @@ class TrainSpec(Strict):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     shuffle: bool = True
+    schedule: Schedule = ConstantSchedule(name="constant")
+    early_stopping: EarlyStopping | None = None
+    checkpoint: Checkpoint | None = None
 
 
 class ParamCounts(Strict):

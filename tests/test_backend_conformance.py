@@ -3,6 +3,7 @@
     tox -e tf            keras         (Keras 3 on TensorFlow)
     tox -e torch         torch         (PyTorch + torchvision)
     tox -e keras-torch   keras-torch   (the Keras code on Keras 3's PyTorch backend)
+    tox -e keras-jax     keras-jax     (the Keras code on Keras 3's JAX backend)
 
 Every test runs for each framework backend installed in the env (conftest `available_backends`),
 and for `reference` where it applies, through the interface of backends/base.py (build,
@@ -119,6 +120,12 @@ def _torch_has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _jax_has_gpu() -> bool:
+    import jax
+
+    return any(d.platform == "gpu" for d in jax.devices())
+
+
 def _keras_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("backends.keras_backend._online", lambda *a, **k: False)
 
@@ -164,6 +171,13 @@ EXPECT: dict[str, Expect] = {
         no_gpu="runtime.device is gpu but Keras' torch backend sees no GPU",
         has_gpu=_torch_has_gpu,
     ),
+    "keras-jax": replace(
+        KERAS,
+        framework="jax",
+        determinism="xla_gpu_deterministic_ops",
+        no_gpu="runtime.device is gpu but Keras' jax backend sees no GPU",
+        has_gpu=_jax_has_gpu,
+    ),
     "torch": Expect(
         framework="torch",
         determinism="use_deterministic_algorithms",
@@ -192,7 +206,8 @@ def _torch_rows(handle) -> list[tuple[str, tuple[int, ...]]]:
 
 
 # Per-layer output shapes (Keras' channels-last) of a built model: the interface has no method
-LAYER_ROWS = {"keras": _keras_rows, "keras-torch": _keras_rows, "torch": _torch_rows}
+LAYER_ROWS = {"keras": _keras_rows, "keras-torch": _keras_rows, "keras-jax": _keras_rows,
+              "torch": _torch_rows}
 
 
 def counts(b, handle) -> tuple[int, int, int]:
@@ -595,7 +610,7 @@ def test_predict_rejects_wrong_image_shapes_with_one_message(backend, shape):
 
 # max |augment - oracle| (0..255 scale), measured on 2 cores: keras 1.3e-3, keras-torch 9.7e-4
 # (bilinear in float32), torch 0 (float64 grid_sample)
-ORACLE_MAX = {"keras": 3e-3, "keras-torch": 3e-3, "torch": 1e-4}
+ORACLE_MAX = {"keras": 3e-3, "keras-torch": 3e-3, "keras-jax": 3e-3, "torch": 1e-4}
 
 
 def flags(n: int, angle: float = 0.0, scale: float = 1.0, h: bool = False, v: bool = False):

@@ -2,11 +2,12 @@
 weights cache and files, the projective matrices, Keras' own loss functions as ground truth,
 the pre-import environment. Everything every backend must do is in test_backend_conformance.py.
 
-Runs in the tf tox env (Keras on TensorFlow) and in the keras-torch env (KERAS_BACKEND=torch:
-TensorFlow-specific tests skip); skipped where neither is installed.
+Runs in the tf tox env (Keras on TensorFlow) and in the keras-torch and keras-jax envs
+(KERAS_BACKEND=torch|jax: TensorFlow-specific tests skip); skipped where none is installed.
 
     tox -e tf -- tests/test_keras_backend.py
     tox -e keras-torch
+    tox -e keras-jax
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, available_backends
 
-if not {"keras", "keras-torch"} & set(available_backends()):
+if not {"keras", "keras-torch", "keras-jax"} & set(available_backends()):
     pytest.skip("the Keras backend is not this env's backend", allow_module_level=True)
 
-# the framework Keras will load (conftest sets KERAS_BACKEND=torch in the keras-torch env)
+# the framework Keras will load (conftest sets KERAS_BACKEND in the keras-torch/keras-jax envs)
 pytest.importorskip(os.environ.get("KERAS_BACKEND") or "tensorflow")
 pytest.importorskip("keras")
 

@@ -925,7 +925,11 @@ def test_fit_history_predict_and_partial_batch(backend):
 
 
 def test_learns_a_separable_set(backend):
-    spec = tiny_cnn_spec("models.cnn.train.epochs=6", "models.cnn.train.batch_size=16",
+    # 4 epochs: the training loss is 0.0 from epoch 2 on, and later epochs only grow the
+    # validation loss (inference-mode BatchNorm drifts from the batch statistics); measured
+    # validation accuracy 1.0 at epochs 1-4 on keras, torch and keras-jax, but 0.375 at epochs
+    # 5-6 on keras-jax (its own initial draws), a threshold effect of overfitting, not learning
+    spec = tiny_cnn_spec("models.cnn.train.epochs=4", "models.cnn.train.batch_size=16",
                          "models.cnn.train.optimizer.learning_rate=0.003",
                          "augmentation.enabled=false")
     model = spec.model("cnn")

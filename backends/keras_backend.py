@@ -12,9 +12,11 @@ and does, on the device, augmentation -> normalization -> channel replication ->
 optimizer update, and returns the loss and the training-mode probabilities (for the history
 metrics). On TensorFlow the step is a compiled `tf.function` (GradientTape); on Keras' PyTorch
 backend (`keras-torch`) it runs eagerly with torch autograd on the Keras variables, as Keras' own
-TorchTrainer does (`_make_step_torch`). Forward and loss (`_loss_and_probs`), normalization and
-optimizer are shared; the epoch loop is the harness's (backends/loop.py), as for every backend.
-JAX (`keras-jax`) builds and predicts only.
+TorchTrainer does (`_make_step_torch`); on JAX (`keras-jax`) it is one jax.jit of Keras 3's
+stateless API (StatelessScope, jax.value_and_grad, optimizer.stateless_apply), as Keras' own
+JAXTrainer does (`_make_step_jax`), and predict is jitted the same way (`_jit_stateless`).
+Forward and loss (`_loss_and_probs`), normalization and optimizer are shared; the epoch loop is
+the harness's (backends/loop.py), as for every backend.
 
 Loss (harness.spec.Loss): with `form: auto` and a model whose last layer ends in a sigmoid, BCE is
 computed from the pre-sigmoid logits, as Keras 3 on TensorFlow does (the sigmoid's output carries
@@ -577,6 +579,21 @@ def _loss_and_probs(
     return ops.mean(per if weights is None else per * weights), probs
 
 
+def _jit_stateless(handle: KerasHandle, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` (reading the model's variables) as one jax.jit of the variables' current values,
+    passed in at each call (a variable read inside a plain jax.jit would be baked in)."""
+    import jax
+
+    variables = handle.model.variables
+
+    @jax.jit
+    def pure(values: list[Any], *args: Any) -> Any:
+        with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+            return fn(*args)
+
+    return lambda *args: pure([v.value for v in variables], *args)
+
+
 OPTIMIZERS: dict[str, Callable[[Any], keras.optimizers.Optimizer]] = {
     "adam": lambda o: keras.optimizers.Adam(
         learning_rate=o.learning_rate,
@@ -650,7 +667,7 @@ def _cpu_name() -> str | None:
 
 
 class KerasBackend(Backend):
-    """Keras 3; training on TensorFlow and PyTorch, building/counting/predicting on any."""
+    """Keras 3; training on TensorFlow, PyTorch and JAX, building/counting/predicting on any."""
 
     name = _NAMES.get(KERAS_BACKEND, f"keras-{KERAS_BACKEND}")
 
@@ -764,6 +781,25 @@ class KerasBackend(Backend):
             )
             if self.device == "gpu":
                 device_name = torch.cuda.get_device_name(0)
+        elif KERAS_BACKEND == "jax":
+            import jax
+            import jaxlib
+
+            versions.update(jax=jax.__version__, jaxlib=jaxlib.__version__)
+            xla_flags = os.environ.get("XLA_FLAGS")
+            determinism.update(
+                {
+                    # read when JAX started (backends/jax_env.py); GPU kernels only
+                    "xla_gpu_deterministic_ops": "--xla_gpu_deterministic_ops=true"
+                    in (xla_flags or ""),
+                    "XLA_FLAGS": xla_flags,
+                    "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+                    "jax_enable_x64": bool(jax.config.jax_enable_x64),
+                    "jax_platform": jax.default_backend(),
+                }
+            )
+            if self.device == "gpu":
+                device_name = jax.devices()[0].device_kind
         return {
             "name": self.name,
             "framework": f"keras/{KERAS_BACKEND}",
@@ -793,6 +829,12 @@ class KerasBackend(Backend):
             if deterministic:
                 torch.backends.cuda.matmul.allow_tf32 = False
                 torch.backends.cudnn.allow_tf32 = False
+        elif KERAS_BACKEND == "jax":
+            import jax
+
+            # float32 matmuls and convolutions in full float32 on GPU (TF32 off, as above);
+            # read when a function is traced, so before the first step
+            jax.config.update("jax_default_matmul_precision", "highest" if deterministic else None)
         if KERAS_BACKEND != "tensorflow" and "tensorflow" not in sys.modules:
             # set_random_seed also seeds TensorFlow whenever it is importable: on Keras' other
             # backends that would load TensorFlow beside torch (the segfault REFERENCE.md notes)
@@ -908,11 +950,13 @@ class KerasBackend(Backend):
         (mean loss, training-mode probabilities (B,)[, gradients]), as framework tensors."""
         if KERAS_BACKEND == "torch":
             return self._make_step_torch(handle, augment, gradients)
+        if KERAS_BACKEND == "jax":
+            return self._make_step_jax(handle, augment, gradients)
         if KERAS_BACKEND != "tensorflow":
             raise UserError(
-                f"backend '{self.name}': training is implemented for Keras on TensorFlow and "
-                f"PyTorch only (build, count_params and predict work on {KERAS_BACKEND})",
-                "use backend 'keras' (TensorFlow), 'keras-torch' or 'torch'",
+                f"backend '{self.name}': training is implemented for Keras on TensorFlow, "
+                f"PyTorch and JAX only (build, count_params and predict work on {KERAS_BACKEND})",
+                "use backend 'keras' (TensorFlow), 'keras-torch', 'keras-jax' or 'torch'",
             )
         model_input, optimizer = handle.model_input, handle.trainer()
         variables = handle.model.trainable_variables
@@ -983,6 +1027,66 @@ class KerasBackend(Backend):
             if copies is not None:
                 return loss.detach(), probs.detach(), copies
             return loss.detach(), probs.detach()
+
+        return step
+
+    def _make_step_jax(
+        self, handle: KerasHandle, augment: bool, gradients: bool
+    ) -> Callable[..., tuple[Any, ...]]:
+        """The same step on Keras' JAX backend: Keras 3's stateless API under one jax.jit.
+
+        As Keras' own JAXTrainer.train_step: a pure function of the variables' values
+        (trainable; non-trainable: BatchNorm statistics, dropout seed states; the optimizer's),
+        jax.value_and_grad of the forward and loss, optimizer.stateless_apply. The forward is
+        the shared `_loss_and_probs` (it needs the features model and the last layer's
+        pre-activation, not only model.call) inside the keras.StatelessScope that
+        model.stateless_call opens, mapping the model's variables to the traced values; the
+        scope returns the updated non-trainable values. After each step the new values are
+        assigned to the Keras variables, so predict, get/set_weights, get/set_state and the
+        learning rate (an optimizer variable, read as an input of each step) work unchanged.
+        """
+        import jax
+
+        model_input, optimizer = handle.model_input, handle.trainer()
+        trainable = handle.model.trainable_variables
+        non_trainable = handle.model.non_trainable_variables
+        opt_variables = optimizer.variables
+        loss_spec = handle.spec.train.loss  # type: ignore[union-attr]
+        eps, smoothing, on_logits = loss_spec.epsilon, loss_spec.label_smoothing, handle.on_logits
+        ops = keras.ops
+
+        def forward(train_values: list[Any], other_values: list[Any], x: Any, y: Any) -> Any:
+            mapping = [*zip(trainable, train_values, strict=True),
+                       *zip(non_trainable, other_values, strict=True)]
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                loss, probs = _loss_and_probs(handle, x, y, on_logits, eps, smoothing)
+            return loss, (probs, [scope.get_current_value(v) for v in non_trainable])
+
+        value_and_grad = jax.value_and_grad(forward, has_aux=True)
+
+        @jax.jit
+        def pure_step(train_values: list[Any], other_values: list[Any], opt_values: list[Any],
+                      images: Any, labels: Any, matrices: Any) -> tuple[Any, ...]:
+            x = ops.cast(images, "float32")[..., None]
+            if augment:
+                x = _transform(x, matrices)
+            x = _normalize(x, model_input)
+            (loss, (probs, other_values)), grads = value_and_grad(
+                train_values, other_values, x, labels
+            )
+            train_values, opt_values = optimizer.stateless_apply(opt_values, grads, train_values)
+            return loss, probs, train_values, other_values, opt_values, grads
+
+        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, ...]:
+            loss, probs, *values, grads = pure_step(
+                [v.value for v in trainable], [v.value for v in non_trainable],
+                [v.value for v in opt_variables], images, labels, matrices,
+            )
+            for variables, new in zip((trainable, non_trainable, opt_variables), values,
+                                      strict=True):
+                for v, value in zip(variables, new, strict=True):
+                    v.assign(value)
+            return (loss, probs, grads) if gradients else (loss, probs)
 
         return step
 
@@ -1068,6 +1172,8 @@ class KerasBackend(Backend):
                 jit_compile=False,
                 input_signature=(tf.TensorSpec((None, size, size), tf.uint8),),
             )
+        elif KERAS_BACKEND == "jax":
+            forward = _jit_stateless(handle, forward)
         handle._forward[logits] = forward
         return forward
 
@@ -1174,4 +1280,10 @@ class KerasBackend(Backend):
     def peak_memory(self) -> dict[str, Any]:
         if KERAS_BACKEND == "tensorflow" and self.device == "gpu":
             return {"tf_peak_bytes": int(tf.config.experimental.get_memory_info("GPU:0")["peak"])}
+        if KERAS_BACKEND == "jax" and self.device == "gpu":
+            import jax
+
+            # None where the device keeps no statistics: reported as not measured
+            peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+            return {} if peak is None else {"jax_peak_bytes": int(peak)}
         return {}

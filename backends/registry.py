@@ -23,7 +23,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from harness.errors import UserError
 from harness.vocab import PAPER_MODELS, Supports
@@ -82,10 +82,11 @@ REGISTRY: dict[str, BackendEntry] = {
             "keras-jax",
             "backends.keras_backend:KerasBackend",
             ("keras", "jax"),
-            "jax",
+            "keras-jax",
             {"KERAS_BACKEND": "jax"},
-            "the same Keras code on Keras 3's JAX backend (build/predict only, no training)",
-            supports=replace(PAPER_MODELS, optimizers=(), trains=False),
+            "the same Keras code on Keras 3's JAX backend (jitted stateless train step)",
+            "backends.jax_env",
+            supports=PAPER_MODELS,
         ),
         BackendEntry(
             "torch",
@@ -135,7 +136,7 @@ def install_hint(name: str) -> str:
     if e.name == "keras-torch":
         return "pip install -e '.[torch]' keras"
     if e.name == "keras-jax":
-        return "pip install -e . keras jax"
+        return "pip install -e '.[keras-jax]'"
     return f"pip install -e '.[{e.extra}]'"
 
 

@@ -19,17 +19,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _FRAMEWORK_BACKENDS = {"keras": "tensorflow", "torch": "torch"}
 
 
-if os.environ.get("HARNESS_TEST_FRAMEWORK") == "keras-torch":
-    # Keras reads its backend at import: torch here, never TensorFlow
-    os.environ["KERAS_BACKEND"] = "torch"
+# Keras 3 on another framework (tox -e keras-torch / keras-jax): HARNESS_TEST_FRAMEWORK -> the
+# backend name, the framework module, KERAS_BACKEND (Keras reads it at import; never TensorFlow)
+_KERAS_ON = {"keras-torch": "torch", "keras-jax": "jax"}
+if os.environ.get("HARNESS_TEST_FRAMEWORK") in _KERAS_ON:
+    os.environ["KERAS_BACKEND"] = _KERAS_ON[os.environ["HARNESS_TEST_FRAMEWORK"]]
 
 
 def available_backends() -> list[str]:
     """Framework backends importable here (one per tox env; never both in one process)."""
     only = os.environ.get("HARNESS_TEST_FRAMEWORK")
-    if only == "keras-torch":  # Keras 3 on its PyTorch backend (tox -e keras-torch)
-        found = all(importlib.util.find_spec(m) is not None for m in ("keras", "torch"))
-        return ["keras-torch"] if found else []
+    if only in _KERAS_ON:  # Keras 3 on its PyTorch or JAX backend (tox -e keras-torch|keras-jax)
+        found = all(importlib.util.find_spec(m) is not None for m in ("keras", _KERAS_ON[only]))
+        return [only] if found else []
     names = []
     for name, module in _FRAMEWORK_BACKENDS.items():
         if only and {"tf": "keras", "torch": "torch"}.get(only) != name:

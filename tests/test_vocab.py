@@ -175,9 +175,7 @@ def test_what_each_backend_claims() -> None:
         "reference": Supports(kinds=("random",)),
         "keras": PAPER_MODELS,
         "keras-torch": PAPER_MODELS,
-        "keras-jax": Supports(kinds=("sequential", "pretrained"), layers=vocab.LAYER_TYPES,
-                              bases=vocab.BASES, activations=vocab.ACTIVATIONS,
-                              initializers=vocab.INITIALIZERS, trains=False),
+        "keras-jax": PAPER_MODELS,
         "torch": PAPER_MODELS,
     }
     assert PAPER_MODELS.claims() == {**CATEGORIES, "kinds": ("sequential", "pretrained")}
@@ -242,10 +240,10 @@ def test_support_matrix_rows() -> None:
     assert len(rows) == sum(map(len, CATEGORIES.values())) + 1
     assert rows[0] == ["model", "kind", "random", "yes", "-", "-", "-", "-"]
     assert rows[1] == ["sequential", "-", "yes", "yes", "yes", "yes"]
-    assert ["optimizer", "adam", "-", "yes", "yes", "-", "yes"] in rows
-    assert ["sgd", "-", "yes", "yes", "-", "yes"] in rows
+    assert ["optimizer", "adam", "-", "yes", "yes", "yes", "yes"] in rows
+    assert ["sgd", "-", "yes", "yes", "yes", "yes"] in rows
     assert ["densenet169", "-", "yes", "yes", "yes", "yes"] in rows
-    assert rows[-1] == ["training", "-", "yes", "yes", "-", "yes"]
+    assert rows[-1] == ["training", "-", "yes", "yes", "yes", "yes"]
 
 
 class _Entry:

@@ -1,6 +1,7 @@
 """`run --jobs 2` against `--jobs 1` on the same spec: wall time, and what changed in the results.
 
-    python tests/benchmarks/bench_jobs.py [--rounds 2] [--out /tmp/bench-jobs] [-- --set ...]
+    python tests/benchmarks/bench_jobs.py [--rounds 2] [--out /tmp/bench-jobs] [PATH=VALUE ...]
+    python tests/benchmarks/bench_jobs.py --rounds 0 --out /tmp/bench-jobs   # compare results only
 
 A script, not a pytest benchmark: each measurement is a whole `python -m harness run --fresh`
 (minutes), and the rounds are interleaved (1, 2, 1, 2, ...) so that the load of a shared machine
@@ -68,11 +69,12 @@ def main() -> int:
         rows.append({"run": f.stem, "threads_jobs1": threads_of(a), "threads_jobs2": threads_of(b),
                      "identical": pa == pb, "max_abs_diff": diff, "labels_changed": changed,
                      "workers_jobs2": b["resources"].get("workers_sharing_machine")})
-    m1, m2 = statistics.median(times[1]), statistics.median(times[2])
-    summary = {"times_s": times, "median_jobs1_s": m1, "median_jobs2_s": m2,
-               "speedup": m1 / m2, "runs": rows, "set": DEFAULT_SET + args.extra}
+    summary: dict = {"times_s": times, "runs": rows, "set": DEFAULT_SET + args.extra}
+    if times[1] and times[2]:  # --rounds 0: only compare the results already in OUT
+        m1, m2 = statistics.median(times[1]), statistics.median(times[2])
+        summary.update({"median_jobs1_s": m1, "median_jobs2_s": m2, "speedup": m1 / m2})
+        print(f"median wall: --jobs 1 {m1:.1f} s, --jobs 2 {m2:.1f} s, ratio {m1 / m2:.2f}x")
     (args.out / "bench_jobs.json").write_text(json.dumps(summary, indent=1))
-    print(f"median wall: --jobs 1 {m1:.1f} s, --jobs 2 {m2:.1f} s, ratio {m1 / m2:.2f}x")
     print("run | threads (harness/framework) jobs1 -> jobs2 | identical | max |diff| | "
           "labels changed")
     for row in rows:

@@ -202,14 +202,13 @@ def test_gradients_match_the_keras_float64_reference(name, key):
     """The training half of the parity check against committed Keras (TensorFlow) float64
     gradients (tests/tools/make_gradient_reference.py), same drawn weights: this backend's
     float64 gradients agree to GRAD64_TOL and its float32 training step's to GRAD_TOL (torch's
-    channels_last BatchNorm statistics once put the CNN's at 2e-3; see BatchNorm2dNCHW)."""
+    channels_last BatchNorm statistics once put the CNN's at 2e-3; see BatchNorm2dNCHW).
+    Keras on torch computes BatchNormalization in float32 (see the test below): its float64
+    gradients are off by float32 rounding, not by a port error, and are an expected failure."""
     from tools import make_gradient_reference as ref
 
     from backends.registry import create
 
-    if name == "keras-torch":
-        pytest.xfail("Keras on torch: float64 gradients 7e-8 .. 7e-7 from the TensorFlow "
-                     "reference at every variable (a float32 step somewhere, not found yet)")
     data = np.load(ROOT / "tests" / "data" / "gradient_reference.npz")
     backend = create(name, device="cpu", deterministic=True)
     handle, batch = ref.build(backend, key)
@@ -224,10 +223,40 @@ def test_gradients_match_the_keras_float64_reference(name, key):
     g64 = backend.gradients(handle, batch, "float64")
     assert sorted(g64) == sorted(expected)
     worst64 = max(rel(g64, n) for n in expected)
-    assert worst64 <= GRAD64_TOL
     g32 = backend.train_step(handle, batch, gradients=True)().gradients
     worst32 = max((rel(g32, n), n) for n in expected)
     assert worst32[0] <= GRAD_TOL, worst32
+    if name == "keras-torch" and worst64 > GRAD64_TOL:
+        assert worst64 < 1e-5  # measured 6.5e-7 (cnn), 1.6e-7 (densenet169): float32 rounding
+        pytest.xfail(f"Keras on torch: float64 gradients {worst64:.1e} from the TensorFlow "
+                     "reference: BatchNormalization.call computes in backend.result_type("
+                     "float64, 'float32'), float32 outside TensorFlow (keras' dtypes.py "
+                     "BIT64_TO_BIT32_DTYPE)")
+    assert worst64 <= GRAD64_TOL
+
+
+@pytest.mark.skipif(not {"keras", "keras-torch"} & set(BACKENDS),
+                    reason="Keras' BatchNormalization (tox -e tf, keras-torch)")
+def test_keras_batchnorm_on_float64_input_computes_in_float64_only_on_tensorflow():
+    """Why keras-torch's float64 gradients miss the reference: Keras' type promotion maps
+    float64 to float32 outside TensorFlow (as JAX without x64), and BatchNormalization.call
+    casts its input to result_type(input, "float32") before the moments. Fails when Keras
+    changes this: then the xfail above must go."""
+    from backends.keras_backend import KERAS_BACKEND, keras
+
+    x = np.random.default_rng(0).normal(1.0, 0.5, (4, 6, 6, 3))
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    exact = (x - mean) / np.sqrt(var + 1e-3)
+    layer = keras.layers.BatchNormalization(epsilon=1e-3, dtype="float64")
+    y = np.asarray(keras.ops.convert_to_numpy(layer(keras.ops.convert_to_tensor(x),
+                                                    training=True)))
+    err = float(np.linalg.norm(y - exact) / np.linalg.norm(exact))
+    promoted = keras.backend.result_type("float64", "float32")
+    assert y.dtype == np.float64
+    if KERAS_BACKEND == "tensorflow":
+        assert promoted == "float64" and err < 1e-14
+    else:
+        assert promoted == "float32" and 1e-9 < err < 1e-6
 
 
 @pytest.mark.skipif("keras" not in BACKENDS, reason="TensorFlow's thread pools (tox -e tf)")

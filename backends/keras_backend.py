@@ -50,6 +50,7 @@ left alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -57,7 +58,7 @@ import re
 import socket
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,28 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow's 'same' padding along one axis (the odd pixel after)."""
     total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
+
+
+@contextlib.contextmanager
+def _float64_kept(dtype: str) -> Iterator[None]:
+    """Keras off TensorFlow demotes float64 to float32 in type promotion (JAX's rule without x64:
+    keras/src/backend/common/dtypes.py BIT64_TO_BIT32_DTYPE), so BatchNormalization.call, which
+    casts its input to result_type(input, "float32"), computes a float64 input in float32. The
+    float64 gradients of the parity check must be float64 throughout: the demotion is lifted
+    while they are computed, and only then (training and inference never run in float64).
+    Measured on keras-torch: float64 gradients 7e-8..7e-7 from TensorFlow's with the demotion,
+    2e-16..9e-15 without (tests/test_parity.py pins both behaviours)."""
+    from keras.src.backend.common import dtypes as keras_dtypes
+
+    table = keras_dtypes.BIT64_TO_BIT32_DTYPE
+    if dtype != "float64" or table.get("float64") != "float32":
+        yield
+        return
+    table["float64"] = "float64"
+    try:
+        yield
+    finally:
+        table["float64"] = "float32"
 
 
 class SameAveragePooling2D(keras.layers.Layer):
@@ -1053,34 +1076,38 @@ class KerasBackend(Backend):
         opt_variables = optimizer.variables
         loss_spec = handle.spec.train.loss  # type: ignore[union-attr]
         eps, smoothing, on_logits = loss_spec.epsilon, loss_spec.label_smoothing, handle.on_logits
+        weighted = loss_spec.class_weight is not None
         ops = keras.ops
 
-        def forward(train_values: list[Any], other_values: list[Any], x: Any, y: Any) -> Any:
+        def forward(train_values: list[Any], other_values: list[Any], x: Any, y: Any,
+                    w: Any) -> Any:
             mapping = [*zip(trainable, train_values, strict=True),
                        *zip(non_trainable, other_values, strict=True)]
             with keras.StatelessScope(state_mapping=mapping) as scope:
-                loss, probs = _loss_and_probs(handle, x, y, on_logits, eps, smoothing)
+                loss, probs = _loss_and_probs(handle, x, y, on_logits, eps, smoothing,
+                                              w if weighted else None)
             return loss, (probs, [scope.get_current_value(v) for v in non_trainable])
 
         value_and_grad = jax.value_and_grad(forward, has_aux=True)
 
         @jax.jit
         def pure_step(train_values: list[Any], other_values: list[Any], opt_values: list[Any],
-                      images: Any, labels: Any, matrices: Any) -> tuple[Any, ...]:
+                      images: Any, labels: Any, matrices: Any, weights: Any
+                      ) -> tuple[Any, ...]:
             x = ops.cast(images, "float32")[..., None]
             if augment:
                 x = _transform(x, matrices)
             x = _normalize(x, model_input)
             (loss, (probs, other_values)), grads = value_and_grad(
-                train_values, other_values, x, labels
+                train_values, other_values, x, labels, weights
             )
             train_values, opt_values = optimizer.stateless_apply(opt_values, grads, train_values)
             return loss, probs, train_values, other_values, opt_values, grads
 
-        def step(images: Any, labels: Any, matrices: Any) -> tuple[Any, ...]:
+        def step(images: Any, labels: Any, matrices: Any, weights: Any) -> tuple[Any, ...]:
             loss, probs, *values, grads = pure_step(
                 [v.value for v in trainable], [v.value for v in non_trainable],
-                [v.value for v in opt_variables], images, labels, matrices,
+                [v.value for v in opt_variables], images, labels, matrices, weights,
             )
             for variables, new in zip((trainable, non_trainable, opt_variables), values,
                                       strict=True):
@@ -1145,7 +1172,8 @@ class KerasBackend(Backend):
         else:  # pragma: no cover - keras-torch
             for v in variables:
                 v.value.grad = None
-            loss().backward()
+            with _float64_kept(dtype):
+                loss().backward()
             grads = [v.value.grad for v in variables]
         names = {id(v): k for k, v in self._variables(copy).items()}
         return {names[id(v)]: np.array(keras.ops.convert_to_numpy(g))

@@ -194,7 +194,7 @@ class MlflowTracker:
             filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
             max_results=50000,
         )
-        return {r.data.tags.get(f"{TAG}run_hash"): r for r in runs}
+        return {h: r for r in runs if (h := r.data.tags.get(f"{TAG}run_hash")) is not None}
 
     # -- the observer ------------------------------------------------------------------------
 

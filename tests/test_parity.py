@@ -203,8 +203,9 @@ def test_gradients_match_the_keras_float64_reference(name, key):
     gradients (tests/tools/make_gradient_reference.py), same drawn weights: this backend's
     float64 gradients agree to GRAD64_TOL and its float32 training step's to GRAD_TOL (torch's
     channels_last BatchNorm statistics once put the CNN's at 2e-3; see BatchNorm2dNCHW).
-    Keras on torch computes BatchNormalization in float32 (see the test below): its float64
-    gradients are off by float32 rounding, not by a port error, and are an expected failure."""
+    Keras on torch computes BatchNormalization in float32 (see the test below) unless the
+    backend lifts Keras' float64 demotion while it computes them (keras_backend._float64_kept):
+    with it, keras-torch meets the same float64 tolerance (measured 9e-15; 6.5e-7 without)."""
     from tools import make_gradient_reference as ref
 
     from backends.registry import create
@@ -226,13 +227,7 @@ def test_gradients_match_the_keras_float64_reference(name, key):
     g32 = backend.train_step(handle, batch, gradients=True)().gradients
     worst32 = max((rel(g32, n), n) for n in expected)
     assert worst32[0] <= GRAD_TOL, worst32
-    if name == "keras-torch" and worst64 > GRAD64_TOL:
-        assert worst64 < 1e-5  # measured 6.5e-7 (cnn), 1.6e-7 (densenet169): float32 rounding
-        pytest.xfail(f"Keras on torch: float64 gradients {worst64:.1e} from the TensorFlow "
-                     "reference: BatchNormalization.call computes in backend.result_type("
-                     "float64, 'float32'), float32 outside TensorFlow (keras' dtypes.py "
-                     "BIT64_TO_BIT32_DTYPE)")
-    assert worst64 <= GRAD64_TOL
+    assert worst64 <= GRAD64_TOL, worst64
 
 
 @pytest.mark.skipif(not {"keras", "keras-torch"} & set(BACKENDS),
@@ -241,7 +236,7 @@ def test_keras_batchnorm_on_float64_input_computes_in_float64_only_on_tensorflow
     """Why keras-torch's float64 gradients miss the reference: Keras' type promotion maps
     float64 to float32 outside TensorFlow (as JAX without x64), and BatchNormalization.call
     casts its input to result_type(input, "float32") before the moments. Fails when Keras
-    changes this: then the xfail above must go."""
+    changes this: then keras_backend._float64_kept is no longer needed."""
     from backends.keras_backend import KERAS_BACKEND, keras
 
     x = np.random.default_rng(0).normal(1.0, 0.5, (4, 6, 6, 3))

@@ -61,6 +61,7 @@ SCHEMA_SETS: dict[str, tuple[Any, ...]] = {
     "unit": vocab.BOOTSTRAP_UNITS,
     "method": vocab.BOOTSTRAP_METHODS,
     "levels": vocab.LEVELS,
+    "level": vocab.LEVELS,
     "device": vocab.DEVICES,
     "init": vocab.INIT_MODES,
     "class_weight": vocab.CLASS_WEIGHT_RULES,

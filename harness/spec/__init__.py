@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from harness.errors import UserError
 from harness.spec.messages import (
     MAX_ERRORS,
+    error_description,
     error_field,
     from_override,
     validation_errors,
@@ -223,22 +224,31 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as e:
-        lines: list[str] = []
-        errors = validation_errors(e)
-        for err in errors:
-            message = validation_message(err, raw, source)
+        lines: list[tuple[str, str]] = []  # (message, where it came from)
+        by_path: dict[str, int] = {}  # a union's alternatives all fail on one path: one line
+        for err in validation_errors(e):
+            message, suffix = validation_message(err, raw, source), ""
             culprit = from_override(err, raw, set_paths)
             if culprit is not None:
-                message += f" (from --set {culprit})"
+                suffix = f" (from --set {culprit})"
             elif len(files) > 1:  # name the parent that wrote the field, not the child
                 written_by = origin(files, raw, error_field(err, raw))
                 if written_by is not None and written_by != source:
-                    message = f"{written_by}{message.removeprefix(source)} (extended by {source})"
-            if message not in lines:
-                lines.append(message)
-        shown = lines[:MAX_ERRORS]
-        if len(lines) > MAX_ERRORS:
-            shown.append(f"{source}: {len(lines) - MAX_ERRORS} more errors not shown; fix these "
+                    message = f"{written_by}{message.removeprefix(source)}"
+                    suffix = f" (extended by {source})"
+            path = error_field(err, raw)
+            if path in by_path:  # e.g. "must be one of balanced; got 'even'; or must be a mapping"
+                first, first_suffix = lines[by_path[path]]
+                what = error_description(err)
+                if what not in first:
+                    lines[by_path[path]] = (f"{first}; or {what}", first_suffix)
+                continue
+            by_path[path] = len(lines)
+            lines.append((message, suffix))
+        text = [m + x for m, x in lines]
+        shown = text[:MAX_ERRORS]
+        if len(text) > MAX_ERRORS:
+            shown.append(f"{source}: {len(text) - MAX_ERRORS} more errors not shown; fix these "
                          "first")
         raise UserError("\n".join(shown)) from None
     _check_assumption_fields(spec, raw, source)

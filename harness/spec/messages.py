@@ -53,6 +53,23 @@ _ALLOWED_BY_TAG = {
 }
 
 
+def _tagged(err: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """(what a tagged union's member is called, the tags allowed): a field named by its key
+    (`schedule`, `optimizer`) is called so, with the union's own tags."""
+    ctx = err.get("ctx") or {}
+    what, allowed = _ALLOWED_BY_TAG.get(str(ctx.get("discriminator", "")).strip("'"),
+                                        ("value", ()))
+    loc = err.get("loc") or ()
+    if loc and isinstance(loc[-1], str):
+        what = loc[-1]
+    expected = ctx.get("expected_tags")
+    if isinstance(expected, str) and expected:
+        tags = tuple(t.strip().strip("'") for t in expected.split(","))
+        if set(tags) != set(allowed):  # another union than the vocabulary's (e.g. schedules)
+            allowed = tags
+    return what, allowed
+
+
 def _describe(err: dict[str, Any]) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
@@ -66,11 +83,11 @@ def _describe(err: dict[str, Any]) -> str:
     if kind in ("tuple_type", "list_type"):
         return f"must be a list; got {_short(got)}"
     if kind == "union_tag_invalid":
-        what, allowed = _ALLOWED_BY_TAG.get(ctx.get("discriminator", "").strip("'"), ("value", ()))
+        what, allowed = _tagged(err)
         return f"unknown {what} {ctx.get('tag')!r}; allowed: {', '.join(allowed)}"
     if kind == "union_tag_not_found":
         disc = str(ctx.get("discriminator", "")).strip("'")
-        what, allowed = _ALLOWED_BY_TAG.get(disc, ("value", ()))
+        what, allowed = _tagged(err)
         return f"missing '{disc}' ({what}); allowed: {', '.join(allowed)}"
     if kind == "literal_error":
         expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
@@ -108,6 +125,11 @@ def error_field(err: dict[str, Any], raw: dict[str, Any]) -> str:
 
 
 MAX_ERRORS = 10  # reported at once; a spec with more is probably not this kind of file at all
+
+
+def error_description(err: dict[str, Any]) -> str:
+    """What is wrong, without the file and the path."""
+    return _describe(err)
 
 
 def validation_message(err: dict[str, Any], raw: dict[str, Any], source: str) -> str:

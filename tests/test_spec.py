@@ -358,7 +358,7 @@ def test_split_path() -> None:
     [
         ("models.cnn.train.epochz=3",
          "models[1].train: unknown key 'epochz' (did you mean 'epochs'?); allowed: batch_size, "
-         "checkpoint, early_stopping, epochs, loss, optimizer, schedule, shuffle "
+         "checkpoint, early_stopping, epochs, loss, optimizer, schedule, shuffle, stages "
          "(from --set models.cnn.train.epochz=3)"),
         ("foo.bar=1",
          "(top level): unknown key 'foo'; allowed: assumptions, augmentation, data, evaluation, "
@@ -503,7 +503,7 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      "bias_initializer, filters, kernel, kernel_initializer, padding, strides, type, use_bias"),
     ("unknown-train-key", lambda d: cnn(d)["train"].update(epoch=3),
      "models[1].train: unknown key 'epoch' (did you mean 'epochs'?); allowed: batch_size, "
-     "checkpoint, early_stopping, epochs, loss, optimizer, schedule, shuffle"),
+     "checkpoint, early_stopping, epochs, loss, optimizer, schedule, shuffle, stages"),
     ("unknown-key-no-match", lambda d: d["data"]["split"].update(zzz=1),
      "data.split: unknown key 'zzz'; allowed: seed, strategy, stratify, test_fraction"),
     # wrong types

@@ -31,6 +31,7 @@ from harness.spec import (
     RandomModel,
     SequentialModel,
     Spec,
+    Stage,
 )
 
 Shape = tuple[int, ...]
@@ -257,8 +258,8 @@ def infer_model(spec: Spec, model: Model, index: int | None = None) -> Inference
     return Inference(model.name, input_shape, tuple(rows), total, out)
 
 
-def stage_counts(spec: Spec, model: Model, index: int) -> list[ParamCounts]:
-    """Each `train.stages` stage's parameter counts (what trains in it), in order; [] without
+def stage_counts(spec: Spec, model: Model, index: int) -> list[tuple[Stage, ParamCounts]]:
+    """Each `train.stages` stage with its parameter counts (what trains in it); [] without
     stages. A stage's trainable_from is checked against harness.base_layers like the base's."""
     if not isinstance(model, PretrainedModel) or not model.train.stages:
         return []
@@ -281,7 +282,8 @@ def stage_counts(spec: Spec, model: Model, index: int) -> list[ParamCounts]:
             )
         base = model.base.model_copy(update={"frozen": stage.head_only,
                                              "trainable_from": stage.trainable_from})
-        out.append(infer_model(spec, model.model_copy(update={"base": base}), index).counts)
+        variant = model.model_copy(update={"base": base})
+        out.append((stage, infer_model(spec, variant, index).counts))
     return out
 
 

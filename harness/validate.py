@@ -81,8 +81,7 @@ def model_tables(spec: Spec) -> tuple[str, list[str]]:
             f"Total params: {_n(c.total)}  Trainable: {_n(c.trainable)}  "
             f"Non-trainable: {_n(c.non_trainable)}"
         )
-        for k, sc in enumerate(stage_counts(spec, model, i)):
-            stage = model.train.stages[k]  # type: ignore[union-attr]
+        for k, (stage, sc) in enumerate(stage_counts(spec, model, i)):
             out.append(
                 f"  stage {k + 1} ({stage.epochs} epochs, lr {stage.learning_rate:g}): "
                 f"Trainable: {_n(sc.trainable)}  Non-trainable: {_n(sc.non_trainable)}"

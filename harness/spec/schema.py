@@ -691,6 +691,7 @@ class TrainSpec(Strict):
     schedule: Schedule = ConstantSchedule(name="constant")
     early_stopping: EarlyStopping | None = None
     checkpoint: Checkpoint | None = None
+    # pretrained models: phases run in order (Stage); epochs is their sum; no schedule with them
     stages: tuple[Stage, ...] | None = None
 
     @model_validator(mode="before")

@@ -10,9 +10,10 @@ One training loop (backends/loop.py, framework-free) drives every backend, as Ke
     history = loop.fit(backend, handle, model_spec, train_data, val_data, on_epoch)
     probs = backend.predict(handle, test_images)
 
-and the loop calls only `train_step`, `predict`, `get/set_learning_rate` and
-`get/set_weights`. What a backend implements (each method is small; tables map the spec's
-vocabulary to framework classes, one dict per category, exposed as `TABLES`):
+and the loop calls only `train_step`, `predict`, `get/set_learning_rate`,
+`get/set_weights` and (train.stages) `set_trainable`. What a backend implements (each method
+is small; tables map the spec's vocabulary to framework classes, one dict per category,
+exposed as `TABLES`):
 
     environment()                      versions, device, determinism flags in force (JSON-able)
     seed(seed, deterministic)          seed every RNG; enforce determinism when asked
@@ -23,6 +24,7 @@ vocabulary to framework classes, one dict per category, exposed as `TABLES`):
     activations(handle, images)        every layer's inference output (parity)
     predict(handle, images, logits=)   inference mode, float64 (N,): probabilities or logits
     get_learning_rate / set_learning_rate(handle, lr)
+    set_trainable(handle, frozen, trainable_from)   a stage: what trains; a fresh optimizer
     get_weights(handle) / set_weights(handle, weights)    the neutral layout below
     get_state(handle) / set_state(handle, state)   weights + optimizer + RNG: resume a run
     peak_memory()                      the framework's own peak memory ({} when not applicable)
@@ -300,6 +302,15 @@ class Backend(ABC):
 
     def set_learning_rate(self, handle: Any, learning_rate: float) -> None:
         raise NotImplementedError(f"backend '{self.name}' has no optimizer")
+
+    def set_trainable(self, handle: Any, frozen: bool, trainable_from: str | None) -> None:
+        """Switch what of a pretrained model trains (a `train.stages` stage begins): `frozen`
+        the head only; else the base from `trainable_from` (a harness.base_layers name) on, or
+        all of it when None. Frozen parts keep their weights and run BatchNorm in inference
+        mode. The optimizer is re-created for the new trainable variables with the spec's
+        hyper-parameters and no state (Keras' recompile after changing `trainable`); the loop
+        sets the stage's learning rate after."""
+        raise NotImplementedError(f"backend '{self.name}' cannot change what trains")
 
     def get_weights(self, handle: Any) -> dict[str, np.ndarray]:
         """Every variable of the model (trainable or not) in the neutral layout."""

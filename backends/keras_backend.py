@@ -923,18 +923,35 @@ class KerasBackend(Backend):
             include_top=False, weights=weights, input_shape=(size, size, 3)
         )
         inputs = keras.Input((size, size, 3), name="image")
-        if model.base.frozen:
+        if model.base.frozen and not model.train.stages:
             base.trainable = False
             # training=False keeps the base's BatchNorm in inference mode even in a train step
             x = base(inputs, training=False)
         else:
-            if model.base.trainable_from is not None:
+            if model.train.stages:  # set_trainable switches it per stage
+                base.trainable = False
+            elif model.base.trainable_from is not None:
                 _freeze_before(base, model.base.trainable_from)
             x = base(inputs)  # a BatchNorm with trainable=False runs in inference mode
         outputs, before, last = _stack(x, model.head)
         net = keras.Model(inputs, outputs, name=model.name)
         features = keras.Model(inputs, before, name=f"{model.name}_features")
         return KerasHandle(net, model_input, model, base, features=features, last=last)
+
+    def set_trainable(self, handle: KerasHandle, frozen: bool, trainable_from: str | None
+                      ) -> None:
+        """layer.trainable as Keras' fine-tuning recipe sets it, then a new optimizer built on
+        the new trainable variables and new train steps (Keras' recompile)."""
+        base = handle.base
+        if base is None:
+            raise UserError(f"model '{handle.spec.name}' has no base: stages need one")
+        base.trainable = not frozen  # sets every layer's flag
+        if not frozen and trainable_from is not None:
+            _freeze_before(base, trainable_from)
+        handle.optimizer = _optimizer(handle.spec.train)  # type: ignore[arg-type]
+        handle.optimizer.build(handle.model.trainable_variables)
+        handle._steps.clear()
+        handle._forward.clear()
 
     def count_params(self, handle: KerasHandle) -> ParamCounts:
         def size(weights: list[Any]) -> int:

@@ -35,9 +35,9 @@ from backends.base import (
     sigmoid,
     smooth_labels,
 )
-from backends.recipe import Recipe
+from backends.recipe import Recipe, f32
 from harness.records import EpochRecord, TrainState
-from harness.spec import Layer, Model, PretrainedModel, SequentialModel
+from harness.spec import Layer, Model, PretrainedModel, SequentialModel, TrainSpec
 
 # Inference batch for validation (and, in the worker, the test set): one size for every
 # backend, since a framework may pick other kernels, and so other roundings, per batch size.
@@ -133,6 +133,9 @@ def fit(
 ) -> list[EpochRecord]:
     """Train up to `model.train.epochs` epochs on the harness's stream; validate after each.
 
+    With `train.stages`, the stages are an outer sequence over the epochs: at a stage's first
+    epoch `Backend.set_trainable` switches what trains (a fresh optimizer: Keras' recompile) and
+    the stage's learning rate is set; a resumed run re-enters the stage its state was saved in.
     Every epoch runs the same hook sequence: schedule (the epoch's learning rate) -> train
     epoch -> validate -> the recipe's callbacks (reduce_on_plateau, early stopping, checkpoint;
     backends/recipe.py). Early stopping ends the loop; at the end the checkpoint's best weights
@@ -149,12 +152,20 @@ def fit(
     class_weights = recipe.loss.class_weights(train.labels)
     history: list[EpochRecord] = []
     first = 1
+    stage: int | None = None  # the index of the stage in force (recipe.stages)
     if resume is not None:
+        if recipe.stages:
+            # the saved optimizer state is the one of the stage its epoch ran in
+            stage = _enter_stage(backend, handle, recipe, resume.epoch, resume)
         backend.set_state(handle, resume.backend)
         history, first = list(resume.history), resume.epoch + 1
         if resume.recipe:
             policy.restore(resume.recipe, resume.kept)
     for epoch in range(first, recipe.epochs + 1):
+        if recipe.stages and recipe.stage_of(epoch) != stage:
+            stage = _enter_stage(backend, handle, recipe, epoch)
+            policy.lr = f32(recipe.stages[stage].learning_rate)
+            backend.set_learning_rate(handle, policy.lr)
         lr = policy.begin_epoch(epoch)
         if lr is not None:
             backend.set_learning_rate(handle, lr)
@@ -171,14 +182,36 @@ def fit(
         if stop:
             break
         if on_checkpoint is not None and epoch < recipe.epochs and epoch % checkpoint_every == 0:
+            state = policy.state() if stage is None else {**policy.state(), "stage": stage}
             on_checkpoint(TrainState(epoch, tuple(history), backend.get_state(handle),
-                                     policy.state(), dict(policy.kept)))
+                                     state, dict(policy.kept)))
     chosen, weights = policy.final_weights()
     if weights is not None:
         backend.set_weights(handle, weights)
     if chosen is not None:
         history = [replace(h, chosen=h.epoch == chosen) for h in history]
     return history
+
+
+def _enter_stage(
+    backend: Backend,
+    handle: object,
+    recipe: TrainSpec,
+    epoch: int,
+    resume: TrainState | None = None,
+) -> int:
+    """Make the stage of 1-based `epoch` trainable (a fresh optimizer); its index. With
+    `resume`, the stage the saved state names must be that one (else the state is not this
+    recipe's)."""
+    index = recipe.stage_of(epoch)
+    if resume is not None and resume.recipe.get("stage", index) != index:
+        raise ValueError(
+            f"the training state after epoch {epoch} was saved in stage "
+            f"{resume.recipe['stage'] + 1}, but the recipe puts that epoch in stage {index + 1}"
+        )
+    s = recipe.stages[index]  # type: ignore[index]
+    backend.set_trainable(handle, s.head_only, s.trainable_from)
+    return index
 
 
 def _epoch(

@@ -548,6 +548,17 @@ class TorchNet(nn.Module):
             m.requires_grad_(False)
             m.eval()
 
+    def refreeze(self, frozen_parts: list[nn.Module]) -> None:
+        """Make `frozen_parts` the frozen ones (a training stage begins); the rest trains."""
+        if self.base is not None:
+            self.base.requires_grad_(True)
+            self.base.train(self.training)
+        self.frozen_parts = frozen_parts
+        self.frozen = self.base is not None and any(m is self.base for m in frozen_parts)
+        for m in frozen_parts:
+            m.requires_grad_(False)
+            m.eval()
+
     def train(self, mode: bool = True) -> TorchNet:
         super().train(mode)
         for m in self.frozen_parts:
@@ -1136,12 +1147,28 @@ class TorchBackend(Backend):
             torch.cuda.reset_peak_memory_stats(self.device)
         handle = TorchHandle(net, model, model_input, self.device, channels_last, rows,
                              rows[-1][1] if rows else ())
-        recipe = model.train
-        params = [p for p in net.parameters() if p.requires_grad]
-        handle.optimizer = _lookup(OPTIMIZERS, recipe.optimizer.name, "optimizer")(
-            recipe.optimizer, params)
-        handle.on_logits = recipe.loss.on_logits(last_layer(model))
+        handle.optimizer = self._optimizer(handle)
+        handle.on_logits = model.train.loss.on_logits(last_layer(model))
         return handle
+
+    @staticmethod
+    def _optimizer(handle: TorchHandle) -> torch.optim.Optimizer:
+        """The recipe's optimizer over the parameters that train now, with no state."""
+        params = [p for p in handle.net.parameters() if p.requires_grad]
+        opt = handle.model.train.optimizer
+        return _lookup(OPTIMIZERS, opt.name, "optimizer")(opt, params)  # type: ignore[no-any-return]
+
+    def set_trainable(self, handle: TorchHandle, frozen: bool, trainable_from: str | None
+                      ) -> None:
+        """requires_grad and eval() of the frozen modules (harness.base_layers' order), then a
+        new optimizer over the parameters that train (Keras' recompile: no state kept)."""
+        base = handle.net.base
+        if base is None:
+            raise UserError(f"model '{handle.model.name}' has no base: stages need one")
+        spec = handle.model.base.model_copy(
+            update={"frozen": frozen, "trainable_from": None if frozen else trainable_from})
+        handle.net.refreeze(frozen_parts(base, spec))
+        handle.optimizer = self._optimizer(handle)
 
     @staticmethod
     def _probe(base: nn.Module, shape: Shape) -> Shape:

@@ -31,6 +31,7 @@ from harness.spec import (
     RandomModel,
     SequentialModel,
     Spec,
+    Stage,
 )
 
 Shape = tuple[int, ...]
@@ -255,6 +256,35 @@ def infer_model(spec: Spec, model: Model, index: int | None = None) -> Inference
     for r in rows:
         total = total + r.params
     return Inference(model.name, input_shape, tuple(rows), total, out)
+
+
+def stage_counts(spec: Spec, model: Model, index: int) -> list[tuple[Stage, ParamCounts]]:
+    """Each `train.stages` stage with its parameter counts (what trains in it); [] without
+    stages. A stage's trainable_from is checked against harness.base_layers like the base's."""
+    if not isinstance(model, PretrainedModel) or not model.train.stages:
+        return []
+    out = []
+    for k, stage in enumerate(model.train.stages):
+        if stage.trainable_from is not None and first_trainable(
+            model.base.name, stage.trainable_from
+        ) is None:
+            where = f"{spec.source}: models[{index}].train.stages[{k}].trainable_from"
+            if model.base.name not in BASE_LAYERS:
+                raise UserError(
+                    f"{where}: {model.base.name} has no layer table in this harness; bases "
+                    f"that take trainable_from: {', '.join(BASE_LAYERS)}",
+                    "use frozen: true or frozen: false in this stage",
+                )
+            raise UserError(
+                f"{where}: {model.base.name} has no block or layer '{stage.trainable_from}'; "
+                f"blocks: {', '.join(block_names(model.base.name))} (or a layer name such as "
+                f"{BASE_LAYERS[model.base.name][-3].name})"
+            )
+        base = model.base.model_copy(update={"frozen": stage.head_only,
+                                             "trainable_from": stage.trainable_from})
+        variant = model.model_copy(update={"base": base})
+        out.append((stage, infer_model(spec, variant, index).counts))
+    return out
 
 
 def check_output(spec: Spec, inference: Inference, index: int) -> None:

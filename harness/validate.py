@@ -54,7 +54,7 @@ def _n(x: int) -> str:
 
 def model_tables(spec: Spec) -> tuple[str, list[str]]:
     """Keras-summary-like tables for every model, and the list of count mismatches."""
-    from harness.shapes import check_output, infer_model
+    from harness.shapes import check_output, infer_model, stage_counts
 
     out: list[str] = []
     problems: list[str] = []
@@ -81,6 +81,11 @@ def model_tables(spec: Spec) -> tuple[str, list[str]]:
             f"Total params: {_n(c.total)}  Trainable: {_n(c.trainable)}  "
             f"Non-trainable: {_n(c.non_trainable)}"
         )
+        for k, (stage, sc) in enumerate(stage_counts(spec, model, i)):
+            out.append(
+                f"  stage {k + 1} ({stage.epochs} epochs, lr {stage.learning_rate:g}): "
+                f"Trainable: {_n(sc.trainable)}  Non-trainable: {_n(sc.non_trainable)}"
+            )
         if model.printed_params is not None:
             p = model.printed_params
             rows2 = []

@@ -1055,6 +1055,71 @@ def test_partial_fine_tuning_trains_from_the_named_layer_and_keeps_frozen_bn(bac
     assert changed == trained
 
 
+STAGED = """  - name: staged
+    kind: pretrained
+    base: {name: densenet121, weights: none}
+    head: [{type: global_avg_pool}, {type: dense, units: 1, activation: sigmoid}]
+    train:
+      optimizer: {name: adam, learning_rate: 0.01}
+      batch_size: 4
+      stages:
+        - {epochs: 1, learning_rate: 0.01}
+        - {epochs: %d, learning_rate: 0.001, trainable_from: conv5_block16}
+"""
+
+
+@pytest.mark.slow
+def test_stages_train_the_head_then_the_base_from_trainable_from(backend, tmp_path):
+    spec = spec_with(tmp_path, STAGED % 1, 32)
+    model = spec.model("staged")
+    handle = backend.build(model, ModelInput(32, 3, "imagenet"))
+    before = backend.get_weights(handle)
+    seen: list[tuple[dict, tuple[int, int, int], float]] = []
+    imgs, labels = smooth_images(12, 32, 32, seed=1), (np.arange(12) % 2).astype(np.float32)
+    train = TrainData(imgs, np.arange(8), labels[:8], spec.augmentation, seed=0)
+    hist = fit(backend, handle, model, train, EvalData(imgs[8:], labels[8:]),
+               on_epoch=lambda r: seen.append((backend.get_weights(handle),
+                                               counts(backend, handle),
+                                               backend.get_learning_rate(handle))))
+    assert [h.learning_rate for h in hist] == [float(np.float32(0.01)), float(np.float32(0.001))]
+    total = BASE_TABLE["densenet121"].counts.total + 1025
+    partial = 1984 + 126_976 + 256 + 36_864 + 2048 + 1025  # as the trainable_from count test
+    assert [c for _, c, _ in seen] == [(total, 1025, total - 1025),
+                                       (total, partial, total - partial)]
+    assert [lr for _, _, lr in seen] == pytest.approx([0.01, 0.001], rel=1e-7)
+    stage1, stage2 = seen[0][0], seen[1][0]
+    changed1 = sorted(k for k in before if not np.array_equal(before[k], stage1[k]))
+    assert changed1 == ["dense_1/bias", "dense_1/kernel"]  # base weights AND statistics kept
+    changed2 = sorted(k for k in before if not np.array_equal(stage1[k], stage2[k]))
+    trained = sorted(k for k in before if k.startswith(("densenet121/conv5_block16_",
+                                                        "densenet121/bn/", "dense_1/")))
+    assert len(trained) == 2 * 4 + 2 + 4 + 2
+    assert changed2 == trained  # from conv5_block16 on (weights, BN statistics); none before
+
+
+@pytest.mark.slow
+def test_stages_resume_inside_stage_two_ends_bit_identical(backend_name, tmp_path):
+    spec = spec_with(tmp_path, STAGED % 2, 32)
+    model = spec.model("staged")
+    imgs, labels = smooth_images(12, 32, 32, seed=1), (np.arange(12) % 2).astype(np.float32)
+    train = TrainData(imgs, np.arange(8), labels[:8], spec.augmentation, seed=0)
+    val = EvalData(imgs[8:], labels[8:])
+
+    def run(resume=None):
+        b = make_backend(backend_name)
+        handle = b.build(model, ModelInput(32, 3, "imagenet"))
+        states: list = []
+        hist = fit(b, handle, model, train, val, resume=resume, on_checkpoint=states.append)
+        return hist, b.get_weights(handle), states
+
+    whole, weights, states = run()
+    assert [s.recipe["stage"] for s in states] == [0, 1]
+    resumed, resumed_weights, _ = run(states[1])  # after epoch 2, inside stage 2
+    assert [h.loss for h in resumed] == [h.loss for h in whole]
+    assert [h.val_loss for h in resumed] == [h.val_loss for h in whole]
+    assert all(np.array_equal(weights[k], resumed_weights[k]) for k in weights)
+
+
 def test_same_seed_same_initial_weights(backend_name):
     spec = tiny_cnn_spec()
 

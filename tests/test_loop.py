@@ -348,3 +348,98 @@ def test_resume_keeps_plateau_early_stopping_and_checkpoint_state(tmp_path):
     assert [h.learning_rate for h in resumed] == [h.learning_rate for h in whole]
     assert [h.chosen for h in resumed] == [h.chosen for h in whole]
     assert resumed_backend.loaded == whole_backend.loaded == 6
+
+
+# -- training stages (train.stages) -----------------------------------------------------------
+
+
+class Staged(Curve):
+    """Curve that records what trains and the rates it is given, by epochs done."""
+
+    def __init__(self, curve: list[float]) -> None:
+        super().__init__(curve)
+        self.events: list[tuple] = []
+
+    def set_trainable(self, handle, frozen, trainable_from):
+        self.events.append(("trainable", self.epoch, frozen, trainable_from))
+
+    def set_learning_rate(self, handle, learning_rate):
+        self.events.append(("lr", self.epoch, learning_rate))
+
+    def set_state(self, handle, state):
+        self.events.append(("state", int(state["epoch"])))
+
+
+STAGES = [{"epochs": 2, "learning_rate": 1e-3, "trainable_from": None},
+          {"epochs": 3, "learning_rate": 1e-5, "trainable_from": "conv5"}]
+
+
+def staged_model(stages=STAGES):
+    from harness.spec import PretrainedModel
+
+    spec, _ = spec_and_model()
+    d = spec.model("densenet").model_dump()
+    d["train"].update(epochs=None, batch_size=10, stages=stages)
+    d["train"]["loss"]["form"] = "probabilities"
+    return spec, PretrainedModel.model_validate(d)
+
+
+def staged_fit(backend, model, spec, **kw):
+    train = data(10, spec)
+    val = EvalData(train.images[:2], np.ones(2, np.float32))
+    return fit(backend, model, model, train, val, clock=Clock(), **kw)
+
+
+def test_stages_switch_trainable_and_rate_at_each_stage_start():
+    spec, model = staged_model()
+    assert model.train.epochs == 5
+    backend, states = Staged(CURVE), []
+    hist = staged_fit(backend, model, spec, on_checkpoint=states.append)
+    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    assert backend.events == [
+        ("trainable", 0, True, None), ("lr", 0, f32(1e-3)),
+        ("trainable", 2, False, "conv5"), ("lr", 2, f32(1e-5)),
+    ]
+    assert [h.learning_rate for h in hist] == [f32(1e-3)] * 2 + [f32(1e-5)] * 3
+    assert [s.recipe["stage"] for s in states] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("after", "expected"),
+    [
+        # inside stage 2: its trainable part (fresh optimizer), then the saved state over it
+        (3, [("trainable", 3, False, "conv5"), ("state", 3)]),
+        # at the boundary: stage 1's structure for the saved state, then stage 2 begins
+        (2, [("trainable", 2, True, None), ("state", 2),
+             ("trainable", 2, False, "conv5"), ("lr", 2, float(np.float32(1e-5)))]),
+    ],
+)
+def test_resume_re_enters_the_stage_the_state_was_saved_in(tmp_path, after, expected):
+    from harness.results import read_checkpoint, write_checkpoint
+
+    spec, model = staged_model()
+    whole_backend, states = Staged(CURVE), []
+    whole = staged_fit(whole_backend, model, spec, on_checkpoint=states.append)
+    path = tmp_path / "state.npz"
+    write_checkpoint(path, "h", states[after - 1])
+    state = read_checkpoint(path, "h")
+    assert state is not None and state.epoch == after
+    resumed_backend = Staged(CURVE)
+    resumed_backend.epoch = after
+    resumed = staged_fit(resumed_backend, model, spec, resume=state)
+    assert resumed_backend.events == expected
+    assert [h.learning_rate for h in resumed] == [h.learning_rate for h in whole]
+    assert [h.val_loss for h in resumed] == [h.val_loss for h in whole]
+
+
+def test_resume_refuses_a_state_saved_in_another_stage():
+    spec, model = staged_model()
+    states = []
+    staged_fit(Staged(CURVE), model, spec, on_checkpoint=states.append)
+    _, other = staged_model([{"epochs": 4, "learning_rate": 1e-3},
+                             {"epochs": 1, "learning_rate": 1e-5}])
+    backend = Staged(CURVE)
+    backend.epoch = 3
+    with pytest.raises(ValueError, match="saved in stage 2, but the recipe puts that epoch in "
+                                         "stage 1"):
+        staged_fit(backend, other, spec, resume=states[2])

@@ -358,7 +358,7 @@ def test_split_path() -> None:
     [
         ("models.cnn.train.epochz=3",
          "models[1].train: unknown key 'epochz' (did you mean 'epochs'?); allowed: batch_size, "
-         "checkpoint, early_stopping, epochs, loss, optimizer, schedule, shuffle "
+         "checkpoint, early_stopping, epochs, loss, optimizer, schedule, shuffle, stages "
          "(from --set models.cnn.train.epochz=3)"),
         ("foo.bar=1",
          "(top level): unknown key 'foo'; allowed: assumptions, augmentation, data, evaluation, "
@@ -503,7 +503,7 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      "bias_initializer, filters, kernel, kernel_initializer, padding, strides, type, use_bias"),
     ("unknown-train-key", lambda d: cnn(d)["train"].update(epoch=3),
      "models[1].train: unknown key 'epoch' (did you mean 'epochs'?); allowed: batch_size, "
-     "checkpoint, early_stopping, epochs, loss, optimizer, schedule, shuffle"),
+     "checkpoint, early_stopping, epochs, loss, optimizer, schedule, shuffle, stages"),
     ("unknown-key-no-match", lambda d: d["data"]["split"].update(zzz=1),
      "data.split: unknown key 'zzz'; allowed: seed, strategy, stratify, test_fraction"),
     # wrong types
@@ -1053,3 +1053,56 @@ def test_recipe_fields_parse_with_keras_defaults():
     assert train.loss.class_weights([1, 0, 0]) == (0.4, 0.6)
     assert train.loss.model_copy(update={"class_weight": "balanced"}).class_weights(
         [1, 0, 0, 0]) == (0.25, 0.75)  # MURA: w0 = A / (A + N), w1 = N / (A + N)
+
+
+STAGES = ("models.densenet.train.stages=[{epochs: 4, learning_rate: 1.0e-3}, "
+          "{epochs: 6, learning_rate: 1.0e-5, trainable_from: conv5}]")
+
+
+def test_stages_sum_to_the_epochs_and_validate_counts_each_stage():
+    from harness.validate import model_tables
+
+    spec = load_spec(ROOT / "specs" / "paper.yaml", [STAGES, "models.densenet.train.epochs=null"])
+    train = spec.model("densenet").train
+    assert train.epochs == 10 and [train.stage_of(e) for e in (1, 4, 5, 10)] == [0, 0, 1, 1]
+    assert [(s.head_only, s.trainable_from) for s in train.stages] == [(True, None),
+                                                                        (False, "conv5")]
+    tables, problems = model_tables(spec)
+    assert "  stage 1 (4 epochs, lr 0.001): Trainable: 1,665  Non-trainable: 12,642,880" in tables
+    # conv5 + the final bn + the head, as base.trainable_from: conv5 counts it
+    assert "  stage 2 (6 epochs, lr 1e-05): Trainable: 5,918,593  Non-trainable: 6,725,952" in (
+        tables)
+    assert problems == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([STAGES.replace("epochs: 6", "epochs: 5")],
+         "models[2].train: epochs: 10 but the stages sum to 9 epochs; omit epochs (it is the "
+         "stages' sum) or make them agree"),
+        ([STAGES, "models.densenet.train.schedule=cosine"],
+         "models[2].train: schedule: cosine cannot be combined with stages (each stage sets its "
+         "learning_rate); drop the schedule"),
+        ([STAGES, "models.densenet.base.frozen=false"],
+         "models[2]: train.stages decide what of the base trains, but base has frozen: false, "
+         "trainable_from: None; leave both out of base"),
+        ([STAGES.replace("cnn", "x").replace("densenet", "cnn")],
+         "models[1]: train.stages switch what of a pretrained base trains; a sequential model "
+         "has no base: drop stages"),
+        ([STAGES.replace("learning_rate: 1.0e-3}", "learning_rate: 1.0e-3, frozen: true, "
+                         "trainable_from: conv4}")],
+         "models[2].train.stages[0]: trainable_from: conv4 trains part of the base, but frozen "
+         "is true; drop frozen (or set frozen: false)"),
+        ([STAGES.replace("conv5", "conv9")],
+         "models[2].train.stages[1].trainable_from: densenet169 has no block or layer 'conv9'; "
+         "blocks: conv1, pool1"),
+    ],
+)
+def test_stage_mistakes_are_one_line_user_errors(overrides, message):
+    from harness.validate import model_tables
+
+    with pytest.raises(UserError) as e:
+        model_tables(load_spec(ROOT / "specs" / "paper.yaml", overrides))
+    text = str(e.value)
+    assert "\n" not in text and message in text, text

@@ -656,15 +656,84 @@ class Checkpoint(Monitored):
     initial_value_threshold: float | None = None
 
 
+class Stage(Strict):
+    """One training phase of a pretrained model (`train.stages`, run in order): `epochs`
+    epochs at `learning_rate` (set at the stage's start), training the head only
+    (`frozen: true`, also when neither key is given), the base from `trainable_from` on, or
+    everything (`frozen: false`). A stage change re-creates the optimizer, as Keras' recompile
+    after changing `trainable` does: no optimizer state (moments, iterations) carries over."""
+
+    epochs: PosInt
+    learning_rate: float = Field(gt=0)
+    frozen: bool | None = None  # None: true unless trainable_from is given
+    trainable_from: str | None = None
+
+    @model_validator(mode="after")
+    def _partial(self) -> Stage:
+        if self.trainable_from is not None and self.frozen:
+            raise ValueError(
+                f"trainable_from: {self.trainable_from} trains part of the base, but frozen is "
+                f"true; drop frozen (or set frozen: false)"
+            )
+        return self
+
+    @property
+    def head_only(self) -> bool:
+        return self.frozen is not False and self.trainable_from is None
+
+
 class TrainSpec(Strict):
     optimizer: Optimizer
     loss: Loss = Loss()
-    epochs: int = Field(ge=1)
+    epochs: int = Field(ge=1)  # with stages: their sum (may be omitted)
     batch_size: int = Field(ge=1)
     shuffle: bool = True
     schedule: Schedule = ConstantSchedule(name="constant")
     early_stopping: EarlyStopping | None = None
     checkpoint: Checkpoint | None = None
+    # pretrained models: phases run in order (Stage); epochs is their sum; no schedule with them
+    stages: tuple[Stage, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_epochs(cls, data: Any) -> Any:
+        """With stages, epochs defaults to the sum of the stages' epochs."""
+        if isinstance(data, dict) and data.get("stages") and data.get("epochs") is None:
+            stages = data["stages"]
+            if isinstance(stages, list | tuple) and all(
+                isinstance(s, dict) and isinstance(s.get("epochs"), int)
+                and not isinstance(s.get("epochs"), bool) for s in stages
+            ):
+                data = {**data, "epochs": sum(s["epochs"] for s in stages)}
+        return data
+
+    @model_validator(mode="after")
+    def _stages(self) -> TrainSpec:
+        if self.stages is None:
+            return self
+        if not self.stages:
+            raise ValueError("stages: must list at least one stage (or be omitted)")
+        total = sum(s.epochs for s in self.stages)
+        if self.epochs != total:
+            raise ValueError(
+                f"epochs: {self.epochs} but the stages sum to {total} epochs; omit epochs "
+                f"(it is the stages' sum) or make them agree"
+            )
+        if not isinstance(self.schedule, ConstantSchedule):
+            raise ValueError(
+                f"schedule: {self.schedule.name} cannot be combined with stages (each stage "
+                f"sets its learning_rate); drop the schedule"
+            )
+        return self
+
+    def stage_of(self, epoch: int) -> int:
+        """The 0-based index of the stage that 1-based `epoch` belongs to (0 without stages)."""
+        end = 0
+        for i, s in enumerate(self.stages or ()):
+            end += s.epochs
+            if epoch <= end:
+                return i
+        return max(len(self.stages or ()) - 1, 0)
 
 
 class ParamCounts(Strict):
@@ -736,6 +805,15 @@ class SequentialModel(ModelBase):
     layers: tuple[Layer, ...] = Field(min_length=1)
     train: TrainSpec
 
+    @model_validator(mode="after")
+    def _no_stages(self) -> SequentialModel:
+        if self.train.stages:
+            raise ValueError(
+                "train.stages switch what of a pretrained base trains; a sequential model "
+                "has no base: drop stages"
+            )
+        return self
+
 
 class BaseNet(Strict):
     name: BaseName
@@ -769,6 +847,16 @@ class PretrainedModel(ModelBase):
     head: tuple[Layer, ...] = Field(min_length=1)
     train: TrainSpec
     normalization: Normalization | None = "imagenet"
+
+    @model_validator(mode="after")
+    def _stages_decide(self) -> PretrainedModel:
+        if self.train.stages and (self.base.trainable_from is not None or not self.base.frozen):
+            raise ValueError(
+                f"train.stages decide what of the base trains, but base has frozen: "
+                f"{str(self.base.frozen).lower()}, trainable_from: {self.base.trainable_from}; "
+                f"leave both out of base (set frozen / trainable_from per stage)"
+            )
+        return self
 
 
 Model = Annotated[RandomModel | SequentialModel | PretrainedModel, Field(discriminator="kind")]

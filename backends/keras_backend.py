@@ -90,6 +90,7 @@ from harness.spec import (
     SequentialModel,
     TrainSpec,
 )
+from harness.vocab import NORMALIZATIONS
 
 KERAS_BACKEND = keras.backend.backend()
 _NAMES = {"tensorflow": "keras", "torch": "keras-torch", "jax": "keras-jax"}
@@ -272,7 +273,7 @@ class BaseEntry:
     constructor: str  # attribute of keras.applications
     weights_file: str
     origin: str
-    md5: str
+    md5: str  # "": none published
 
 
 BASES: dict[str, BaseEntry] = {
@@ -305,6 +306,24 @@ BASES: dict[str, BaseEntry] = {
         "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         f"{_APPS}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "6d6bbae143d832006294945121d1f1fc",
+    ),
+    "efficientnet_b0": BaseEntry(
+        "EfficientNetB0",
+        "efficientnetb0_notop.h5",
+        "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+        "50bc09e76180e00e4465e1a485ddc09d",
+    ),
+    "mobilenet_v2": BaseEntry(  # Keras publishes no hash; the 224 px file (any input size)
+        "MobileNetV2",
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+        f"{_APPS}/mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+        "",
+    ),
+    "inception_v3": BaseEntry(
+        "InceptionV3",
+        "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        f"{_APPS}/inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "bcbd6486424b2319ff4ef7d526e38f63",
     ),
 }
 
@@ -377,7 +396,7 @@ def resolve_weights(base: str, weights: str) -> str | None:
                     entry.origin,
                     cache_dir=str(folder.parent),
                     cache_subdir="models",
-                    file_hash=entry.md5,
+                    file_hash=entry.md5 or None,
                 )
             )
         except Exception as e:  # noqa: BLE001 - any download failure is the same user error
@@ -451,9 +470,12 @@ def _normalize(x: Any, model_input: ModelInput) -> Any:
         mean = np.asarray(IMAGENET_MEAN[: model_input.channels], dtype=np.float32)
         std = np.asarray(IMAGENET_STD[: model_input.channels], dtype=np.float32)
         x = (x - mean) / std
+    elif model_input.normalization == "tf":
+        x = x / 127.5 - 1.0
     elif model_input.normalization not in ("rescale", "none"):
         raise ValueError(
-            f"unknown normalization '{model_input.normalization}'; known: rescale, imagenet, none"
+            f"unknown normalization '{model_input.normalization}'; "
+            f"known: {', '.join(NORMALIZATIONS)}"
         )
     return x
 
@@ -806,7 +828,7 @@ class KerasBackend(Backend):
         weights = resolve_weights(model.base.name, model.base.weights)
         size = model_input.image_size
         base = getattr(keras.applications, entry.constructor)(
-            include_top=False, weights=weights, input_shape=(size, size, 3)
+            include_top=False, weights=weights, input_shape=(size, size, 3), name=model.base.name
         )
         inputs = keras.Input((size, size, 3), name="image")
         if model.base.frozen:

@@ -1019,9 +1019,9 @@ class KerasBackend(Backend):
             handle.model_input,
         )
         out: dict[str, np.ndarray] = {}
-        if handle.base is not None:
+        blocks = [] if handle.base is None else _base_blocks(handle.base)
+        if handle.base is not None and blocks:  # a base without block tensors: its output only
             base, base_name = handle.base, handle.spec.base.name  # type: ignore[union-attr]
-            blocks = _base_blocks(base)
             probe = keras.Model(base.inputs, [base.get_layer(n).output for n in blocks])
             values = probe(x, training=False)
             for name, value in zip(blocks, values, strict=True):

@@ -307,6 +307,9 @@ BASES: dict[str, BaseEntry] = {
         f"{_APPS}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "6d6bbae143d832006294945121d1f1fc",
     ),
+    # loaded from a path (as every base here), Keras leaves out the extra Rescaling by
+    # 1/sqrt(std) it adds only for weights="imagenet" (keras issue tensorflow#49930): the input is
+    # (x/255 - mean) / std with the file's mean/variance, what torch's PixelsToImagenet computes
     "efficientnet_b0": BaseEntry(
         "EfficientNetB0",
         "efficientnetb0_notop.h5",

@@ -97,6 +97,7 @@ from harness.spec import (
     SequentialModel,
     TrainSpec,
 )
+from harness.vocab import NORMALIZATIONS
 
 KERAS_BACKEND = keras.backend.backend()
 _NAMES = {"tensorflow": "keras", "torch": "keras-torch", "jax": "keras-jax"}
@@ -308,7 +309,7 @@ class BaseEntry:
     constructor: str  # attribute of keras.applications
     weights_file: str
     origin: str
-    md5: str
+    md5: str  # "": none published
 
 
 BASES: dict[str, BaseEntry] = {
@@ -341,6 +342,27 @@ BASES: dict[str, BaseEntry] = {
         "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         f"{_APPS}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "6d6bbae143d832006294945121d1f1fc",
+    ),
+    # loaded from a path (as every base here), Keras leaves out the extra Rescaling by
+    # 1/sqrt(std) it adds only for weights="imagenet" (keras issue tensorflow#49930): the input is
+    # (x/255 - mean) / std with the file's mean/variance, what torch's PixelsToImagenet computes
+    "efficientnet_b0": BaseEntry(
+        "EfficientNetB0",
+        "efficientnetb0_notop.h5",
+        "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+        "50bc09e76180e00e4465e1a485ddc09d",
+    ),
+    "mobilenet_v2": BaseEntry(  # Keras publishes no hash; the 224 px file (any input size)
+        "MobileNetV2",
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+        f"{_APPS}/mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+        "",
+    ),
+    "inception_v3": BaseEntry(
+        "InceptionV3",
+        "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        f"{_APPS}/inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "bcbd6486424b2319ff4ef7d526e38f63",
     ),
 }
 
@@ -413,7 +435,7 @@ def resolve_weights(base: str, weights: str) -> str | None:
                     entry.origin,
                     cache_dir=str(folder.parent),
                     cache_subdir="models",
-                    file_hash=entry.md5,
+                    file_hash=entry.md5 or None,
                 )
             )
         except Exception as e:  # noqa: BLE001 - any download failure is the same user error
@@ -488,9 +510,12 @@ def _normalize(x: Any, model_input: ModelInput) -> Any:
         mean = np.asarray(IMAGENET_MEAN[: model_input.channels], dtype=dtype)
         std = np.asarray(IMAGENET_STD[: model_input.channels], dtype=dtype)
         x = (x - mean) / std
+    elif model_input.normalization == "tf":
+        x = x / 127.5 - 1.0
     elif model_input.normalization not in ("rescale", "none"):
         raise ValueError(
-            f"unknown normalization '{model_input.normalization}'; known: rescale, imagenet, none"
+            f"unknown normalization '{model_input.normalization}'; "
+            f"known: {', '.join(NORMALIZATIONS)}"
         )
     return x
 
@@ -920,7 +945,7 @@ class KerasBackend(Backend):
         weights = resolve_weights(model.base.name, model.base.weights)
         size = model_input.image_size
         base = getattr(keras.applications, entry.constructor)(
-            include_top=False, weights=weights, input_shape=(size, size, 3)
+            include_top=False, weights=weights, input_shape=(size, size, 3), name=model.base.name
         )
         inputs = keras.Input((size, size, 3), name="image")
         if model.base.frozen and not model.train.stages:
@@ -1245,9 +1270,9 @@ class KerasBackend(Backend):
             handle.model_input,
         )
         out: dict[str, np.ndarray] = {}
-        if handle.base is not None:
+        blocks = [] if handle.base is None else _base_blocks(handle.base)
+        if handle.base is not None and blocks:  # a base without block tensors: its output only
             base, base_name = handle.base, handle.spec.base.name  # type: ignore[union-attr]
-            blocks = _base_blocks(base)
             probe = keras.Model(base.inputs, [base.get_layer(n).output for n in blocks])
             values = probe(x, training=False)
             for name, value in zip(blocks, values, strict=True):

@@ -104,6 +104,7 @@ from harness.spec import (
     RMSprop,
     SequentialModel,
 )
+from harness.vocab import NORMALIZATIONS
 
 Shape = tuple[int, ...]  # channels-first, no batch axis: (C, H, W) or (F,)
 
@@ -430,12 +431,64 @@ def _vgg_features(m: nn.Module) -> nn.Module:
     return nn.Sequential(OrderedDict(features=features))
 
 
+class PixelsToImagenet(nn.Module):
+    """Keras' EfficientNet input layers with ImageNet weights (Rescaling 1/255, Normalization
+    by ImageNet mean and variance): the base takes raw [0, 255] pixels in both backends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shape = (1, 3, 1, 1)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / 255.0 - self.mean) / self.std
+
+
+def _efficientnet_features(m: nn.Module) -> nn.Module:
+    features: nn.Module = m.features  # type: ignore[assignment]
+    return nn.Sequential(OrderedDict(input=PixelsToImagenet(), features=features))
+
+
+def _tf_same_pad(conv: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """forward pre-hook: TensorFlow's 'same' padding (the extra row/column after, as Keras'
+    correct_pad + ZeroPadding2D), for a strided conv whose own padding is set to 0."""
+    x = args[0]
+    pads: list[int] = []
+    for n, k, s in zip(reversed(x.shape[2:]), reversed(conv.kernel_size), reversed(conv.stride),
+                       strict=True):  # F.pad takes the last dimension first
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pads += [total // 2, total - total // 2]
+    return (nn.functional.pad(x, pads),)
+
+
+def _mobilenet_v2_features(m: nn.Module) -> nn.Module:
+    """torchvision's MobileNetV2 features computing Keras' function: BatchNorm eps 1e-3 and
+    momentum 0.999 (set in build_base), strided convs padded as TensorFlow's 'same'."""
+    features: nn.Module = m.features  # type: ignore[assignment]
+    for module in features.modules():
+        if isinstance(module, nn.Conv2d) and module.stride != (1, 1):
+            module.padding = (0, 0)
+            module.register_forward_pre_hook(_tf_same_pad)
+    return nn.Sequential(OrderedDict(features=features))
+
+
+def _inception_features(m: nn.Module) -> nn.Module:
+    names = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+             "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
+             "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
+    return nn.Sequential(OrderedDict((n, getattr(m, n)) for n in names))
+
+
 @dataclass(frozen=True)
 class BaseEntry:
     constructor: str  # torchvision.models.<constructor>
     weights_enum: str  # torchvision.models.<weights_enum>.IMAGENET1K_V1
     features: Callable[[nn.Module], nn.Module]
     channels: int
+    bn_momentum: float = 0.01  # torch's momentum: 1 - Keras' (0.99 by default)
+    bn_eps: float | None = None  # None: torchvision's
+    random_init: dict[str, Any] = field(default_factory=dict)  # constructor options, weights=None
 
 
 BASES: dict[str, BaseEntry] = {
@@ -444,6 +497,17 @@ BASES: dict[str, BaseEntry] = {
     "densenet201": BaseEntry("densenet201", "DenseNet201_Weights", _densenet_features, 1920),
     "resnet50": BaseEntry("resnet50", "ResNet50_Weights", _resnet_features, 2048),
     "vgg16": BaseEntry("vgg16", "VGG16_Weights", _vgg_features, 512),
+    "efficientnet_b0": BaseEntry(
+        "efficientnet_b0", "EfficientNet_B0_Weights", _efficientnet_features, 1280, bn_eps=1e-3
+    ),
+    "mobilenet_v2": BaseEntry(
+        "mobilenet_v2", "MobileNet_V2_Weights", _mobilenet_v2_features, 1280, bn_momentum=0.001,
+        bn_eps=1e-3,
+    ),
+    "inception_v3": BaseEntry(
+        "inception_v3", "Inception_V3_Weights", _inception_features, 2048,
+        random_init={"init_weights": True},
+    ),
 }
 
 # Released DenseNet checkpoints use 'norm.1'-style keys; torchvision renames them on load (its
@@ -516,17 +580,19 @@ def build_base(name: str, weights: str) -> nn.Module:
             )
         model = constructor(weights=getattr(torchvision.models, entry.weights_enum).IMAGENET1K_V1)
     elif keyword == "none":
-        model = constructor(weights=None)
+        model = constructor(weights=None, **entry.random_init)
     else:
-        model = constructor(weights=None)
+        model = constructor(weights=None, **entry.random_init)
         _load_local_weights(model, name, weights)
     base = entry.features(model)
     for m in base.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.01  # Keras' BatchNormalization default momentum 0.99
-            # keras.applications' DenseNet and ResNet use epsilon 1.001e-5, torchvision 1e-5:
-            # 1e-7 of the frozen DenseNet's head gradient (measured by weight-port parity)
-            if name.startswith(("densenet", "resnet")):
+            m.momentum = entry.bn_momentum
+            if entry.bn_eps is not None:
+                m.eps = entry.bn_eps
+            elif name.startswith(("densenet", "resnet")):
+                # keras.applications' DenseNet and ResNet use epsilon 1.001e-5, torchvision 1e-5:
+                # 1e-7 of the frozen DenseNet's head gradient (measured by weight-port parity)
                 m.eps = 1.001e-5
     return base
 
@@ -645,7 +711,10 @@ def _module_weights(module: nn.Module) -> dict[str, Slot]:
     """One module's variables by Keras name: conv kernels OIHW -> HWIO, dense (out, in) -> (in,
     out), BatchNorm weight/bias/running stats -> gamma/beta/moving_mean/moving_variance."""
     out: dict[str, Slot] = {}
-    if isinstance(module, nn.Conv2d):
+    depthwise = isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels
+    if depthwise:
+        out["kernel"] = Slot(module.weight, (2, 3, 0, 1))  # depthwise (C, 1, H, W) -> HWC1
+    elif isinstance(module, nn.Conv2d):
         out["kernel"] = Slot(module.weight, (2, 3, 1, 0))
     elif isinstance(module, nn.Linear):
         out["kernel"] = Slot(module.weight, (1, 0))
@@ -694,11 +763,29 @@ def _vgg_names(base: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(zip(names, convs, strict=True))
 
 
-def _no_counterpart(base_name: str) -> Callable[[nn.Module], list[tuple[str, nn.Module]]]:
+def _mobilenet_v2_names(base: nn.Module) -> list[tuple[str, nn.Module]]:
+    """torchvision MobileNetV2 modules under Keras' layer names (keras.applications.mobilenet_v2):
+    features.0 the stem, features.1..17 the inverted residual blocks, features.18 the last conv."""
+    blocks = list(base.features.children())  # type: ignore[union-attr]
+    modules = [m for m in blocks[0].modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+    out = list(zip(("Conv1", "bn_Conv1"), modules, strict=True))
+    for i, block in enumerate(blocks[1:-1]):
+        prefix = "expanded_conv" if i == 0 else f"block_{i}"
+        parts = (("depthwise", "project") if i == 0 else ("expand", "depthwise", "project"))
+        names = [n for part in parts for n in (f"{prefix}_{part}", f"{prefix}_{part}_BN")]
+        modules = [m for m in block.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+        out += zip(names, modules, strict=True)
+    modules = [m for m in blocks[-1].modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+    return out + list(zip(("Conv_1", "Conv_1_bn"), modules, strict=True))
+
+
+def _no_counterpart(
+    base_name: str, reason: str
+) -> Callable[[nn.Module], list[tuple[str, nn.Module]]]:
     def fail(base: nn.Module) -> list[tuple[str, nn.Module]]:
         raise ValueError(
             f"base {base_name}: torchvision's model has no exact counterpart of Keras' "
-            "(its convolutions have no biases), so it has no neutral weight layout"
+            f"({reason}), so it has no neutral weight layout"
         )
 
     return fail
@@ -708,8 +795,15 @@ BASE_NAMES: dict[str, Callable[[nn.Module], list[tuple[str, nn.Module]]]] = {
     "densenet121": _densenet_names,
     "densenet169": _densenet_names,
     "densenet201": _densenet_names,
-    "resnet50": _no_counterpart("resnet50"),
+    "resnet50": _no_counterpart("resnet50", "its convolutions have no biases"),
     "vgg16": _vgg_names,
+    "efficientnet_b0": _no_counterpart(
+        "efficientnet_b0", "Keras pads strided convs after only and normalizes the input inside"
+    ),
+    "mobilenet_v2": _mobilenet_v2_names,
+    "inception_v3": _no_counterpart(
+        "inception_v3", "Keras' BatchNormalization has no gamma (scale=False)"
+    ),
 }
 
 
@@ -752,6 +846,9 @@ BASE_BLOCKS: dict[str, Callable[[nn.Module], list[tuple[str, nn.Module]]]] = {
     "densenet201": _densenet_blocks,
     "resnet50": lambda base: [],
     "vgg16": _vgg_blocks,
+    "efficientnet_b0": lambda base: [],
+    "mobilenet_v2": lambda base: [],
+    "inception_v3": lambda base: [],
 }
 
 
@@ -1209,9 +1306,12 @@ class TorchBackend(Backend):
             std = torch.tensor(IMAGENET_STD[: mi.channels], device=x.device, dtype=x.dtype)
             mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
             x = (x / 255.0 - mean) / std  # broadcasting replicates the grey channel
+        elif mi.normalization == "tf":
+            x = x / 127.5 - 1.0
         elif mi.normalization != "none":
             raise UserError(
-                f"normalization must be one of rescale, imagenet, none; got '{mi.normalization}'"
+                f"normalization must be one of {', '.join(NORMALIZATIONS)}; "
+                f"got '{mi.normalization}'"
             )
         if x.shape[1] != mi.channels:
             x = x.expand(-1, mi.channels, -1, -1)

@@ -62,6 +62,7 @@ class BaseInfo:
     channels: int  # output feature channels
     counts: ParamCounts  # unfrozen: trainable vs BatchNorm moving statistics
     min_size: int
+    normalization: str | None = None  # the input the base was trained on; None: not checked
 
 
 # Counts of keras.applications.<Base>(include_top=False) (Keras 3): total / trainable / BN stats.
@@ -81,6 +82,17 @@ BASE_TABLE: dict[str, BaseInfo] = {
     "vgg16": BaseInfo(512, ParamCounts(
         total=14_714_688, trainable=14_714_688, non_trainable=0
     ), 32),
+    # includes its input Normalization layer's mean, variance and count (7); expects raw pixels
+    "efficientnet_b0": BaseInfo(1280, ParamCounts(
+        total=4_049_571, trainable=4_007_548, non_trainable=42_023
+    ), 32, "none"),
+    "mobilenet_v2": BaseInfo(1280, ParamCounts(
+        total=2_257_984, trainable=2_223_872, non_trainable=34_112
+    ), 32, "tf"),
+    # BatchNormalization(scale=False): no gamma (torchvision's has one: 17,216 more)
+    "inception_v3": BaseInfo(2048, ParamCounts(
+        total=21_802_784, trainable=21_768_352, non_trainable=34_432
+    ), 75, "tf"),
 }
 
 
@@ -89,6 +101,16 @@ def _base_spatial(name: str, size: int) -> int:
     if name == "vgg16":
         for _ in range(5):
             size //= 2
+        return size
+    if name in ("efficientnet_b0", "mobilenet_v2"):
+        for _ in range(5):  # stride-2 convs, 'same' / correct_pad padding
+            size = -(-size // 2)
+        return size
+    if name == "inception_v3":  # 'valid' 3x3 convs and pools of the stem, mixed3, mixed8
+        size = (size - 3) // 2 + 1 - 2  # conv 3x3/2, conv 3x3 (the third is 'same')
+        size = (size - 3) // 2 + 1 - 2  # max pool 3x3/2, conv 1x1, conv 3x3
+        for _ in range(3):  # max pool 3x3/2; mixed3 and mixed8 reduce with 3x3/2 'valid'
+            size = (size - 3) // 2 + 1
         return size
     size = (size + 6 - 7) // 2 + 1  # ZeroPadding2D(3) + 7x7 stride-2 conv
     size = (size + 2 - 3) // 2 + 1  # ZeroPadding2D(1) + 3x3 stride-2 max pool
@@ -235,6 +257,13 @@ def infer_model(spec: Spec, model: Model, index: int | None = None) -> Inference
                 f"{spec.source}: models[{index}].base: {model.base.name} needs images of at least "
                 f"{info.min_size} px; data.image_size is {size}",
                 f"set data.image_size to {info.min_size} or more",
+            )
+        expected = info.normalization
+        if expected is not None and spec.normalization(model) != expected:
+            raise UserError(
+                f"{spec.source}: models[{index}].base: {model.base.name} expects inputs with "
+                f"normalization '{expected}'; the model gets '{spec.normalization(model)}'",
+                f"set normalization: {expected} on the model (or data.normalization)",
             )
         side = _base_spatial(model.base.name, size)
         base_counts = info.counts

@@ -33,7 +33,10 @@ LayerType = Literal[
     "global_avg_pool",
     "activation",
 ]
-BaseName = Literal["densenet121", "densenet169", "densenet201", "resnet50", "vgg16"]
+BaseName = Literal[
+    "densenet121", "densenet169", "densenet201", "resnet50", "vgg16", "efficientnet_b0",
+    "mobilenet_v2", "inception_v3",
+]
 OptimizerName = Literal["adam", "adamw", "rmsprop", "sgd"]
 Activation = Literal["linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "swish"]
 Initializer = Literal[
@@ -90,7 +93,8 @@ Dataset = Literal["mura-v1.1", "folder", "csv", "synthetic"]
 BodyPart = Literal["ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST"]
 Channels = Literal[1, 3]
 ResizeFilter = Literal["bilinear", "nearest", "area", "lanczos"]
-Normalization = Literal["rescale", "imagenet", "none"]
+# tf: [-1, 1] (x / 127.5 - 1), what keras.applications calls preprocess mode "tf"
+Normalization = Literal["rescale", "imagenet", "tf", "none"]
 # "official": the dataset's own test part (MURA's valid set, a folder's test/, a csv split column)
 SplitStrategy = Literal["official", "image", "study", "patient"]
 GroupLevel = Literal["image", "study", "patient"]  # what a split keeps together

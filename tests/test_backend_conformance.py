@@ -372,26 +372,42 @@ def test_paper_densenet169_counts_equal_inference_and_paper(backend, backend_nam
     assert rows[0] == ("densenet169", (7, 7, 1664))  # after the final ReLU in both
 
 
+# torch vs Keras for the bases torchvision has no exact counterpart of: Keras' count minus
+# torch's (total, trainable, non-trainable), and why (the ValueError of get/set_weights)
+NO_COUNTERPART = {
+    # Keras' ResNet50 (v1) gives its 53 convolutions biases; torchvision's (v1.5) has none
+    "resnet50": ((26_560, 26_560, 0), "its convolutions have no biases"),
+    # Keras' input Normalization layer: mean (3), variance (3), count (1), non-trainable
+    "efficientnet_b0": ((7, 0, 7), "Keras pads strided convs after only and normalizes the "
+                                   "input inside"),
+    # Keras' BatchNormalization(scale=False) has no gamma; torchvision's has (17,216 values)
+    "inception_v3": ((-17_216, -17_216, 0), "Keras' BatchNormalization has no gamma "
+                                            "(scale=False)"),
+}
+
+
 @pytest.mark.parametrize("base", BASES)
 def test_base_table_shapes_and_neutral_layout(backend, backend_name, tmp_path, base):
-    size = 45  # odd: exercises the padding arithmetic of harness.shapes._base_spatial
+    # odd: exercises the padding arithmetic of harness.shapes._base_spatial
+    size = max(45, BASE_TABLE[base].min_size + 2)
+    normalization = BASE_TABLE[base].normalization or "imagenet"
     spec = spec_with(tmp_path, f"""  - name: probe
     kind: pretrained
+    normalization: {normalization}
     base: {{name: {base}, weights: none, frozen: false}}
     head: [{{type: global_avg_pool}}, {{type: dense, units: 1, activation: sigmoid}}]
     train: {{optimizer: {{name: adam}}, epochs: 1, batch_size: 2}}
 """, size)
     model = spec.model("probe")
-    handle = backend.build(model, ModelInput(size, 3, "imagenet"))
+    handle = backend.build(model, ModelInput(size, 3, normalization))
     side = _base_spatial(base, size)
     assert LAYER_ROWS[backend_name](handle)[0] == (base, (side, side, BASE_TABLE[base].channels))
-    if (backend_name, base) == ("torch", "resnet50"):
-        # Keras' ResNet50 (v1) gives its 53 convolutions biases (26,560 values, trainable);
-        # torchvision's (v1.5) has none: a real architecture difference, not a counting one
+    if backend_name == "torch" and base in NO_COUNTERPART:
+        difference, reason = NO_COUNTERPART[base]
         c, inf = counts(backend, handle), inferred(spec, model)
-        assert (inf[0] - c[0], inf[1] - c[1], inf[2] - c[2]) == (26_560, 26_560, 0)
-        message = ("base resnet50: torchvision's model has no exact counterpart of Keras' (its "
-                   "convolutions have no biases), so it has no neutral weight layout")
+        assert (inf[0] - c[0], inf[1] - c[1], inf[2] - c[2]) == difference
+        message = (f"base {base}: torchvision's model has no exact counterpart of Keras' "
+                   f"({reason}), so it has no neutral weight layout")
         for call in (lambda: backend.get_weights(handle), lambda: backend.set_weights(handle, {})):
             with pytest.raises(ValueError) as e:
                 call()
@@ -404,7 +420,7 @@ def test_base_table_shapes_and_neutral_layout(backend, backend_name, tmp_path, b
     if base in LAYOUTS:  # Keras' names and shapes, in Keras' order (tests/tools/...layouts.py)
         expected = [(k, tuple(v)) for k, v in LAYOUTS[base].items()]
         assert layout(weights) == expected + head
-    else:  # resnet50 in Keras: its own layout, not committed
+    else:  # resnet50 and the bases added after the layouts in Keras: their own, not committed
         assert layout(weights)[-2:] == head
 
 
@@ -695,7 +711,7 @@ def tf_same_pool(x: np.ndarray, kind: str, pool: int, stride: int) -> np.ndarray
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("normalization", ["rescale", "imagenet", "none"])
+@pytest.mark.parametrize("normalization", ["rescale", "imagenet", "tf", "none"])
 def test_normalization_and_channel_replication_by_hand(backend, normalization, channels):
     """The model input, read through a dense layer whose kernel picks one (pixel, channel) of
     the NHWC flatten: uint8 -> float -> normalization -> grey replicated to every channel."""
@@ -709,7 +725,7 @@ def test_normalization_and_channel_replication_by_hand(backend, normalization, c
     replicated = np.repeat(grey[:, None], channels, axis=1)
     expected = {"rescale": replicated / 255,
                 "imagenet": (replicated / 255 - mean[:channels]) / std[:channels],
-                "none": replicated}[normalization]
+                "tf": replicated / 127.5 - 1, "none": replicated}[normalization]
     np.testing.assert_allclose(seen, expected, rtol=1e-6, atol=1e-7)
 
 

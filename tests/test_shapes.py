@@ -150,6 +150,15 @@ def test_base_table_is_consistent() -> None:
     assert BASE_TABLE["vgg16"].counts == ParamCounts(
         total=14_714_688, trainable=14_714_688, non_trainable=0
     )
+    assert BASE_TABLE["efficientnet_b0"].counts == ParamCounts(
+        total=4_049_571, trainable=4_007_548, non_trainable=42_023
+    )
+    assert BASE_TABLE["mobilenet_v2"].counts == ParamCounts(
+        total=2_257_984, trainable=2_223_872, non_trainable=34_112
+    )
+    assert BASE_TABLE["inception_v3"].counts == ParamCounts(
+        total=21_802_784, trainable=21_768_352, non_trainable=34_432
+    )
 
 
 @pytest.mark.parametrize(
@@ -160,6 +169,10 @@ def test_base_table_is_consistent() -> None:
         # odd: pad 3 + 7x7/2 -> 113; pad 1 + 3x3/2 -> 57; DenseNet avg-pools floor (28, 14, 7),
         # ResNet's strided 1x1 convs ceil (29, 15, 8); VGG's pools floor
         ("densenet169", 225, 7), ("resnet50", 225, 8), ("vgg16", 225, 7),
+        # five stride-2 'same' / correct_pad steps ceil: 33 -> 17, 9, 5, 3, 2
+        ("efficientnet_b0", 224, 7), ("mobilenet_v2", 33, 2), ("efficientnet_b0", 32, 1),
+        # 'valid' 3x3s of the stem and of mixed3/mixed8: 299 -> 149, 147, 73, 71, 35, 17, 8
+        ("inception_v3", 299, 8), ("inception_v3", 75, 1), ("inception_v3", 139, 3),
     ],
 )
 def test_base_output_side(base: str, size: int, side: int) -> None:
@@ -379,6 +392,35 @@ def test_trainable_from_unknown_name_lists_the_blocks() -> None:
         "layer 'conv6'; blocks: conv1, pool1, conv2, pool2, conv3, pool3, conv4, pool4, conv5, "
         "bn, relu (or a layer name such as conv5_block32_concat)"
     )
+
+
+@pytest.mark.parametrize(("base", "expected"), [
+    ("efficientnet_b0", "none"), ("mobilenet_v2", "tf"), ("inception_v3", "tf"),
+])
+def test_a_base_refuses_inputs_it_was_not_trained_on(base: str, expected: str) -> None:
+    spec = load_spec(PAPER, [f"models.densenet.base.name={base}", "data.image_size=80",
+                             "models.densenet.printed_params=null"])
+    with pytest.raises(UserError) as info:
+        infer_model(spec, spec.models[DENSENET], DENSENET)
+    assert str(info.value).splitlines()[0] == (
+        f"{spec.source}: models[{DENSENET}].base: {base} expects inputs with normalization "
+        f"'{expected}'; the model gets 'imagenet'"
+    )
+    spec = load_spec(PAPER, [f"models.densenet.base.name={base}", "data.image_size=80",
+                             "models.densenet.printed_params=null",
+                             f"models.densenet.normalization={expected}"])
+    inference = infer_model(spec, spec.models[DENSENET], DENSENET)
+    total = BASE_TABLE[base].counts.total  # the paper's base is frozen
+    assert inference.rows[0].params == ParamCounts(total=total, trainable=0, non_trainable=total)
+
+
+def test_inception_v3_needs_75_px() -> None:
+    spec = load_spec(PAPER, ["models.densenet.base.name=inception_v3", "data.image_size=74",
+                             "models.densenet.printed_params=null",
+                             "models.densenet.normalization=tf"])
+    with pytest.raises(UserError) as info:
+        infer_model(spec, spec.models[DENSENET], DENSENET)
+    assert "inception_v3 needs images of at least 75 px; data.image_size is 74" in str(info.value)
 
 
 def test_trainable_from_on_a_base_without_layer_table() -> None:

@@ -565,7 +565,7 @@ BAD_INPUTS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      "models[1].backends: lists a backend twice: ['keras', 'keras']"),
     ("unknown-base", lambda d: d["models"][DENSENET]["base"].update(name="resnet18"),
      "models[2].base.name: must be one of densenet121, densenet169, densenet201, resnet50, "
-     "vgg16; got 'resnet18'"),
+     "vgg16, efficientnet_b0, mobilenet_v2, inception_v3; got 'resnet18'"),
     ("unknown-kind", lambda d: d["models"][DENSENET].update(kind="pretrain"),
      "models[2]: unknown model kind 'pretrain'; allowed: random, sequential, pretrained"),
     ("unknown-activation", _layer(CONV_1, activation="leaky"),

@@ -28,6 +28,7 @@ from backends.base import ModelInput  # noqa: E402
 from backends.torch_backend import (  # noqa: E402
     KerasAdam,
     TorchBackend,
+    build_base,
     build_layers,
     same_padding,
 )
@@ -237,3 +238,21 @@ def test_pre_import_env_table():
 
     assert PRE_IMPORT_ENV["deterministic"]["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert set(PRE_IMPORT_ENV) == {"deterministic", "default"}
+
+
+@pytest.mark.parametrize(("size", "pads"), [(32, (0, 1, 0, 1)), (33, (1, 1, 1, 1))])
+def test_mobilenet_v2_pads_strided_convs_as_keras(size, pads):
+    """Keras' MobileNetV2 pads before a stride-2 conv as TensorFlow's 'same' (correct_pad): an
+    even input gets its extra row and column after only; torchvision pads 1 on every side."""
+    base = build_base("mobilenet_v2", "none").eval()
+    strided = [m for m in base.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == 5  # the stem and the four stride-2 depthwise convs
+    norms = [m for m in base.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {(m.eps, m.momentum) for m in norms} == {(1e-3, 0.001)}  # Keras' 1e-3 and 0.999
+    stem = strided[0]
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.conv2d(torch.nn.functional.pad(x, pads), stem.weight,
+                                          stride=2)
+    assert stem.padding == (0, 0)
+    torch.testing.assert_close(stem(x), expected, rtol=0, atol=0)
+    assert stem(x).shape[-1] == -(-size // 2)

@@ -16,7 +16,7 @@ from backends.registry import create
 from harness.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-BASES = ("densenet121", "densenet169", "densenet201", "vgg16")
+BASES = ("densenet121", "densenet169", "densenet201", "vgg16", "mobilenet_v2")
 
 
 def main() -> None:
@@ -26,10 +26,11 @@ def main() -> None:
         spec = load_spec(
             ROOT / "specs" / "paper.yaml",
             ["data.image_size=32", f"models.densenet.base.name={base}",
-             "models.densenet.base.weights=none", "models.densenet.printed_params=null"],
+             "models.densenet.base.weights=none", "models.densenet.printed_params=null",
+             "models.densenet.normalization=tf"],
         )
         backend.seed(0, True)
-        handle = backend.build(spec.model("densenet"), ModelInput(32, 3, "imagenet"))
+        handle = backend.build(spec.model("densenet"), ModelInput(32, 3, "tf"))
         weights = backend.get_weights(handle)
         layouts[base] = {k: list(v.shape) for k, v in weights.items() if k.startswith(base + "/")}
         print(base, len(layouts[base]), "variables")

@@ -258,7 +258,9 @@ def _leakage_sentence(a: Analysis) -> str:
                 f"share a patient with the training images ({_pct(study)} a study), so the test "
                 "set is not independent of training and its numbers are optimistic; "
                 "`python -m harness compare` sets them beside a patient-grouped split.")
-    return (f"The split is by {strategy}: {_pct(patient)} of the test images share a patient "
+    how = ("The test set is the dataset's own (split official)" if strategy == "official"
+           else f"The split is by {strategy}")
+    return (f"{how}: {_pct(patient)} of the test images share a patient "
             f"with the training images ({_pct(study)} a study).")
 
 

@@ -382,7 +382,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
             option, message = "--min-size/--max-size", message.replace("_", "-")
         raise UserError(f"make-data {option}: {message}") from None
     if args.layout == "folder":
-        root = make_folder_tree(args.dir, body_parts=parts, **options, **folder)
+        root = make_folder_tree(args.dir, body_parts=parts, progress=True, **options, **folder)
     else:
         root = make_mura_tree(args.dir, body_parts=parts, progress=True, **options)
     print(f"wrote {root}")

@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,19 +445,28 @@ def _write_tree(
                 "".join(line + "\n" for line in lines), encoding="utf-8"
             )
 
+    _write_images(jobs, out, _write_chunk, workers, progress)
+
+
+def _write_images(
+    jobs: list[_ImageJob], root: Path, write_chunk: Callable[[list[_ImageJob], str], int],
+    workers: int | None, progress: bool,
+) -> None:
+    """Render and write the images (a pool of `workers` processes that die with the harness),
+    with a progress bar; `write_chunk(jobs, root)` writes some and returns how many."""
     n_workers = workers or os.cpu_count() or 1
     bar = Progress("generating images", len(jobs), "img", enabled=progress)
     try:
         if n_workers <= 1 or len(jobs) < 32:
             for i in range(0, len(jobs), 8):
-                bar.update(_write_chunk(jobs[i : i + 8], str(out)))
+                bar.update(write_chunk(jobs[i : i + 8], str(root)))
         else:
             chunk = max(8, len(jobs) // (n_workers * 8))
             from harness.data.cache import die_with_parent
 
             with ProcessPoolExecutor(max_workers=n_workers, initializer=die_with_parent) as pool:
                 futures = [
-                    pool.submit(_write_chunk, jobs[i : i + chunk], str(out))
+                    pool.submit(write_chunk, jobs[i : i + chunk], str(root))
                     for i in range(0, len(jobs), chunk)
                 ]
                 for f in futures:
@@ -528,6 +537,7 @@ def make_folder_tree(
     test_fraction: float = 0.15,
     difficulty: float = 0.5,
     workers: int | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write out_dir/{train,test,val}/<class>/<images> (JPEG, Kermany's file names)."""
     out = Path(out_dir)
@@ -558,16 +568,7 @@ def make_folder_tree(
         out.mkdir(parents=True, exist_ok=True)
         for i in images:
             (tmp / i.job.path).parent.mkdir(parents=True, exist_ok=True)
-        jobs = [i.job for i in images]
-        n_workers = workers or os.cpu_count() or 1
-        if n_workers <= 1 or len(jobs) < 32:
-            _write_jpeg_chunk(jobs, str(tmp))
-        else:
-            chunk = max(8, len(jobs) // (n_workers * 8))
-            with ProcessPoolExecutor(max_workers=n_workers) as pool:
-                for f in [pool.submit(_write_jpeg_chunk, jobs[i : i + chunk], str(tmp))
-                          for i in range(0, len(jobs), chunk)]:
-                    f.result()
+        _write_images([i.job for i in images], tmp, _write_jpeg_chunk, workers, progress)
         for split in FOLDER_SPLITS:
             if (tmp / split).is_dir():
                 os.rename(tmp / split, out / split)
@@ -633,7 +634,7 @@ def ensure_synthetic(
     tmp = parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         if params.get("layout") == "folder":
-            make_folder_tree(tmp, workers=workers,
+            make_folder_tree(tmp, workers=workers, progress=progress,
                              **{k: v for k, v in params.items() if k != "layout"})
         else:
             make_mura_tree(tmp, workers=workers, progress=progress, **params)

@@ -20,22 +20,12 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from test_runner import TINY
 
 from harness.cli import main
 from harness.errors import EXIT_USER_ERROR
 from harness.results import read_run
 from harness.tracking import flatten
-
-TINY = """\
-extends: {demo}
-name: tiny
-data:
-  image_size: 32
-  synthetic: {{patients: 16, seed: 3, min_size: 32, max_size: 48}}
-seeds: [0, 1]
-evaluation:
-  bootstrap: {{resamples: 200}}
-"""
 
 
 @pytest.fixture
